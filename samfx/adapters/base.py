@@ -1,0 +1,224 @@
+"""What samfx needs to know about a model family, in one place.
+
+An :class:`Adapter` tells samfx where a family keeps its components, how to trace
+each of them with torch.fx (:class:`TraceRecipe`), how its fused attention
+projections are laid out (:class:`QKVLayout`) and how to run it on an image
+(:class:`Predictor`). Passes ask the adapter; they never test model classes
+themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "PRESENT",
+    "Adapter",
+    "ComponentSpec",
+    "Predictor",
+    "QKVLayout",
+    "QKVSite",
+    "ShapeCondition",
+    "TraceRecipe",
+    "class_name",
+]
+
+
+class _Present:
+    """Marks an optional argument that is traced as a graph input when given."""
+
+    def __repr__(self) -> str:
+        return "PRESENT"
+
+
+PRESENT = _Present()
+
+
+def class_name(obj_or_cls: Any) -> str:
+    """``module.QualName`` of a class or of an instance's class."""
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class ShapeCondition:
+    """A Python branch on tensor sizes inside ``function`` (``module.QualName``).
+
+    The component gets one graph per outcome; at run time ``evaluate`` (given the
+    forward arguments by name) picks the graph, as Dynamo's guards would. A
+    condition known to hold for every valid input lists one outcome.
+    """
+
+    function: str
+    evaluate: Callable[[Mapping[str, Any]], bool]
+    outcomes: tuple[bool, ...] = (True, False)
+
+
+@dataclass(frozen=True)
+class TraceRecipe:
+    """How to symbolically trace one component.
+
+    Attributes:
+        autowrap_functions: free functions recorded as single ``call_function``
+            nodes (their bodies branch on shapes, which torch.fx cannot trace).
+        leaf_modules: qualified class names of modules kept as ``call_module``.
+        opaque_methods: ``(class name, method)`` pairs recorded as one opaque
+            node each (methods that mutate tensors in place or branch on shapes).
+        static_args: forward arguments the graph is specialised on, with the values
+            to trace (``PRESENT`` for "given as a tensor"). The captured module
+            dispatches on them at run time, one graph per combination.
+        shape_conditions: branches on sizes the graph is specialised on.
+        output_wrapper: rebuilds the upstream output type from the graph's output
+            (e.g. a Hugging Face ``ModelOutput``).
+        trace_body: traced instead of ``forward`` when upstream ``forward`` is
+            wrapped in decorators that torch.fx cannot see through; it takes the
+            module and the forward arguments.
+    """
+
+    autowrap_functions: tuple[Callable[..., Any], ...] = ()
+    leaf_modules: tuple[str, ...] = ()
+    opaque_methods: tuple[tuple[str, str], ...] = ()
+    static_args: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    shape_conditions: tuple[ShapeCondition, ...] = ()
+    output_wrapper: Callable[[Any], Any] | None = None
+    trace_body: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A capturable part of a model.
+
+    Attributes:
+        role: what the component does: ``image_encoder``, ``prompt_encoder`` or
+            ``mask_decoder``.
+        path: attribute path from the model root ("" when the model *is* the
+            component, e.g. a bare image encoder).
+        recipe: how to trace it.
+        example_inputs: builds small keyword arguments for ``forward`` (every
+            optional input given), used to observe ranks and propagate shapes.
+    """
+
+    role: str
+    path: str
+    recipe: TraceRecipe = TraceRecipe()
+    example_inputs: Callable[[], dict[str, Any]] | None = None
+
+    def variant_example(self, concrete: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Example inputs for the graph specialised on ``concrete`` arguments."""
+        if self.example_inputs is None:
+            return None
+        example = self.example_inputs()
+        example.update(concrete)
+        return example
+
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """Row layout of a fused query/key/value projection.
+
+    ``blocked``: rows are ``[q | k | v]`` (SAM, SAM 2, HF ``SamModel``).
+    ``head_interleaved``: rows are grouped per head, ``[q_h | k_h | v_h]`` for each
+    head ``h`` (TinyViT), and the projection output is first viewed as
+    ``(..., num_heads, q_h + k_h + v_h)``.
+
+    ``sizes`` are the q, k, v widths per head for ``head_interleaved`` and the
+    full q, k, v widths for ``blocked``.
+    """
+
+    kind: str
+    num_heads: int
+    sizes: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("blocked", "head_interleaved"):
+            raise ValueError(f"unknown QKV layout kind {self.kind!r}")
+
+    def part_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row indices of the fused weight that belong to q, k and v, in the
+        order each separate projection must produce them."""
+        if self.kind == "blocked":
+            starts = np.cumsum((0,) + self.sizes[:-1])
+            return tuple(torch.arange(s, s + n) for s, n in zip(starts, self.sizes))  # type: ignore[return-value]
+        per_head = sum(self.sizes)
+        offsets = np.cumsum((0,) + self.sizes[:-1])
+        rows = []
+        for offset, size in zip(offsets, self.sizes):
+            head_base = torch.arange(self.num_heads)[:, None] * per_head + int(offset)
+            rows.append((head_base + torch.arange(size)[None, :]).reshape(-1))
+        return tuple(rows)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class QKVSite:
+    """One fused projection: the Linear's path inside its component, its layout."""
+
+    linear: str
+    layout: QKVLayout
+
+
+class Predictor:
+    """Runs a SAM-family model on one image with point and box prompts.
+
+    The interface follows ``segment_anything.SamPredictor``: ``set_image`` once,
+    then ``predict`` per prompt. Coordinates are in the image's own pixels (x, y).
+    """
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Embed an ``H x W x 3`` uint8 RGB image."""
+        raise NotImplementedError
+
+    @property
+    def image_embedding(self) -> torch.Tensor:
+        """The main image embedding of the last ``set_image`` (for cosine checks)."""
+        raise NotImplementedError
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(masks, scores)``: ``M x H x W`` bools and ``M`` predicted IoUs."""
+        raise NotImplementedError
+
+
+class Adapter:
+    """Family knowledge. Subclass, set ``name``, and register with
+    :func:`samfx.adapters.register_adapter`.
+
+    Class names are compared as strings (``module.QualName``) so that matching a
+    model never imports a family's package.
+    """
+
+    name: ClassVar[str] = ""
+    #: qualified names of the model classes this adapter handles (MRO-matched)
+    model_classes: ClassVar[tuple[str, ...]] = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        names = {class_name(c) for c in type(model).__mro__}
+        return any(n in names for n in self.model_classes)
+
+    def components(self, model: nn.Module) -> list[ComponentSpec]:
+        """The components of ``model`` that samfx can capture."""
+        raise NotImplementedError
+
+    def qkv_sites(self, component_root: nn.Module) -> list[QKVSite]:
+        """Fused q/k/v projections inside a component."""
+        return [
+            QKVSite(f"{path}.{attr}" if path else attr, layout)
+            for path, module in component_root.named_modules()
+            for attr, layout in self._qkv_layouts(module)
+        ]
+
+    def _qkv_layouts(self, module: nn.Module) -> Iterator[tuple[str, QKVLayout]]:
+        """Yield ``(attribute, layout)`` for fused projections owned by ``module``."""
+        return iter(())
+
+    def predictor(self, model: nn.Module) -> Predictor:
+        raise NotImplementedError(f"adapter {self.name!r} has no predictor")

@@ -1,0 +1,185 @@
+"""Hugging Face ``transformers.SamModel`` (SAM, SlimSAM and MedSAM checkpoints
+in the Hub format)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import register_adapter
+from .base import PRESENT, Adapter, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
+from .sam import defining_class
+
+__all__ = ["HFSamAdapter", "HFSamPredictor"]
+
+_PREFIX = "transformers.models.sam.modeling_sam."
+_SDPA = "transformers.integrations.sdpa_attention.sdpa_attention_forward"
+
+
+def _always(arguments: Any) -> bool:
+    return True
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _vision_body(self: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``SamVisionEncoder.forward`` without its output-recording decorators,
+    which torch.fx cannot trace; the captured encoder returns the same
+    ``last_hidden_state``."""
+    hidden_states = self.patch_embed(pixel_values)
+    if self.pos_embed is not None:
+        hidden_states = hidden_states + self.pos_embed
+    for layer in self.layers:
+        hidden_states = layer(hidden_states)
+    return self.neck(hidden_states)
+
+
+def _vision_output(last_hidden_state: torch.Tensor) -> Any:
+    from transformers.models.sam.modeling_sam import SamVisionEncoderOutput
+
+    return SamVisionEncoderOutput(last_hidden_state=last_hidden_state)
+
+
+class HFSamAdapter(Adapter):
+    name = "hf_sam"
+    model_classes = (_PREFIX + "SamModel", _PREFIX + "SamVisionEncoder")
+
+    def components(self, model: nn.Module) -> list[ComponentSpec]:
+        if not hasattr(model, "vision_encoder"):
+            return [self._vision_spec(model, "")]
+        return [
+            self._vision_spec(model.vision_encoder, "vision_encoder"),
+            self._prompt_spec(model.prompt_encoder),
+            self._decoder_spec(model),
+        ]
+
+    def _vision_spec(self, encoder: nn.Module, path: str) -> ComponentSpec:
+        size = encoder.config.image_size
+
+        def example() -> dict[str, Any]:
+            return {"pixel_values": torch.zeros(1, 3, size, size, device=_device(encoder))}
+
+        recipe = TraceRecipe(
+            trace_body=_vision_body,
+            output_wrapper=_vision_output,
+            # These methods branch on shapes (padding, rel-pos interpolation).
+            opaque_methods=(
+                (_PREFIX + "SamVisionLayer", "window_partition"),
+                (_PREFIX + "SamVisionLayer", "window_unpartition"),
+                (_PREFIX + "SamVisionAttention", "get_rel_pos"),
+            ),
+        )
+        return ComponentSpec("image_encoder", path, recipe, example)
+
+    def _prompt_spec(self, prompt_encoder: nn.Module) -> ComponentSpec:
+        h, w = prompt_encoder.image_embedding_size
+
+        def example() -> dict[str, Any]:
+            device = _device(prompt_encoder)
+            return {
+                "input_points": torch.tensor([[[[10.0, 20.0], [30.0, 5.0]]]], device=device),
+                "input_labels": torch.tensor([[[1, 0]]], device=device),
+                "input_boxes": torch.tensor([[[5.0, 5.0, 40.0, 50.0]]], device=device),
+                "input_masks": torch.zeros(1, 1, 4 * h, 4 * w, device=device),
+            }
+
+        recipe = TraceRecipe(
+            leaf_modules=(_PREFIX + "SamPositionalEmbedding",),  # normalises coordinates in place
+            opaque_methods=((_PREFIX + "SamPromptEncoder", "_embed_boxes"),),
+            static_args={
+                "input_points": (None, PRESENT),
+                "input_labels": (None, PRESENT),
+                "input_boxes": (None, PRESENT),
+                "input_masks": (None, PRESENT),
+            },
+        )
+        return ComponentSpec("prompt_encoder", "prompt_encoder", recipe, example)
+
+    def _decoder_spec(self, model: nn.Module) -> ComponentSpec:
+        decoder = model.mask_decoder
+        dim = model.config.mask_decoder_config.hidden_size
+        side = model.config.prompt_encoder_config.image_embedding_size
+
+        def example() -> dict[str, Any]:
+            device = _device(decoder)
+            return {
+                "image_embeddings": torch.zeros(1, dim, side, side, device=device),
+                "image_positional_embeddings": torch.zeros(1, dim, side, side, device=device),
+                "sparse_prompt_embeddings": torch.zeros(1, 1, 3, dim, device=device),
+                "dense_prompt_embeddings": torch.zeros(1, dim, side, side, device=device),
+            }
+
+        recipe = TraceRecipe(
+            static_args={"multimask_output": (True, False), "attention_similarity": (None,), "target_embedding": (None,)},
+            # The attention backend asks ``query_len > 1`` to decide causality; SAM's
+            # attentions are never causal and always see several tokens.
+            shape_conditions=(ShapeCondition(_SDPA, _always, outcomes=(True,)),),
+        )
+        return ComponentSpec("mask_decoder", "mask_decoder", recipe, example)
+
+    def _qkv_layouts(self, module: nn.Module) -> Iterator[tuple[str, QKVLayout]]:
+        if defining_class(module, "SamVisionAttention") and isinstance(getattr(module, "qkv", None), nn.Linear):
+            width = module.qkv.out_features // 3
+            yield "qkv", QKVLayout("blocked", module.num_attention_heads, (width, width, width))
+
+    def predictor(self, model: nn.Module) -> Predictor:
+        return HFSamPredictor(model)
+
+
+class HFSamPredictor(Predictor):
+    """The ``SamProcessor`` + ``SamModel`` recipe from the transformers docs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from transformers import SamImageProcessor, SamProcessor
+
+        self.model = model
+        self.size = model.config.vision_config.image_size
+        processor = SamImageProcessor(
+            size={"longest_edge": self.size}, pad_size={"height": self.size, "width": self.size}
+        )
+        self.processor = SamProcessor(image_processor=processor)
+        self._embedding: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray) -> None:
+        inputs = self.processor(images=image, return_tensors="pt")
+        self._original = inputs["original_sizes"]
+        self._reshaped = inputs["reshaped_input_sizes"]
+        self._embedding = self.model.get_image_embeddings(inputs["pixel_values"].to(_device(self.model)))
+
+    @property
+    def image_embedding(self) -> torch.Tensor:
+        if self._embedding is None:
+            raise RuntimeError("call set_image first")
+        return self._embedding
+
+    def _scale(self) -> np.ndarray:
+        h, w = (int(v) for v in self._original[0])
+        new_h, new_w = (int(v) for v in self._reshaped[0])
+        return np.array([new_w / w, new_h / h], dtype=np.float32)
+
+    @torch.no_grad()
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+        device = self.image_embedding.device
+        scale = self._scale()
+        kwargs: dict[str, Any] = {}
+        if point_coords is not None:
+            coords = np.asarray(point_coords, np.float32) * scale
+            kwargs["input_points"] = torch.as_tensor(coords, device=device)[None, None]
+            kwargs["input_labels"] = torch.as_tensor(np.asarray(point_labels), dtype=torch.long, device=device)[None, None]
+        if box is not None:
+            corners = np.asarray(box, np.float32).reshape(2, 2) * scale
+            kwargs["input_boxes"] = torch.as_tensor(corners.reshape(1, 1, 4), device=device)
+        out = self.model(image_embeddings=self.image_embedding, multimask_output=multimask_output, **kwargs)
+        masks = self.processor.image_processor.post_process_masks(
+            out.pred_masks.cpu(), self._original, self._reshaped
+        )[0]
+        return masks[0].numpy().astype(bool), out.iou_scores[0, 0].cpu().numpy()
+
+
+register_adapter(HFSamAdapter())

