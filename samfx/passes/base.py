@@ -74,11 +74,14 @@ class PassContext:
             passes (none for data-free ones).
         seed: seed for any randomness a pass uses.
         progress: whether to show progress bars on long steps.
+        replay: what this pass recorded in ``PassReport.replay`` when the model
+            was first optimized; given when :func:`samfx.load` redoes the pass.
     """
 
     calibration_images: list[np.ndarray] = field(default_factory=list)
     seed: int = 0
     progress: bool = False
+    replay: dict[str, Any] | None = None
 
 
 @dataclass

@@ -1,0 +1,163 @@
+"""How closely an optimized model follows the original, on real images.
+
+Both models run through their family's predictor (``SamPredictor``,
+``SAM2ImagePredictor``, ...) on the same images and prompts; the comparison is
+what a user would see:
+
+* mask IoU between the original's and the optimized model's masks, per prompt
+  and per output mask (mean and worst);
+* absolute error of the predicted IoU scores;
+* cosine similarity of the image embeddings;
+* where the image has ground truth (``coins``), box-prompt mIoU of each model
+  against it.
+
+Example::
+
+    >>> import samfx
+    >>> sam = samfx.models.build("lite_medsam")
+    >>> fast = samfx.optimize(sam, ["split_qkv"])
+    >>> report = samfx.fidelity.compare(sam, fast, images=["coins"])
+    >>> report.mask_iou_min == 1.0
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import Adapter, find_adapter
+from .data import DEFAULT_IMAGES, ImageSample, package_images
+
+__all__ = ["FidelityReport", "compare", "ground_truth_miou", "mask_iou"]
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two boolean masks; two empty masks agree perfectly."""
+    union = np.logical_or(a, b).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(a, b).sum() / union)
+
+
+@dataclass
+class FidelityReport:
+    """Agreement of an optimized model with the original (see module doc)."""
+
+    images: list[str]
+    prompts: int
+    mask_iou_mean: float
+    mask_iou_min: float
+    iou_pred_error_mean: float
+    iou_pred_error_max: float
+    embedding_cosine_mean: float
+    embedding_cosine_min: float
+    gt_miou_original: float | None = None
+    gt_miou_optimized: float | None = None
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        text = (f"mask IoU vs original {self.mask_iou_mean:.4f} (worst {self.mask_iou_min:.4f}), "
+                f"IoU-pred error {self.iou_pred_error_mean:.4f}, embedding cosine {self.embedding_cosine_mean:.5f}")
+        if self.gt_miou_original is not None:
+            text += f", GT mIoU {100 * self.gt_miou_original:.1f} -> {100 * self.gt_miou_optimized:.1f}"
+        return text
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def compare(
+    original: nn.Module,
+    optimized: nn.Module,
+    images: Iterable[str | ImageSample] = DEFAULT_IMAGES,
+    adapter: Adapter | None = None,
+    max_prompts_per_image: int | None = None,
+    progress: bool = False,
+) -> FidelityReport:
+    """Run both models on the images' prompts and compare their outputs.
+
+    Args:
+        original: the reference model.
+        optimized: the model to check (e.g. from :func:`samfx.optimize`).
+        images: names from :func:`samfx.data.available_images` or samples.
+        adapter: the family adapter (detected from ``original`` by default).
+        max_prompts_per_image: cap on prompts per image (boxes and points alternate).
+        progress: show a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    adapter = adapter or find_adapter(original)
+    samples = [s if isinstance(s, ImageSample) else package_images([s])[0] for s in images]
+    reference, candidate = adapter.predictor(original), adapter.predictor(optimized)
+    ious: list[float] = []
+    score_errors: list[float] = []
+    cosines: list[float] = []
+    gt_reference: list[float] = []
+    gt_candidate: list[float] = []
+    per_image = []
+    bar = tqdm(total=sum(len(s.prompts[:max_prompts_per_image] if max_prompts_per_image else s.prompts) for s in samples),
+               desc="fidelity", unit="prompt", disable=not progress)
+    with torch.no_grad(), bar:
+        for sample in samples:
+            reference.set_image(sample.image)
+            candidate.set_image(sample.image)
+            cosine = _cosine(reference.image_embedding, candidate.image_embedding)
+            cosines.append(cosine)
+            prompts = sample.prompts[:max_prompts_per_image] if max_prompts_per_image else sample.prompts
+            image_ious = []
+            for prompt in prompts:
+                masks_ref, scores_ref = reference.predict(**prompt.as_kwargs())
+                masks_new, scores_new = candidate.predict(**prompt.as_kwargs())
+                bar.update()
+                image_ious += [mask_iou(a, b) for a, b in zip(masks_ref, masks_new)]
+                score_errors += np.abs(np.asarray(scores_ref) - np.asarray(scores_new)).tolist()
+                if sample.has_ground_truth and prompt.kind == "box":
+                    truth = sample.objects[prompt.object_index]
+                    gt_reference.append(mask_iou(masks_ref[0], truth))
+                    gt_candidate.append(mask_iou(masks_new[0], truth))
+            ious += image_ious
+            per_image.append({"image": sample.name, "prompts": len(prompts), "embedding_cosine": cosine,
+                              "mask_iou_mean": float(np.mean(image_ious)) if image_ious else 1.0,
+                              "mask_iou_min": float(np.min(image_ious)) if image_ious else 1.0})
+    return FidelityReport(
+        images=[s.name for s in samples],
+        prompts=sum(p["prompts"] for p in per_image),
+        mask_iou_mean=float(np.mean(ious)) if ious else 1.0,
+        mask_iou_min=float(np.min(ious)) if ious else 1.0,
+        iou_pred_error_mean=float(np.mean(score_errors)) if score_errors else 0.0,
+        iou_pred_error_max=float(np.max(score_errors)) if score_errors else 0.0,
+        embedding_cosine_mean=float(np.mean(cosines)),
+        embedding_cosine_min=float(np.min(cosines)),
+        gt_miou_original=float(np.mean(gt_reference)) if gt_reference else None,
+        gt_miou_optimized=float(np.mean(gt_candidate)) if gt_candidate else None,
+        per_image=per_image,
+    )
+
+
+def ground_truth_miou(model: nn.Module, images: Iterable[str] = ("coins",), adapter: Adapter | None = None) -> float:
+    """Box-prompt mIoU of one model against the images' ground truth."""
+    adapter = adapter or find_adapter(model)
+    predictor = adapter.predictor(model)
+    scores = []
+    with torch.no_grad():
+        for sample in package_images(tuple(images)):
+            if not sample.has_ground_truth:
+                continue
+            predictor.set_image(sample.image)
+            for prompt in sample.prompts:
+                if prompt.kind == "box":
+                    masks, _ = predictor.predict(**prompt.as_kwargs())
+                    scores.append(mask_iou(masks[0], sample.objects[prompt.object_index]))
+    if not scores:
+        raise ValueError(f"none of {list(images)} has ground truth")
+    return float(np.mean(scores))

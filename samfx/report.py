@@ -1,0 +1,105 @@
+"""The report of one :func:`samfx.optimize` run: what each pass did, size and
+cost before and after, and fidelity against the original on real images."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fidelity import FidelityReport
+from .passes.base import PassReport
+from .stats import ModelStats
+
+__all__ = ["OptimizeReport", "environment"]
+
+
+def environment() -> dict[str, Any]:
+    """Software and thread settings, recorded with every measurement."""
+    import os
+
+    from . import __version__
+
+    return {
+        "samfx": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def _human(value: float, unit: str) -> str:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+@dataclass
+class OptimizeReport:
+    """Everything :func:`samfx.optimize` measured. ``save`` writes it as JSON."""
+
+    model: str
+    family: str
+    passes: list[PassReport]
+    before: ModelStats
+    after: ModelStats
+    capture_time_s: float
+    fidelity: FidelityReport | None = None
+    notes: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=environment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "family": self.family,
+            "capture_time_s": self.capture_time_s,
+            "passes": [asdict(p) for p in self.passes],
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "notes": self.notes,
+            "environment": self.environment,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def table(self) -> str:
+        lines = [f"samfx: {self.model} ({self.family} adapter), captured in {self.capture_time_s:.2f} s"]
+        lines += [f"note: {note}" for note in self.notes] + [""]
+        lines.append(f"{'pass':<16}{'time':>9}  {'changed':<8} summary")
+        for p in self.passes:
+            lines.append(f"{p.name:<16}{p.time_s:>8.2f}s  {'yes' if p.changed else 'no':<8} {p.summary}")
+            lines += [f"{'':<35}skipped: {reason}" for reason in p.skipped[:5]]
+            if len(p.skipped) > 5:
+                lines.append(f"{'':<35}... {len(p.skipped) - 5} more skipped (see the JSON report)")
+        lines += ["", f"{'':<22}{'original':>14}{'optimized':>14}{'ratio':>9}"]
+        rows = [("parameters", self.before.params, self.after.params, ""),
+                ("weight bytes", self.before.weight_bytes, self.after.weight_bytes, "B")]
+        rows += [(f"MACs {role}", self.before.macs.get(role, 0), self.after.macs.get(role, 0), "")
+                 for role in self.before.macs]
+        for label, old, new, unit in rows:
+            ratio = f"{old / new:.2f}x" if new else "-"
+            lines.append(f"{label:<22}{_human(old, unit):>14}{_human(new, unit):>14}{ratio:>9}")
+        if self.fidelity is not None:
+            f = self.fidelity
+            lines += ["", f"fidelity on {', '.join(f.images)} ({f.prompts} prompts, points and boxes):",
+                      f"  mask IoU vs original   mean {f.mask_iou_mean:.4f}   worst {f.mask_iou_min:.4f}",
+                      f"  IoU-prediction error   mean {f.iou_pred_error_mean:.4f}   max {f.iou_pred_error_max:.4f}",
+                      f"  embedding cosine       mean {f.embedding_cosine_mean:.6f}   min {f.embedding_cosine_min:.6f}"]
+            if f.gt_miou_original is not None:
+                lines.append(f"  box mIoU vs ground truth (coins): original {100 * f.gt_miou_original:.1f}, "
+                             f"optimized {100 * f.gt_miou_optimized:.1f}")
+        return "\n".join(lines)
