@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .adapters import Adapter, find_adapter
 from .adapters.base import PRESENT, ComponentSpec, TraceRecipe, class_name
 
-__all__ = ["CaptureError", "CapturedModel", "Component", "capture"]
+__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "input_check"]
 
 
 class CaptureError(RuntimeError):
@@ -301,6 +301,13 @@ def _validation_outcome(frame: types.FrameType | None) -> bool | None:
     return None
 
 
+def input_check(condition: Any, expected: bool, where: str) -> None:
+    """Raise like the original code would when an input check traced as
+    passing does not hold for the actual inputs."""
+    if bool(condition) != expected:
+        raise ValueError(f"input rejected by the model's own check at {where}")
+
+
 class _NeedRanks(Exception):
     """Raised inside tracing when a module input's rank must be observed first."""
 
@@ -346,6 +353,9 @@ class _RecipeTracer(fx.Tracer):
         caller = caller.f_back.f_back if caller is not None and caller.f_back is not None else None
         outcome = _validation_outcome(caller)
         if outcome is not None:
+            # Keep upstream's input check: the graph raises where the original would.
+            where = f"{caller.f_code.co_filename}:{caller.f_lineno} ({caller.f_code.co_qualname})"
+            self.create_proxy("call_function", input_check, (obj, outcome, where), {})
             return outcome
         if caller is not None:
             function = f"{caller.f_globals.get('__name__')}.{caller.f_code.co_qualname}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -294,9 +295,12 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
+            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            if unsafe is None:
+                raise CheckpointError(f"{path} is truncated or corrupt (not a torch checkpoint)") from err
             raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects, not just tensors, and unpickling them could "
-                f"run arbitrary code. Re-save it as a state dict or safetensors. ({str(err).splitlines()[0]})"
+                f"refusing to load {path}: it holds Python objects ({unsafe.group(1)}), not just tensors, and "
+                "unpickling them could run arbitrary code. Re-save it as a state dict or safetensors."
             ) from err
         except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
             raise CheckpointError(f"{path} is truncated or corrupt: {str(err).splitlines()[0]}") from err

@@ -30,9 +30,21 @@ __all__ = [
 
 
 class _Present:
-    """Marks an optional argument that is traced as a graph input when given."""
+    """Marks an optional argument that is traced as a graph input when given.
+
+    A singleton that survives copying and pickling, since graph keys hold it.
+    """
 
     def __repr__(self) -> str:
+        return "PRESENT"
+
+    def __copy__(self) -> "_Present":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_Present":
+        return self
+
+    def __reduce__(self) -> str:
         return "PRESENT"
 
 

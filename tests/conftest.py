@@ -1,0 +1,64 @@
+"""Shared fixtures: small configurations of every zoo family, built once."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import samfx  # noqa: E402
+
+torch.manual_seed(0)
+
+# One small model per family the zoo covers; LiteMedSAM is the real checkpoint
+# (its TinyViT encoder is MobileSAM's, which tests use where SamPredictor matters).
+SMALL_FAMILIES = ["sam_vit_b", "sam_hq_vit_b", "sam2.1_hiera_t", "hf_sam_vit_b", "lite_medsam"]
+
+_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def small_model(name: str) -> torch.nn.Module:
+    """A fresh copy of a cached small model (tests may not share mutations)."""
+    import copy
+
+    if name not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE[name] = samfx.models.build(name, small=True)
+    return copy.deepcopy(_CACHE[name])
+
+
+@pytest.fixture(params=SMALL_FAMILIES)
+def family_model(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module]:
+    return request.param, small_model(request.param)
+
+
+@pytest.fixture
+def lite_medsam() -> torch.nn.Module:
+    return small_model("lite_medsam")
+
+
+def image_input(model: torch.nn.Module, batch: int = 1) -> torch.Tensor:
+    """A random input of the right size for the model's image encoder."""
+    adapter = samfx.adapters.find_adapter(model)
+    spec = next(s for s in adapter.components(model) if s.role == "image_encoder")
+    example = spec.example_inputs()
+    (name, tensor), = example.items()
+    return torch.randn(batch, *tensor.shape[1:])
+
+
+def encoder_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The main image embedding of any family, as one tensor."""
+    adapter = samfx.adapters.find_adapter(model)
+    spec = next(s for s in adapter.components(model) if s.role == "image_encoder")
+    encoder = model.get_submodule(spec.path) if spec.path else model
+    out = encoder(x)
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, dict):
+        return out["vision_features"]
+    if isinstance(out, tuple):
+        return out[0]
+    return out

@@ -1,0 +1,48 @@
+"""Adapters: family detection and declared attention layouts."""
+
+from __future__ import annotations
+
+import pytest
+
+import samfx
+from samfx.adapters import find_adapter
+
+from .conftest import small_model
+
+
+@pytest.mark.parametrize("name, family", [
+    ("sam_vit_b", "sam"), ("sam_hq_vit_b", "sam_hq"), ("sam2.1_hiera_t", "sam2"), ("hf_sam_vit_b", "hf_sam"),
+    ("lite_medsam", "lite_medsam"), ("mobile_sam", "sam"),
+])
+def test_family_detection(name: str, family: str) -> None:
+    assert find_adapter(small_model(name)).name == family
+
+
+def test_bare_image_encoder_is_recognised() -> None:
+    encoder = small_model("sam_vit_b").image_encoder
+    specs = find_adapter(encoder).components(encoder)
+    assert [(s.role, s.path) for s in specs] == [("image_encoder", "")]
+
+
+@pytest.mark.parametrize("name, layout, count", [
+    ("sam_vit_b", "blocked", 2), ("sam2.1_hiera_t", "blocked", 5), ("hf_sam_vit_b", "blocked", 2),
+    ("lite_medsam", "head_interleaved", 10),
+])
+def test_qkv_sites(name: str, layout: str, count: int) -> None:
+    model = small_model(name)
+    adapter = find_adapter(model)
+    spec = next(s for s in adapter.components(model) if s.role == "image_encoder")
+    sites = adapter.qkv_sites(model.get_submodule(spec.path))
+    assert len(sites) == count and {s.layout.kind for s in sites} == {layout}
+
+
+def test_hiera_qkv_widths_follow_each_stage() -> None:
+    model = small_model("sam2.1_hiera_t")
+    sites = find_adapter(model).qkv_sites(model.image_encoder)
+    widths = [s.layout.sizes[0] for s in sites]
+    assert widths == sorted(widths) and len(set(widths)) > 1  # dim_out doubles at stage changes
+
+
+def test_adapters_are_listed() -> None:
+    names = [a.name for a in samfx.adapters.list_adapters()]
+    assert {"sam", "sam_hq", "lite_medsam", "sam2", "hf_sam"} <= set(names)

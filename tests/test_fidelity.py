@@ -1,0 +1,44 @@
+"""Fidelity metrics: identical models agree, a perturbed one does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import samfx
+from samfx.fidelity import compare, mask_iou
+
+from .conftest import small_model
+
+
+def test_mask_iou() -> None:
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    assert mask_iou(a, b) == 1.0
+    a[:2] = True
+    b[1:3] = True
+    assert mask_iou(a, b) == 4 / 12
+
+
+def test_identical_models_agree_exactly() -> None:
+    model = small_model("sam_vit_b")
+    report = compare(model, small_model("sam_vit_b"), images=["astronaut"])
+    assert report.mask_iou_min == 1.0 and report.iou_pred_error_max == 0.0
+    assert abs(report.embedding_cosine_min - 1.0) < 1e-9
+    assert report.gt_miou_original is None  # the astronaut has no ground truth
+
+
+def test_perturbed_model_is_measured_as_different() -> None:
+    model = small_model("sam_vit_b")
+    noisy = small_model("sam_vit_b")
+    with torch.no_grad():
+        for p in noisy.image_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    report = compare(model, noisy, images=["coffee"])
+    assert report.embedding_cosine_mean < 0.9999
+    assert report.iou_pred_error_mean > 0
+
+
+def test_ground_truth_miou_of_lite_medsam_on_coins(lite_medsam) -> None:
+    # Box prompts on the 24 watershed-segmented coins.
+    assert 0.9 < samfx.fidelity.ground_truth_miou(lite_medsam, ["coins"]) < 1.0

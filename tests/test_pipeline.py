@@ -1,0 +1,105 @@
+"""optimize(): pass resolution, ordering, reports, never mutating the input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import samfx
+from samfx.passes import PassConfig, PassError, PassReport, PassResult, register_pass
+from samfx.passes.base import _PASSES
+from samfx.pipeline import resolve_passes
+
+from .conftest import small_model
+
+
+@dataclass(frozen=True)
+class _AfterSplitConfig(PassConfig):
+    pass
+
+
+@pytest.fixture
+def after_split_pass():
+    calls = []
+
+    @register_pass("needs_split_for_tests", _AfterSplitConfig, requires=("split_qkv",))
+    def needs_split(captured, config, context):
+        calls.append(config)
+        return PassResult(captured, PassReport(config.name, config.to_dict(), False, "nothing"))
+
+    yield calls
+    _PASSES.pop("needs_split_for_tests")
+
+
+def test_unknown_pass_names_the_available_ones() -> None:
+    with pytest.raises(PassError, match="unknown pass 'prun'.*split_qkv"):
+        resolve_passes(["prun"])
+
+
+def test_duplicate_pass_is_rejected() -> None:
+    with pytest.raises(PassError, match="twice"):
+        resolve_passes(["split_qkv", "split_qkv"])
+
+
+def test_required_pass_is_added_and_order_checked(after_split_pass) -> None:
+    configs, notes = resolve_passes(["needs_split_for_tests"])
+    assert [c.name for c in configs] == ["split_qkv", "needs_split_for_tests"]
+    assert "added split_qkv" in notes[0]
+    with pytest.raises(PassError, match="needs_split_for_tests must run after split_qkv"):
+        resolve_passes(["needs_split_for_tests", "split_qkv"])
+
+
+def test_configs_and_names_mix(after_split_pass) -> None:
+    configs, _ = resolve_passes([samfx.SplitQKVConfig(names=("a", "b", "c")), "needs_split_for_tests"])
+    assert configs[0].names == ("a", "b", "c")
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    config = samfx.SplitQKVConfig(names=("a", "b", "c"))
+    assert PassConfig.from_dict(config.to_dict()) == config
+
+
+def test_optimize_returns_a_new_model_and_a_report() -> None:
+    model = small_model("sam_vit_b")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimized = samfx.optimize(model, ["split_qkv"])
+    assert optimized is not model
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    report = samfx.report_of(optimized)
+    assert report.family == "sam" and report.model == "sam_vit_b"
+    assert report.before.params == report.after.params
+    assert report.before.macs["image_encoder"] == report.after.macs["image_encoder"] > 0
+    table = report.table()
+    assert "split_qkv" in table and "MACs image_encoder" in table
+
+
+def test_failing_pass_leaves_the_input_untouched() -> None:
+    @dataclass(frozen=True)
+    class BoomConfig(PassConfig):
+        pass
+
+    @register_pass("boom_for_tests", BoomConfig)
+    def boom(captured, config, context):
+        captured.model.image_encoder.blocks[0].attn.qkv = None  # half-way through...
+        raise RuntimeError("boom")
+
+    try:
+        model = small_model("sam_vit_b")
+        with pytest.raises(RuntimeError, match="boom"):
+            samfx.optimize(model, ["boom_for_tests"])
+        assert isinstance(model.image_encoder.blocks[0].attn.qkv, torch.nn.Linear)
+    finally:
+        _PASSES.pop("boom_for_tests")
+
+
+def test_report_json_round_trip(tmp_path) -> None:
+    import json
+
+    optimized = samfx.optimize(small_model("sam_vit_b"), ["split_qkv"])
+    path = optimized.samfx_report.save(tmp_path / "report.json")
+    data = json.loads(path.read_text())
+    assert data["passes"][0]["name"] == "split_qkv"
+    assert data["environment"]["torch"] == torch.__version__

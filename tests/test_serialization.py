@@ -1,0 +1,62 @@
+"""save/load: exact round trips and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import samfx
+from samfx.models import CheckpointError
+
+from .conftest import encoder_output, image_input, small_model
+
+
+def test_round_trip_is_exact(tmp_path) -> None:
+    model = small_model("sam2.1_hiera_t")
+    optimized = samfx.optimize(model, ["split_qkv"])
+    samfx.save(optimized, tmp_path)
+    loaded = samfx.load(tmp_path)
+    assert loaded.state_dict().keys() == optimized.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in optimized.state_dict().items())
+    x = image_input(model)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder_output(loaded, x), encoder_output(optimized, x), rtol=0, atol=0)
+
+
+def test_model_outside_the_zoo_needs_its_base(tmp_path) -> None:
+    model = small_model("sam_vit_b")
+    del model.samfx_zoo
+    samfx.save(samfx.optimize(model, ["split_qkv"]), tmp_path)
+    with pytest.raises(CheckpointError, match="base="):
+        samfx.load(tmp_path)
+    assert samfx.load(tmp_path, base=small_model("sam_vit_b")) is not None
+
+
+def test_not_a_samfx_directory(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="not a saved samfx model"):
+        samfx.load(tmp_path)
+
+
+def test_unknown_format_is_refused(tmp_path) -> None:
+    samfx.save(samfx.optimize(small_model("sam_vit_b"), ["split_qkv"]), tmp_path)
+    recipe = json.loads((tmp_path / "samfx.json").read_text())
+    recipe["format"] = "samfx-model/99"
+    (tmp_path / "samfx.json").write_text(json.dumps(recipe))
+    with pytest.raises(CheckpointError, match="samfx-model/99"):
+        samfx.load(tmp_path)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path) -> None:
+    samfx.save(samfx.optimize(small_model("sam_vit_b"), ["split_qkv"]), tmp_path)
+    recipe = json.loads((tmp_path / "samfx.json").read_text())
+    recipe["passes"] = []  # the weights are split, the rebuilt model would not be
+    (tmp_path / "samfx.json").write_text(json.dumps(recipe))
+    with pytest.raises(CheckpointError, match="cannot load"):
+        samfx.load(tmp_path)
+
+
+def test_saving_a_plain_model_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="did not come from samfx.optimize"):
+        samfx.save(small_model("sam_vit_b"), tmp_path)
