@@ -46,3 +46,23 @@ def test_hiera_qkv_widths_follow_each_stage() -> None:
 def test_adapters_are_listed() -> None:
     names = [a.name for a in samfx.adapters.list_adapters()]
     assert {"sam", "sam_hq", "lite_medsam", "sam2", "hf_sam"} <= set(names)
+
+
+@pytest.mark.parametrize("name, role, kinds, count", [
+    ("sam_vit_b", "image_encoder", {"sam_vit"}, 2), ("sam2.1_hiera_t", "image_encoder", {"hiera"}, 5),
+    ("hf_sam_vit_b", "image_encoder", {"hf_vit"}, 2), ("lite_medsam", "image_encoder", {"tinyvit"}, 10),
+    ("sam_vit_b", "mask_decoder", {"decoder"}, 7), ("sam2.1_hiera_t", "mask_decoder", {"decoder"}, 7),
+])
+def test_attention_sites(name: str, role: str, kinds: set, count: int) -> None:
+    model = small_model(name)
+    adapter = find_adapter(model)
+    spec = next(s for s in adapter.components(model) if s.role == role)
+    sites = adapter.attention_sites(model.get_submodule(spec.path))
+    assert len(sites) == count and {s.kind for s in sites} == kinds
+
+
+def test_attention_site_details_for_sam_vit() -> None:
+    model = small_model("sam_vit_b")
+    sites = find_adapter(model).attention_sites(model.image_encoder)
+    assert [s.window_size for s in sites] == [4, 0]  # block 1 is global
+    assert all(s.rel_pos and s.num_heads == 2 and s.head_dim == 32 for s in sites)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import PRESENT, Adapter, ComponentSpec, Predictor, QKVLayout, QKVSite, ShapeCondition, TraceRecipe, class_name
+from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, QKVSite, ShapeCondition, TraceRecipe, class_name
 
 __all__ = [
     "PRESENT",
     "Adapter",
+    "AttentionSite",
     "ComponentSpec",
     "Predictor",
     "QKVLayout",

@@ -19,6 +19,7 @@ from torch import nn
 __all__ = [
     "PRESENT",
     "Adapter",
+    "AttentionSite",
     "ComponentSpec",
     "Predictor",
     "QKVLayout",
@@ -173,6 +174,37 @@ class QKVSite:
     layout: QKVLayout
 
 
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module inside a component, as attention-rewriting passes see it.
+
+    Attributes:
+        path: the attention module's path in the component; graph nodes that
+            belong to it carry it last in ``node.meta["nn_module_stack"]``.
+        kind: the layout family: ``sam_vit`` (SAM / SAM-HQ ViT attention,
+            decomposed relative positions), ``hf_vit`` (Hugging Face
+            ``SamVisionAttention``), ``hiera`` (SAM 2, pooled q at stage changes),
+            ``tinyvit`` (attention biases), ``decoder`` (the two-way transformer's
+            attentions with q/k/v/out projections).
+        num_heads: heads.
+        head_dim: query/key width per head.
+        value_dim: value width per head.
+        window_size: tokens per side of the window the block attends in
+            (0: global attention over the whole map; ``None``: not a windowed block).
+        rel_pos: whether decomposed relative-position terms are added.
+        block: path of the enclosing block, if any.
+    """
+
+    path: str
+    kind: str
+    num_heads: int
+    head_dim: int
+    value_dim: int
+    window_size: int | None = None
+    rel_pos: bool = False
+    block: str | None = None
+
+
 class Predictor:
     """Runs a SAM-family model on one image with point and box prompts.
 
@@ -231,6 +263,24 @@ class Adapter:
     def _qkv_layouts(self, module: nn.Module) -> Iterator[tuple[str, QKVLayout]]:
         """Yield ``(attribute, layout)`` for fused projections owned by ``module``."""
         return iter(())
+
+    def attention_sites(self, component_root: nn.Module) -> list[AttentionSite]:
+        """Attention modules inside a component, in module order."""
+        modules = dict(component_root.named_modules())
+        sites = []
+        for path, module in modules.items():
+            parent_path = path.rpartition(".")[0] if path else None
+            parent = modules.get(parent_path) if parent_path is not None else None
+            site = self._attention_site(path, module, parent, parent_path)
+            if site is not None:
+                sites.append(site)
+        return sites
+
+    def _attention_site(
+        self, path: str, module: nn.Module, parent: nn.Module | None, parent_path: str | None
+    ) -> AttentionSite | None:
+        """Describe ``module`` if it is an attention this family knows."""
+        return None
 
     def predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")

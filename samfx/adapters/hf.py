@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
-from .sam import defining_class
+from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
+from .sam import defining_class, projection_width
 
 __all__ = ["HFSamAdapter", "HFSamPredictor"]
 
@@ -126,6 +126,17 @@ class HFSamAdapter(Adapter):
         if defining_class(module, "SamVisionAttention") and isinstance(getattr(module, "qkv", None), nn.Linear):
             width = module.qkv.out_features // 3
             yield "qkv", QKVLayout("blocked", module.num_attention_heads, (width, width, width))
+
+    def _attention_site(self, path, module, parent, parent_path):
+        if defining_class(module, "SamVisionAttention"):
+            heads = module.num_attention_heads
+            head_dim = projection_width(module) // heads
+            return AttentionSite(path, "hf_vit", heads, head_dim, head_dim, getattr(parent, "window_size", None),
+                                 bool(module.use_rel_pos), parent_path)
+        if defining_class(module, _PREFIX + "SamAttention"):
+            head_dim = module.internal_dim // module.num_attention_heads
+            return AttentionSite(path, "decoder", module.num_attention_heads, head_dim, head_dim, block=parent_path)
+        return None
 
     def predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe, class_name
+from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe, class_name
 
 _VIT = "image_encoder.ImageEncoderViT"
 _VIT_ATTENTION = "image_encoder.Attention"
 _TINYVIT = "tiny_vit_sam.TinyViT"
 _TINYVIT_ATTENTION = "tiny_vit_sam.Attention"
+_DECODER_ATTENTION = "modeling.transformer.Attention"
 _PROMPT_ENCODER = "prompt_encoder.PromptEncoder"
 _MASK_DECODER = "mask_decoder.MaskDecoder"
 _MASK_DECODER_HQ = "mask_decoder_hq.MaskDecoderHQ"
@@ -34,6 +35,19 @@ def defining_class(module: nn.Module, suffix: str) -> str | None:
         if name.endswith(suffix):
             return name
     return None
+
+
+def projection_width(attention: nn.Module) -> int:
+    """Query width of an encoder attention, fused (``qkv``) or split (``q``)."""
+    if isinstance(getattr(attention, "q", None), nn.Linear):
+        return attention.q.out_features
+    return attention.qkv.out_features // 3
+
+
+def decoder_attention_site(path: str, module: nn.Module, parent_path: str | None) -> AttentionSite:
+    """SAM's two-way-transformer attention (q/k/v/out projections), shared by SAM 2."""
+    head_dim = module.internal_dim // module.num_heads
+    return AttentionSite(path, "decoder", module.num_heads, head_dim, head_dim, block=parent_path)
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -145,6 +159,18 @@ class SamAdapter(Adapter):
             yield "qkv", QKVLayout("blocked", module.num_heads, (width, width, width))
         elif defining_class(module, _TINYVIT_ATTENTION) and isinstance(getattr(module, "qkv", None), nn.Linear):
             yield "qkv", QKVLayout("head_interleaved", module.num_heads, (module.key_dim, module.key_dim, module.d))
+
+    def _attention_site(self, path, module, parent, parent_path):
+        if defining_class(module, _VIT_ATTENTION):
+            head_dim = projection_width(module) // module.num_heads
+            return AttentionSite(path, "sam_vit", module.num_heads, head_dim, head_dim,
+                                 getattr(parent, "window_size", None), bool(module.use_rel_pos), parent_path)
+        if defining_class(module, _TINYVIT_ATTENTION):
+            return AttentionSite(path, "tinyvit", module.num_heads, module.key_dim, module.d,
+                                 getattr(parent, "window_size", None), False, parent_path)
+        if defining_class(module, _DECODER_ATTENTION):
+            return decoder_attention_site(path, module, parent_path)
+        return None
 
     def predictor(self, model: nn.Module) -> Predictor:
         from segment_anything import SamPredictor

@@ -9,14 +9,15 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, ComponentSpec, Predictor, QKVLayout, TraceRecipe
-from .sam import UpstreamPredictor, defining_class, prompt_encoder_spec
+from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TraceRecipe
+from .sam import UpstreamPredictor, decoder_attention_site, defining_class, projection_width, prompt_encoder_spec
 
 __all__ = ["Sam2Adapter", "Sam2Predictor"]
 
 _HIERA = "sam2.modeling.backbones.hieradet.Hiera"
 _ATTENTION = "sam2.modeling.backbones.hieradet.MultiScaleAttention"
 _POSITION_SINE = "sam2.modeling.position_encoding.PositionEmbeddingSine"
+_DECODER_ATTENTION = "sam2.modeling.sam.transformer.Attention"
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -89,6 +90,15 @@ class Sam2Adapter(Adapter):
         if defining_class(module, _ATTENTION) and isinstance(getattr(module, "qkv", None), nn.Linear):
             width = module.qkv.out_features // 3
             yield "qkv", QKVLayout("blocked", module.num_heads, (width, width, width))
+
+    def _attention_site(self, path, module, parent, parent_path):
+        if defining_class(module, _ATTENTION):
+            head_dim = projection_width(module) // module.num_heads
+            return AttentionSite(path, "hiera", module.num_heads, head_dim, head_dim,
+                                 getattr(parent, "window_size", None), False, parent_path)
+        if defining_class(module, _DECODER_ATTENTION):
+            return decoder_attention_site(path, module, parent_path)
+        return None
 
     def predictor(self, model: nn.Module) -> Predictor:
         from sam2.sam2_image_predictor import SAM2ImagePredictor

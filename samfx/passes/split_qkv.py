@@ -245,11 +245,16 @@ def _flatten(value: Any) -> list[Any]:
 
 def _apply(graph: fx.Graph, plan: _Plan, targets: tuple[str, str, str]) -> None:
     x = plan.qkv.args[0]
+    # New nodes belong to the same attention module as the ones they replace.
+    fused_stack = dict(plan.qkv.meta.get("nn_module_stack", {}))
+    fused_type = fused_stack.pop(plan.qkv.target, None)
     for terminal, index, chain in plan.terminals:
         with graph.inserting_before(terminal):
             node = graph.call_module(targets[index], (x,))
+            node.meta["nn_module_stack"] = {**fused_stack, targets[index]: fused_type}
             for emit in chain:
                 node = emit(graph, node, index)
+                node.meta["nn_module_stack"] = dict(terminal.meta.get("nn_module_stack", {}))
         terminal.replace_all_uses_with(node)
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in sorted([t for t, _, _ in plan.terminals] + plan.dead, key=order.__getitem__, reverse=True):

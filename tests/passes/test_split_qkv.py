@@ -133,3 +133,15 @@ def test_sam_predictor_runs_on_split_sam() -> None:
         predictor.set_image(image)
         masks.append(predictor.predict(point_coords=np.array([[40, 30]]), point_labels=np.array([1]))[0])
     np.testing.assert_array_equal(masks[0], masks[1])
+
+
+def test_new_nodes_keep_their_module_of_origin() -> None:
+    captured = samfx.capture(small_model("sam_vit_b"))
+    split_qkv(captured, SplitQKVConfig(), PassContext())
+    graph = captured.component("image_encoder").graphs[()]
+    q = next(n for n in graph.nodes if n.op == "call_module" and n.target == "blocks.0.attn.q")
+    assert list(q.meta["nn_module_stack"])[-2:] == ["blocks.0.attn", "blocks.0.attn.q"]
+    squeeze = next(iter(q.users))
+    while squeeze.target != "squeeze":
+        squeeze = next(iter(squeeze.users))
+    assert list(squeeze.meta["nn_module_stack"])[-1] == "blocks.0.attn"
