@@ -37,7 +37,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .adapters import Adapter, find_adapter
 from .adapters.base import PRESENT, ComponentSpec, TraceRecipe, class_name
 
-__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "input_check"]
+__all__ = [
+    "CaptureError",
+    "CapturedModel",
+    "Component",
+    "OpaqueMethodCall",
+    "SourcedFloat",
+    "SourcedInt",
+    "capture",
+    "input_check",
+    "literal_source",
+]
 
 
 class CaptureError(RuntimeError):
@@ -409,6 +419,67 @@ class OpaqueMethodCall(nn.Module):
         return f"{type(self.owner).__name__}.{self.method}"
 
 
+class SourcedInt(int):
+    """An ``int`` module attribute read while tracing, e.g. ``self.num_heads``.
+
+    It lands in node arguments as an ordinary literal (same value, hash and
+    generated code) that remembers ``source = (module path, attribute)``, so a
+    pass that changes a layer's width can find every literal derived from it.
+    Arithmetic in Python returns plain numbers: only direct reads keep a source.
+    """
+
+    source: tuple[str, str]
+
+    def __new__(cls, value: int, source: tuple[str, str]) -> "SourcedInt":
+        literal = super().__new__(cls, value)
+        literal.source = source
+        return literal
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (int(self), self.source)
+
+
+class SourcedFloat(float):
+    """A ``float`` module attribute read while tracing (``self.scale``); see :class:`SourcedInt`."""
+
+    source: tuple[str, str]
+
+    def __new__(cls, value: float, source: tuple[str, str]) -> "SourcedFloat":
+        literal = super().__new__(cls, value)
+        literal.source = source
+        return literal
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (float(self), self.source)
+
+
+def literal_source(value: Any) -> tuple[str, str] | None:
+    """``(module path, attribute)`` a graph literal was read from, if known."""
+    return value.source if isinstance(value, (SourcedInt, SourcedFloat)) else None
+
+
+def _source_attributes(root: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """Replace the plain ``int``/``float`` attributes of every module by sourced
+    literals; returns what to restore."""
+    replaced = []
+    for path, module in root.named_modules():
+        for name, value in list(vars(module).items()):
+            if type(value) is int:
+                module.__dict__[name] = SourcedInt(value, (path, name))
+            elif type(value) is float:
+                module.__dict__[name] = SourcedFloat(value, (path, name))
+            else:
+                continue
+            replaced.append((module, name, value))
+    return replaced
+
+
 def _opaque_attr(method: str) -> str:
     return f"_samfx_{method.lstrip('_')}"
 
@@ -423,7 +494,9 @@ def _patched(root: nn.Module, recipe: TraceRecipe) -> Iterator[list[tuple[nn.Mod
     redirected: list[tuple[nn.Module, str]] = []
     len_patched: list[dict[str, Any]] = []
     original_cls = type(root)
+    sourced: list[tuple[nn.Module, str, Any]] = []
     try:
+        sourced = _source_attributes(root)
         for module in root.modules():
             namespace = sys.modules[type(module).__module__].__dict__
             if "len" not in namespace:
@@ -449,6 +522,8 @@ def _patched(root: nn.Module, recipe: TraceRecipe) -> Iterator[list[tuple[nn.Mod
         raise
     finally:
         root.__class__ = original_cls
+        for module, name, value in sourced:
+            module.__dict__[name] = value
         for namespace in len_patched:
             namespace.pop("len", None)
         for module, method in redirected:

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv']
+    ['prune', 'split_qkv']
 """
 
 from .base import (
@@ -18,6 +18,7 @@ from .base import (
     list_passes,
     register_pass,
 )
+from .prune import PruneConfig, prune
 from .split_qkv import SplitQKVConfig, split_qkv
 
 __all__ = [
@@ -27,9 +28,11 @@ __all__ = [
     "PassInfo",
     "PassReport",
     "PassResult",
+    "PruneConfig",
     "SplitQKVConfig",
     "get_pass",
     "list_passes",
+    "prune",
     "register_pass",
     "split_qkv",
 ]
