@@ -11,11 +11,18 @@ and makes the rest of the model agree, so there is nothing left to patch:
   embeddings, norms, the inputs of q/k/v/MLP/neck and the outputs of the
   projections that write into the stream).
 * **importance**: ``magnitude`` (L2 norm of the group's weights, data-free),
-  ``taylor`` (|w * dL/dw| with L the image embedding's energy) or
+  ``taylor`` (|w * dL/dw| with L the image embedding's energy),
   ``disturbed_taylor`` (SlimSAM: L = MSE(embedding, embedding.detach() + N(0,
-  sigma^2)), without which the gradient would be zero), on unlabeled
-  calibration images. Ratios apply per group, or with ``global_ranking`` to a
-  whole kind at once (scores z-normalised per group, as SlimSAM does).
+  sigma^2)), without which the gradient would be zero) or ``fluctuation``
+  (FLAP: the variance of each channel where a layer reads it, times the squared
+  norm of the weights reading it: the error its removal leaves once its mean is
+  compensated), on unlabeled calibration images. Ratios apply per group, or
+  with ``global_ranking`` to a whole kind at once (scores z-normalised per
+  group, as SlimSAM does).
+* **compensation**: with calibration images, the mean of every removed input
+  channel is folded into the bias of the layer that read it (FLAP). Trained
+  SAM encoders have hidden channels that are nearly constant, with large means
+  and small weights; removing them without this shifts every later feature.
 * **consistency**: the relative-position tables keep the head dims their
   heads keep (sliced, not re-initialised); head counts, head widths and the
   other width attributes are updated by the family adapter; every graph literal
@@ -65,7 +72,7 @@ from .base import PassConfig, PassContext, PassError, PassReport, PassResult, re
 
 __all__ = ["IMPORTANCES", "PruneConfig", "prune"]
 
-IMPORTANCES = ("magnitude", "taylor", "disturbed_taylor")
+IMPORTANCES = ("magnitude", "taylor", "disturbed_taylor", "fluctuation")
 _KINDS = ("mlp", "heads", "head_dims", "embed")
 
 
@@ -78,8 +85,11 @@ class PruneConfig(PassConfig):
         heads: whole attention heads.
         head_dims: q/k/v dims removed from every head alike (SlimSAM).
         embed: the residual width of each stage.
-        importance: ``magnitude`` (data-free), ``taylor`` or ``disturbed_taylor``
-            (both on ``calibration_images`` of the optimize call).
+        importance: ``magnitude`` (data-free), ``taylor``, ``disturbed_taylor``
+            or ``fluctuation`` (on the ``calibration_images`` of the optimize call).
+        compensate: with calibration images, add the mean of every removed
+            input channel, times its weights, to the bias of the layer that
+            read it (FLAP's bias compensation); without images, nothing.
         global_ranking: rank all groups of a kind together (scores z-normalised
             per group) instead of pruning every group by the same ratio.
         round_to: kept widths are multiples of this (8 or 16 suit GEMM kernels);
@@ -98,6 +108,7 @@ class PruneConfig(PassConfig):
     head_dims: float = 0.0
     embed: float = 0.0
     importance: str = "magnitude"
+    compensate: bool = True
     global_ranking: bool = False
     round_to: int = 1
     overrides: tuple[tuple[str, float], ...] = ()
@@ -106,13 +117,13 @@ class PruneConfig(PassConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
+        if any(len(o) != 2 or not isinstance(o[0], str) for o in self.overrides):
+            raise PassError(f"prune: overrides are (pattern, ratio) pairs, got {self.overrides!r}")
         ratios = {kind: getattr(self, kind) for kind in _KINDS}
         ratios.update({f"override {p!r}": r for p, r in self.overrides})
         for what, ratio in ratios.items():
             if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
                 raise PassError(f"prune: the {what} ratio must be in [0, 1), got {ratio!r}")
-        if any(len(o) != 2 or not isinstance(o[0], str) for o in self.overrides):
-            raise PassError(f"prune: overrides are (pattern, ratio) pairs, got {self.overrides!r}")
         if self.importance not in IMPORTANCES:
             raise PassError(f"prune: importance must be one of {IMPORTANCES}, got {self.importance!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
@@ -330,7 +341,9 @@ class _Analysis:
             pairs = list(zip(item.idxs, item.root_idxs))
             if any(r is None for _, r in pairs):
                 reasons.append(f"torch-pruning cannot map every index of {target.name} to {layer}")
-            if target.type == ops.OUTPUT or target.grad_fn in self.outputs:
+            # A returned tensor carries these channels unless this node only consumes them.
+            consumes = isinstance(target.module, nn.Module) and not self.dg.is_out_channel_pruning_fn(dep.handler)
+            if target.type == ops.OUTPUT or (target.grad_fn in self.outputs and not consumes):
                 reasons.append("the component returns these channels (another component reads them), "
                                "so their width is kept")
             if target.type == ops.PARAMETER:
@@ -355,27 +368,25 @@ class _Analysis:
         return scores.detach().float().cpu()
 
 
-def _criterion(importance: str) -> Any:
-    import torch_pruning as tp
+def _calibration_inputs(captured: CapturedModel, component: Component, config: PruneConfig,
+                        context: PassContext, why: str) -> list[torch.Tensor]:
+    """Encoder inputs made from the calibration images by the family's predictor."""
+    images = list(context.calibration_images[: config.calibration_images])
+    if not images:
+        raise PassError(f"prune: {why} needs calibration images "
+                        "(optimize(..., calibration_images=[...]) or --images); importance='magnitude' needs none")
+    if component.path == "" and len(captured.components) == 1:
+        raise PassError(f"prune: {why} needs the whole model, whose predictor prepares images; "
+                        "a bare image encoder can only use importance='magnitude' without compensation")
+    predictor = captured.adapter.predictor(captured.model)
+    return [predictor.encoder_input(image) for image in images]
 
-    if importance == "magnitude":
-        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
-    return tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
 
-
-def _accumulate_gradients(captured: CapturedModel, component: Component, config: PruneConfig,
-                          context: PassContext) -> None:
+def _accumulate_gradients(captured: CapturedModel, component: Component, inputs: list[torch.Tensor],
+                          config: PruneConfig, context: PassContext) -> None:
     """Fill ``.grad`` of the component's parameters for the Taylor criteria."""
     from tqdm.auto import tqdm
 
-    images = list(context.calibration_images[: config.calibration_images])
-    if not images:
-        raise PassError(f"prune: importance={config.importance!r} needs calibration images "
-                        "(optimize(..., calibration_images=[...]) or --images); 'magnitude' needs none")
-    if component.path == "" and len(captured.components) == 1:
-        raise PassError(f"prune: importance={config.importance!r} needs the whole model, whose predictor "
-                        "prepares images; a bare image encoder can only use 'magnitude'")
-    predictor = captured.adapter.predictor(captured.model)
     params = list(component.root.parameters())
     flags = [p.requires_grad for p in params]
     generator = torch.Generator().manual_seed(context.seed)
@@ -384,8 +395,8 @@ def _accumulate_gradients(captured: CapturedModel, component: Component, config:
             p.requires_grad_(True)
             p.grad = None
         with torch.enable_grad():
-            for image in tqdm(images, desc=f"prune: {config.importance}", unit="image", disable=not context.progress):
-                features = captured.adapter.encoder_features(component.root(predictor.encoder_input(image)))
+            for x in tqdm(inputs, desc=f"prune: {config.importance}", unit="image", disable=not context.progress):
+                features = captured.adapter.encoder_features(component.root(x))
                 if config.importance == "taylor":
                     loss = sum(0.5 * f.pow(2).mean() for f in features)
                 else:  # SlimSAM: the disturbed target makes the gradient non-zero before anything is pruned
@@ -395,6 +406,97 @@ def _accumulate_gradients(captured: CapturedModel, component: Component, config:
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+
+
+def _reads_channels(module: nn.Module) -> bool:
+    """A Linear or a dense Conv: each output mixes all input channels."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def _input_statistics(component: Component, inputs: list[torch.Tensor],
+                      context: PassContext) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and variance of every input channel of every Linear and dense Conv,
+    over all positions of the calibration inputs."""
+    from tqdm.auto import tqdm
+
+    sums: dict[str, list[Any]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().double()
+            x = x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x.transpose(1, -1).reshape(-1, x.shape[1])
+            entry = sums.setdefault(name, [0, 0.0, 0.0])
+            entry[0] += x.shape[0]
+            entry[1] = entry[1] + x.sum(0)
+            entry[2] = entry[2] + x.pow(2).sum(0)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in component.root.named_modules() if _reads_channels(m)]
+    try:
+        with torch.no_grad():
+            for x in tqdm(inputs, desc="prune: statistics", unit="image", disable=not context.progress):
+                component.root(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    statistics = {}
+    for name, (count, total, squares) in sums.items():
+        mean = total / count
+        statistics[name] = (mean.float(), (squares / count - mean.pow(2)).clamp_min(0).float())
+    return statistics
+
+
+def _column_energy(module: nn.Module) -> torch.Tensor:
+    """Squared norm of the weights that read each input channel."""
+    weight = module.weight.detach()
+    return weight.pow(2).sum(0) if weight.dim() == 2 else weight.pow(2).sum((0, 2, 3))
+
+
+class _Fluctuation:
+    """FLAP's criterion, as a torch-pruning group criterion: for every layer of the
+    group that reads the channels, variance times squared weight norm, summed."""
+
+    def __init__(self, statistics: dict[str, tuple[torch.Tensor, torch.Tensor]], names: dict[nn.Module, str]) -> None:
+        self.statistics, self.names = statistics, names
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        scores, found = None, False
+        for item in group:
+            layer, name = item.dep.target.module, self.names.get(item.dep.target.module)
+            if name not in self.statistics or group._DG.is_out_channel_pruning_fn(item.dep.handler):
+                continue
+            variance = self.statistics[name][1]
+            local = (variance * _column_energy(layer))[item.idxs]
+            scores = torch.zeros(len(group[0].idxs)) if scores is None else scores
+            scores.index_add_(0, torch.as_tensor(item.root_idxs), local.cpu())
+            found = True
+        return scores if found else None
+
+
+def _criterion(importance: str, statistics: dict[str, Any] | None, names: dict[nn.Module, str]) -> Any:
+    import torch_pruning as tp
+
+    if importance == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+    if importance == "fluctuation":
+        return _Fluctuation(statistics or {}, names)
+    return tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
+
+
+def _compensation(root: nn.Module, edits: list[Edit],
+                  statistics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per layer, the bias change that stands for its removed inputs at their mean
+    (computed on the unpruned weights, over the full output width)."""
+    deltas: dict[str, torch.Tensor] = {}
+    for target, dim, removed in edits:
+        if dim != "in" or target not in statistics:
+            continue
+        layer = root.get_submodule(target)
+        weight = layer.weight.detach()
+        columns = weight[:, removed] if weight.dim() == 2 else weight[:, removed].sum((2, 3))
+        delta = columns @ statistics[target][0][removed].to(weight)
+        deltas[target] = deltas.get(target, 0) + delta
+    return deltas
 
 
 # -- choosing what to keep ---------------------------------------------------------------
@@ -501,14 +603,21 @@ def _edits(groups: list[_Group]) -> list[Edit]:
 
 # -- applying edits (also what samfx.load replays) -----------------------------------------
 
-def _remove(root: nn.Module, target: str, dim: Any, removed: list[int]) -> None:
+def _edit(root: nn.Module, target: str, dim: Any, removed: list[int]) -> None:
     """Remove indices ``removed`` along one dimension of a layer or parameter, with
-    torch-pruning's per-layer pruning functions."""
+    torch-pruning's per-layer pruning functions (``dim == "bias"``: give a layer
+    without bias a zero one, for compensation)."""
     from torch_pruning import ops
     from torch_pruning.pruner import function
 
     parent_path, _, name = target.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
+    if dim == "bias":
+        layer = getattr(parent, name)
+        if not _reads_channels(layer) or layer.bias is not None:
+            raise PassError(f"prune: cannot add a bias to {target}")
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device))
+        return
     if isinstance(dim, int):
         param = getattr(parent, name)
         if not isinstance(param, nn.Parameter) or not 0 <= dim < param.dim() or max(removed) >= param.shape[dim]:
@@ -607,7 +716,7 @@ def _apply(captured: CapturedModel, component: Component, sites: list[AttentionS
     projections = {s.path: _attention_projections(component, s) for s in sites}
     removed_out = {target: removed for target, dim, removed in edits if dim == "out"}
     for target, dim, removed in edits:
-        _remove(root, target, dim, removed)
+        _edit(root, target, dim, removed)
     attention = {}
     for site in sites:
         qkv = projections[site.path]
@@ -637,8 +746,14 @@ def _analyse(captured: CapturedModel, component: Component, sites: list[Attentio
              context: PassContext, skipped: list[str]) -> tuple[list[Edit], list[_Group]]:
     """Groups, importance and the channels to keep, through torch-pruning."""
     root = component.root
-    if config.importance != "magnitude":
-        _accumulate_gradients(captured, component, config, context)
+    statistics = None
+    if config.importance != "magnitude" or (config.compensate and context.calibration_images):
+        why = f"importance={config.importance!r}" if config.importance != "magnitude" else "compensation"
+        inputs = _calibration_inputs(captured, component, config, context, why)
+        if config.importance in ("taylor", "disturbed_taylor"):
+            _accumulate_gradients(captured, component, inputs, config, context)
+        if config.importance == "fluctuation" or config.compensate:
+            statistics = _input_statistics(component, inputs, context)
     analysis = _Analysis(captured, component, sites)
     candidates: list[_Group] = []
     groups: list[_Group] = []
@@ -677,7 +792,7 @@ def _analyse(captured: CapturedModel, component: Component, sites: list[Attentio
                 skipped.append(f"{'heads' if group.kind == 'attention' else group.kind}:{group.name}: {group.reason}")
             else:
                 groups.append(group)
-        criterion = _criterion(config.importance)
+        criterion = _criterion(config.importance, statistics, analysis.dg._module2name)
         for group in groups:
             group.scores = analysis.scores(group, criterion)
     for p in root.parameters():
@@ -690,7 +805,20 @@ def _analyse(captured: CapturedModel, component: Component, sites: list[Attentio
             _select_attention(members, config)
         else:
             _select_channels(members, config, kind)
-    return _edits(groups), groups
+    edits = _edits(groups)
+    deltas = _compensation(root, edits, statistics) if config.compensate and statistics else {}
+    edits += [(target, "bias", []) for target in deltas if root.get_submodule(target).bias is None]
+    return edits, groups, deltas
+
+
+def _add_deltas(root: nn.Module, deltas: dict[str, torch.Tensor], edits: list[Edit]) -> None:
+    """Add compensation to the (pruned) layers' biases, at their kept outputs."""
+    removed_out = {target: removed for target, dim, removed in edits if dim == "out"}
+    with torch.no_grad():
+        for target, delta in deltas.items():
+            layer = root.get_submodule(target)
+            kept = sorted(set(range(len(delta))) - set(removed_out.get(target, [])))
+            layer.bias += delta[kept].to(layer.bias)
 
 
 def _encode(edits: list[Edit]) -> dict[str, Any]:
@@ -738,7 +866,8 @@ def _summary(groups: list[_Group], attention: dict[str, Any]) -> dict[str, Any]:
 def prune(captured: CapturedModel, config: PruneConfig, context: PassContext) -> PassResult:
     """Structural pruning of image-encoder widths (DepGraph via torch-pruning; SlimSAM)."""
     skipped: list[str] = []
-    details: dict[str, Any] = {"importance": config.importance}
+    details: dict[str, Any] = {"importance": config.importance,
+                               "compensation": config.compensate and bool(context.calibration_images)}
     replay: dict[str, Any] = {}
     summaries = []
     for role, component in captured.components.items():
@@ -748,14 +877,16 @@ def prune(captured: CapturedModel, config: PruneConfig, context: PassContext) ->
         if context.replay is not None:
             if role not in context.replay:
                 continue
-            edits, groups = _decode(context.replay[role], role), []
+            edits, groups, deltas = _decode(context.replay[role], role), [], {}
         elif config.prunes_anything():
-            edits, groups = _analyse(captured, component, sites, config, context, skipped)
+            edits, groups, deltas = _analyse(captured, component, sites, config, context, skipped)
         else:
             continue
         if not edits:
             continue
         applied = _apply(captured, component, sites, edits)
+        _add_deltas(component.root, deltas, edits)
+        applied["compensated_layers"] = len(deltas)
         kinds = _summary(groups, applied["attention"])
         details[role] = {"kinds": kinds, "layers_edited": len({t for t, _, _ in edits}), **applied,
                          "groups": {f"{'heads' if g.kind == 'attention' else g.kind}:{g.name}":
