@@ -19,6 +19,7 @@ __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
 from . import adapters, data, fidelity, models, passes, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
+from .distillation import DistillReport, distill  # noqa: E402
 from .models import CheckpointError  # noqa: E402
 from .passes import PassConfig, PassError, PruneConfig, SplitQKVConfig  # noqa: E402
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "CapturedModel",
     "CheckpointError",
     "Component",
+    "DistillReport",
     "OptimizeReport",
     "PassConfig",
     "PassError",
@@ -39,6 +41,7 @@ __all__ = [
     "adapters",
     "capture",
     "data",
+    "distill",
     "fidelity",
     "load",
     "models",
