@@ -419,7 +419,26 @@ class OpaqueMethodCall(nn.Module):
         return f"{type(self.owner).__name__}.{self.method}"
 
 
-class SourcedInt(int):
+class _Sourced:
+    """A literal that remembers ``source = (module path, attribute)``; mixed into
+    a number type, whose value, hash, arithmetic and printed form it keeps."""
+
+    source: tuple[str, str]
+    _number: type
+
+    def __new__(cls, value: Any, source: tuple[str, str]) -> "_Sourced":
+        literal = super().__new__(cls, value)
+        literal.source = source
+        return literal
+
+    def __repr__(self) -> str:
+        return self._number.__repr__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self._number(self), self.source)
+
+
+class SourcedInt(_Sourced, int):
     """An ``int`` module attribute read while tracing, e.g. ``self.num_heads``.
 
     It lands in node arguments as an ordinary literal (same value, hash and
@@ -428,35 +447,13 @@ class SourcedInt(int):
     Arithmetic in Python returns plain numbers: only direct reads keep a source.
     """
 
-    source: tuple[str, str]
-
-    def __new__(cls, value: int, source: tuple[str, str]) -> "SourcedInt":
-        literal = super().__new__(cls, value)
-        literal.source = source
-        return literal
-
-    def __repr__(self) -> str:
-        return int.__repr__(self)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (int(self), self.source)
+    _number = int
 
 
-class SourcedFloat(float):
+class SourcedFloat(_Sourced, float):
     """A ``float`` module attribute read while tracing (``self.scale``); see :class:`SourcedInt`."""
 
-    source: tuple[str, str]
-
-    def __new__(cls, value: float, source: tuple[str, str]) -> "SourcedFloat":
-        literal = super().__new__(cls, value)
-        literal.source = source
-        return literal
-
-    def __repr__(self) -> str:
-        return float.__repr__(self)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (float(self), self.source)
+    _number = float
 
 
 def literal_source(value: Any) -> tuple[str, str] | None:

@@ -117,7 +117,7 @@ def test_sam_attention_keeps_its_tables_and_scale() -> None:
     assert details["literals_rewritten"] > 0  # num_heads read in reshapes and in B * num_heads
 
 
-@pytest.mark.parametrize("name", ["sam_vit_b", "sam2.1_hiera_t"])
+@pytest.mark.parametrize("name", ["sam_vit_b", "sam2.1_hiera_t", "lite_medsam"])
 def test_embed_pruning_is_consistent_rounded_and_replays(name: str) -> None:
     model = _model(name)
     config = PruneConfig(mlp=0.5, heads=0.5, head_dims=0.25, embed=0.3, round_to=8)
