@@ -212,6 +212,10 @@ class Predictor:
     then ``predict`` per prompt. Coordinates are in the image's own pixels (x, y).
     """
 
+    #: prompt kinds the model was trained with; box-only models (LiteMedSAM) give
+    #: empty masks for single clicks, so segment-everything warns about them.
+    trained_prompts: tuple[str, ...] = ("point", "box")
+
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""
         raise NotImplementedError

