@@ -142,7 +142,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     from .fidelity import FidelityReport
 
-    if not args.run and not args.bench:
+    if not args.run_dir and not args.bench:
         raise SystemExit("samfx compare: give a saved run directory, --bench FILE, or both")
     out = Path(args.out)
     if args.bench:
@@ -158,23 +158,23 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"wrote {speed_fidelity_plot(rows, out / 'speed_fidelity.png')}")
         except ValueError as err:
             raise SystemExit(f"samfx compare: {err}") from err
-    if args.run:
+    if args.run_dir:
         from . import load, models
         from .pictures import compare_pictures
         from .serialization import read_recipe
 
-        base = read_recipe(args.run).get("base")
+        base = read_recipe(args.run_dir).get("base")
         if not base:
-            raise SystemExit(f"samfx compare: {args.run} was optimized from a model outside the zoo; "
+            raise SystemExit(f"samfx compare: {args.run_dir} was optimized from a model outside the zoo; "
                              "draw its pictures from Python with samfx.pictures.compare_pictures")
         if not args.checkpoint and not models.spec(base["name"]).pretrained:
-            raise SystemExit(f"samfx compare: {args.run} was optimized from {base['name']} with random weights, "
+            raise SystemExit(f"samfx compare: {args.run_dir} was optimized from {base['name']} with random weights, "
                              "which cannot be rebuilt; give the --checkpoint it was optimized from, or draw the "
                              "pictures while optimizing (samfx optimize --pictures)")
         original = models.build(base["name"], small=base["small"], checkpoint=args.checkpoint)
-        optimized = load(args.run, base=original)  # load optimizes a copy: the original stays as it is
+        optimized = load(args.run_dir, base=original)  # load optimizes a copy: the original stays as it is
         fidelity = None
-        report_file = Path(args.run) / "report.json"
+        report_file = Path(args.run_dir) / "report.json"
         if report_file.is_file():
             saved = json.loads(report_file.read_text()).get("fidelity")
             fidelity = FidelityReport(**saved) if saved else None
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     every.set_defaults(run=_everything)
 
     comp = sub.add_parser("compare", help="pictures: original vs optimized masks, speed against fidelity")
-    comp.add_argument("run", nargs="?", help="a directory written by `samfx optimize`")
+    comp.add_argument("run_dir", nargs="?", metavar="RUN", help="a directory written by `samfx optimize`")
     comp.add_argument("--checkpoint", help="the weights the run was optimized from (random-init zoo models)")
     comp.add_argument("--images", help="package images to draw (default: the report's)")
     comp.add_argument("--everything", action="store_true", help="add both models' segment-everything masks")
