@@ -1,7 +1,7 @@
 """Segment everything: TinySAM's hierarchical strategy against SAM's 32 x 32 grid.
 
-    python benchmarks/everything.py                          # every case, prints a table, writes JSON
-    python benchmarks/everything.py --case lite_medsam/coins --repeats 3
+    python benchmarks/run.py --everything                    # every case, prints a table, writes JSON
+    python benchmarks/run.py --everything --case lite_medsam/coins --repeats 3
 
 For each case (a zoo model and a package image) the image is embedded once and
 both strategies segment it from that embedding, interleaved (grid, hierarchical,
@@ -22,25 +22,16 @@ single-click masks are empty and nothing passes SAM's filters.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import statistics
-import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-# Busy-waiting OpenMP threads slow 2-core runs several-fold when the cores are shared.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-import samfx  # noqa: E402
-from samfx.data import package_images  # noqa: E402
-from samfx.report import environment  # noqa: E402
-from samfx.segment_everything import EverythingConfig, MaskGenerator, match_masks  # noqa: E402
+import samfx
+from samfx.data import package_images
+from samfx.segment_everything import EverythingConfig, MaskGenerator, match_masks
 
 
 @dataclass(frozen=True)
@@ -54,6 +45,8 @@ class Case:
 
 
 CASES = [Case("lite_medsam", "coins"), Case("sam_vit_b", "coins")]
+TIMING_NOTE = ("segmenting times (after one shared embedding; end-to-end adds that embedding to each run of a "
+               "strategy)")
 
 
 def run_case(case: Case, repeats: int, points_per_side: int) -> dict:
@@ -99,35 +92,3 @@ def table(rows: list[dict]) -> str:
             f"{f['recall']:>8.2f}"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", action="append", help="run only these cases (model/image), repeatable")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each strategy (median), interleaved")
-    parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--out", default="benchmarks/results/everything.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cases = [c for c in CASES if not args.case or c.name in args.case]
-    if not cases:
-        parser.error(f"no case matches {args.case}; cases: {[c.name for c in CASES]}")
-    rows = []
-    for case in cases:
-        print(f"running {case.name} ...", file=sys.stderr, flush=True)
-        rows.append(run_case(case, args.repeats, args.points_per_side))
-    print(table(rows))
-    env = environment()
-    print(f"\ntorch {env['torch']}, {env['torch_threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
-          f"{env['cpu_count']} CPUs; segmenting times are medians of {args.repeats} interleaved runs per strategy, "
-          "after one shared embedding; end-to-end adds that embedding to each")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "repeats": args.repeats, "rows": rows}, indent=2))
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -90,6 +90,10 @@ def _disagreement(image: np.ndarray, original: Sequence[np.ndarray], optimized: 
     return out, int(lost.sum()), int(gained.sum())
 
 
+def _masks(count: int) -> str:
+    return f"{count} mask{'' if count == 1 else 's'}"
+
+
 def _box_masks(predictor: Any, sample: ImageSample) -> list[np.ndarray]:
     predictor.set_image(sample.image)
     masks = []
@@ -121,7 +125,7 @@ def _caption(sample: ImageSample, fidelity: FidelityReport, lost: int, gained: i
     if everything is not None:
         ref, new = everything
         match = match_masks(ref, new)
-        parts.append(f"Segment everything ({ref.strategy}): {len(ref)} masks -> {len(new)}; "
+        parts.append(f"Segment everything ({ref.strategy}): {_masks(len(ref))} -> {len(new)}; "
                      f"{match.matched} matched at IoU >= {match.iou_threshold} (recall {match.recall:.2f}, "
                      f"mean IoU {match.mean_iou:.3f}).")
     return " ".join(parts)
@@ -171,8 +175,8 @@ def compare_pictures(
             config = everything_config or EverythingConfig()
             pair = tuple(MaskGenerator(model, config, adapter).generate(sample.image, "hierarchical")
                          for model in (original, optimized))
-            panels += [(f"original, everything: {len(pair[0])} masks", _overlay(sample.image, list(pair[0].masks())), []),
-                       (f"optimized, everything: {len(pair[1])} masks", _overlay(sample.image, list(pair[1].masks())), []),
+            panels += [(f"original, everything: {_masks(len(pair[0]))}", _overlay(sample.image, list(pair[0].masks())), []),
+                       (f"optimized, everything: {_masks(len(pair[1]))}", _overlay(sample.image, list(pair[1].masks())), []),
                        ("image", sample.image.astype(np.float32) / 255.0, [])]
         rows = len(panels) // 3
         h, w = sample.image.shape[:2]
