@@ -263,8 +263,10 @@ def speed_fidelity_plot(rows: Iterable[dict[str, Any]], path: str | Path, title:
     ax.axvline(1.0, color="0.6", linewidth=0.8, linestyle="--")
     ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle="--")
     for (label, speed, fid), color in zip(points, colors):
-        ax.scatter([speed], [fid], s=60, color=color, edgecolor="black", linewidth=0.6, zorder=3)
-        ax.annotate(label, (speed, fid), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # A legend rather than labels at the points: nearby points would overprint them.
+        ax.scatter([speed], [fid], s=60, color=color, edgecolor="black", linewidth=0.6, zorder=3,
+                   label=f"{label}: {speed:.2f}x, IoU {fid:.4f}")
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     low = min(fidelities)
     ax.set_ylim(min(low - 0.02, 0.95 * low + 0.05 * 1.0), 1.005 + 0.05 * (1.0 - low))
     ax.set_xlim(0, max(max(speeds) * 1.25, 1.5))
