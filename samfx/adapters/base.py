@@ -240,7 +240,7 @@ class Predictor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``N`` single positive clicks through the decoder in one batch.
 
-        This is what segment-everything needs (:mod:`samfx.everything`); any
+        This is what segment-everything needs (:mod:`samfx.segment_everything`); any
         runtime that implements it, with :meth:`set_image` and
         :meth:`logits_to_image`, can be used there (an ONNX model pair, say).
 
