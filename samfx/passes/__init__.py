@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv']
+    ['split_qkv', 'fuse_attention']
 """
 
 from .base import (
@@ -19,8 +19,10 @@ from .base import (
     register_pass,
 )
 from .split_qkv import SplitQKVConfig, split_qkv
+from .fuse_attention import FuseAttentionConfig, fuse_attention
 
 __all__ = [
+    "FuseAttentionConfig",
     "PassConfig",
     "PassContext",
     "PassError",
@@ -31,5 +33,6 @@ __all__ = [
     "get_pass",
     "list_passes",
     "register_pass",
+    "fuse_attention",
     "split_qkv",
 ]

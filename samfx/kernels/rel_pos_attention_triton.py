@@ -1,0 +1,137 @@
+"""Triton flash-attention kernel for ``samfx::rel_pos_attention`` (imported lazily).
+
+One program handles ``BLOCK_M`` queries of one batch-head and loops over key
+blocks with the online softmax of FlashAttention. The decomposed bias is added
+inside the loop: for key ``n`` the kernel reads ``rel_h[m, n // Kw]`` and
+``rel_w[m, n % Kw]``, rows of ``Kh + Kw`` values per query that stay in cache,
+so neither the ``(Nq, Nk)`` scores nor a bias of that size is ever written.
+Works for any ``Nq``, ``Nk``, ``Kh x Kw`` map and head dims up to 256 (padded to
+a power of two inside the kernel: ViT-H's 80 runs as 128 with masked loads),
+in float16, bfloat16 and float32 (IEEE dot products, no TF32).
+
+Under ``TRITON_INTERPRET=1`` the kernel runs on the CPU with one fixed block
+configuration; on a GPU the block sizes are autotuned per shape.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["rel_pos_attention", "supports"]
+
+_MAX_HEAD_DIM = 256
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the kernel covers these inputs (else the caller falls back)."""
+    return (
+        q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.shape[-1] <= _MAX_HEAD_DIM
+        and v.shape[-1] <= _MAX_HEAD_DIM
+    )
+
+
+@triton.jit
+def _kernel(
+    Q, K, V, RH, RW, O,
+    scale_log2e,
+    n_q, n_k, k_w,
+    sq_g, sq_m, sq_d,
+    sk_g, sk_n, sk_d,
+    sv_g, sv_n, sv_d,
+    sh_g, sh_m, sh_k,
+    sw_g, sw_m, sw_k,
+    so_g, so_m, so_d,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_m = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < n_q
+
+    q = tl.load(Q + g * sq_g + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    rh_rows = RH + g * sh_g + offs_m[:, None] * sh_m
+    rw_rows = RW + g * sw_g + offs_m[:, None] * sw_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(0, n_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_k
+        k = tl.load(K + g * sk_g + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d,
+                    mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        both = m_ok[:, None] & n_ok[None, :]
+        bias = tl.load(rh_rows + (offs_n // k_w)[None, :] * sh_k, mask=both, other=0.0).to(tl.float32)
+        bias += tl.load(rw_rows + (offs_n % k_w)[None, :] * sw_k, mask=both, other=0.0).to(tl.float32)
+        # log2 domain: exp2 is the native instruction
+        s = s * scale_log2e + bias * LOG2E
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + g * sv_g + offs_n[:, None] * sv_n + offs_dv[None, :] * sv_d,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + g * so_g + offs_m[:, None] * so_m + offs_dv[None, :] * so_d, acc.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm in (64, 128)
+    for bn in (32, 64, 128)
+    for w in (4, 8)
+    for s in (2, 3)
+]
+_tuned = triton.autotune(_CONFIGS, key=["n_q", "n_k", "D", "DV", "IEEE"])(_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> Tensor:
+    """Flattened inputs: ``q (G, Nq, D)``, ``k (G, Nk, D)``, ``v (G, Nk, Dv)``,
+    ``rel_h (G, Nq, Kh)``, ``rel_w (G, Nq, Kw)``; returns ``(G, Nq, Dv)``."""
+    g, n_q, d = q.shape
+    n_k, d_v, k_w = k.shape[1], v.shape[-1], rel_w.shape[-1]
+    out = q.new_empty(g, n_q, d_v)
+    args = (
+        q, k, v, rel_h, rel_w, out,
+        scale * 1.4426950408889634,
+        n_q, n_k, k_w,
+        *q.stride(), *k.stride(), *v.stride(), *rel_h.stride(), *rel_w.stride(), *out.stride(),
+    )
+    meta = {
+        "D": d, "DV": d_v,
+        "BLOCK_D": max(16, triton.next_power_of_2(d)), "BLOCK_DV": max(16, triton.next_power_of_2(d_v)),
+        "IEEE": q.dtype == torch.float32,
+    }
+    if _interpreting():
+        _kernel[(triton.cdiv(n_q, 16), g)](*args, **meta, BLOCK_M=16, BLOCK_N=16)
+    else:
+        _tuned[lambda c: (triton.cdiv(n_q, c["BLOCK_M"]), g)](*args, **meta)
+    return out
