@@ -15,6 +15,6 @@ Example::
     True
 """
 
-from .rel_pos_attention import rel_pos_attention, rel_pos_attention_reference
+from .rel_pos import rel_pos_attention, rel_pos_attention_reference
 
 __all__ = ["rel_pos_attention", "rel_pos_attention_reference"]

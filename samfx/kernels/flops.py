@@ -32,7 +32,7 @@ def register_flop_formulas() -> None:
         return
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    from . import rel_pos_attention  # noqa: F401  (the op must exist)
+    from . import rel_pos  # noqa: F401  (the op must exist)
 
     def formula(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
         return attention_flops(q_shape, k_shape, v_shape)

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv', 'fuse_attention']
+    ['split_qkv', 'fuse_attention', 'bf16']
 """
 
 from .base import (
@@ -20,8 +20,10 @@ from .base import (
 )
 from .split_qkv import SplitQKVConfig, split_qkv
 from .fuse_attention import FuseAttentionConfig, fuse_attention
+from .bf16 import BF16Config, bf16
 
 __all__ = [
+    "BF16Config",
     "FuseAttentionConfig",
     "PassConfig",
     "PassContext",
@@ -33,6 +35,7 @@ __all__ = [
     "get_pass",
     "list_passes",
     "register_pass",
+    "bf16",
     "fuse_attention",
     "split_qkv",
 ]

@@ -48,9 +48,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..capture import CapturedModel
-from ..kernels import rel_pos_attention  # noqa: F401  (registers torch.ops.samfx.rel_pos_attention)
-from ..kernels.rel_pos_attention import rel_pos_sdpa
+from ..kernels.rel_pos import rel_pos_sdpa  # also registers torch.ops.samfx.rel_pos_attention
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
+from .fx_ops import node_arg, node_value, op_name
 
 __all__ = [
     "AttentionMatch",
@@ -86,49 +86,17 @@ class NoMatch(Exception):
     """A softmax or SDPA node that is not an attention core this pass can fuse."""
 
 
-# -- recognising ops in method and function form alike -----------------------
-
-_FUNCTIONS: dict[Any, str] = {
-    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
-    torch.softmax: "softmax", F.softmax: "softmax", torch.special.softmax: "softmax",
-    operator.add: "add", torch.add: "add",
-    operator.mul: "mul", torch.mul: "mul",
-    operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
-    torch.reshape: "reshape",
-    torch.transpose: "transpose", torch.permute: "permute",
-    F.dropout: "dropout", torch.dropout: "dropout",
-    F.scaled_dot_product_attention: "sdpa",
-    operator.getitem: "getitem", torch.squeeze: "squeeze", torch.flatten: "flatten",
-}
-_METHODS = {"bmm": "matmul", "true_divide": "div", "view_as": "view", "reshape_as": "view", "reshape": "view"}
-_VIEWS = ("view", "reshape")
+_VIEWS = ("view",)
 _CASTS = ("to", "type", "type_as", "float", "contiguous")
 
 
-def _name(node: Any) -> str | None:
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "call_method":
-        return _METHODS.get(str(node.target), str(node.target))
-    if node.op == "call_function":
-        name = _FUNCTIONS.get(node.target)
-        return "view" if name == "reshape" else name
-    return None
-
-
-def _arg(node: fx.Node, index: int, keyword: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(keyword, default)
-
-
 def _value(node: Any) -> Any:
-    if isinstance(node, fx.Node):
-        for key in ("val", "example_value"):
-            if key in node.meta:
-                return node.meta[key]
+    if not isinstance(node, fx.Node):
+        return node
+    value = node_value(node)
+    if value is None:
         raise NoMatch(f"no shape recorded for {node.name} (propagate shapes first)")
-    return node
+    return value
 
 
 def _shape(node: Any) -> tuple[int, ...]:
@@ -194,7 +162,7 @@ def match_attention(node: fx.Node) -> AttentionMatch:
             (its scores or probabilities are used elsewhere, a bias it cannot
             place, an active dropout, a causal SDPA, ...).
     """
-    name = _name(node)
+    name = op_name(node)
     if name == "softmax":
         match = _match_softmax(node)
     elif name == "sdpa":
@@ -210,7 +178,7 @@ def match_attention(node: fx.Node) -> AttentionMatch:
 
 def _match_softmax(softmax: fx.Node) -> AttentionMatch:
     rank = len(_shape(softmax))
-    dim = _arg(softmax, 1, "dim")
+    dim = node_arg(softmax, 1, "dim")
     if dim is None or dim % rank != rank - 1:
         raise NoMatch("softmax is not over the last dim")
     chain = [softmax]
@@ -220,10 +188,10 @@ def _match_softmax(softmax: fx.Node) -> AttentionMatch:
         if len(users) != 1:
             raise NoMatch("the attention probabilities are used elsewhere")
         user = users[0]
-        name = _name(user)
+        name = op_name(user)
         if name in _CASTS and user.args[0] is probs:
             pass
-        elif name == "dropout" and (_arg(user, 1, "p", 0.5) == 0 or _arg(user, 2, "training", True) is False):
+        elif name == "dropout" and (node_arg(user, 1, "p", 0.5) == 0 or node_arg(user, 2, "training", True) is False):
             pass
         elif name == "matmul" and user.args[0] is probs and user.args[1] is not probs:
             av = user
@@ -239,7 +207,7 @@ def _match_softmax(softmax: fx.Node) -> AttentionMatch:
     while True:
         if not isinstance(scores, fx.Node) or len(scores.users) != 1:
             raise NoMatch("the attention scores are used elsewhere")
-        name = _name(scores)
+        name = op_name(scores)
         if name in _VIEWS:
             nodes.append(scores)
             scores = scores.args[0]
@@ -272,13 +240,13 @@ def _match_softmax(softmax: fx.Node) -> AttentionMatch:
 
 
 def _match_sdpa(sdpa: fx.Node) -> AttentionMatch:
-    q, k, v = (_arg(sdpa, i, n) for i, n in enumerate(("query", "key", "value")))
-    mask = _arg(sdpa, 3, "attn_mask")
-    if _arg(sdpa, 4, "dropout_p", 0.0) != 0.0:
+    q, k, v = (node_arg(sdpa, i, n) for i, n in enumerate(("query", "key", "value")))
+    mask = node_arg(sdpa, 3, "attn_mask")
+    if node_arg(sdpa, 4, "dropout_p", 0.0) != 0.0:
         raise NoMatch("SDPA with active dropout")
-    if _arg(sdpa, 5, "is_causal", False) or _arg(sdpa, 7, "enable_gqa", False):
+    if node_arg(sdpa, 5, "is_causal", False) or node_arg(sdpa, 7, "enable_gqa", False):
         raise NoMatch("causal or grouped-query SDPA")
-    scale = _arg(sdpa, 6, "scale")
+    scale = node_arg(sdpa, 6, "scale")
     if scale is None:
         scale = _shape(q)[-1] ** -0.5
     match = AttentionMatch(sdpa, q, k, v, False, [("mul", scale)], nodes=[sdpa], sdpa=True)
@@ -292,7 +260,7 @@ def _match_sdpa(sdpa: fx.Node) -> AttentionMatch:
 def _reaches_matmul(node: Any) -> bool:
     """Whether ``node`` is on a chain of views, factors and additions down to a matmul."""
     while isinstance(node, fx.Node):
-        name = _name(node)
+        name = op_name(node)
         if name == "matmul":
             return True
         if name == "add":
@@ -306,19 +274,19 @@ def _reaches_matmul(node: Any) -> bool:
 def _take_factor(node: fx.Node, factors: list, nodes: list) -> fx.Node:
     """Record the scalar of ``x * s``, ``s * x`` or ``x / s``; return ``x``."""
     a, b = node.args
-    if _name(node) == "mul" and _is_scalar(a) and not _is_scalar(b):
+    if op_name(node) == "mul" and _is_scalar(a) and not _is_scalar(b):
         a, b = b, a
     if not _is_scalar(b) or _is_scalar(a):
         raise NoMatch(f"{node.name} multiplies the scores by a tensor")
-    factors.append((_name(node), b))
+    factors.append((op_name(node), b))
     nodes.append(node)
     return a
 
 
 def _strip_factors(node: Any, factors: list, nodes: list) -> Any:
-    while _name(node) in ("mul", "div") and len(node.users) == 1 and len(node.args) == 2:
+    while op_name(node) in ("mul", "div") and len(node.users) == 1 and len(node.args) == 2:
         a, b = node.args
-        if not (_is_scalar(b) or (_name(node) == "mul" and _is_scalar(a))) or (_is_scalar(a) and _is_scalar(b)):
+        if not (_is_scalar(b) or (op_name(node) == "mul" and _is_scalar(a))) or (_is_scalar(a) and _is_scalar(b)):
             break
         node = _take_factor(node, factors, nodes)
     return node
@@ -326,7 +294,7 @@ def _strip_factors(node: Any, factors: list, nodes: list) -> Any:
 
 def _untranspose(k_t: fx.Node, nodes: list) -> tuple[fx.Node, bool]:
     """``k`` from ``k.transpose(-2, -1)`` or a permute that swaps the last two dims."""
-    name = _name(k_t)
+    name = op_name(k_t)
     if name in ("transpose", "permute") and len(k_t.users) == 1:
         rank = len(_shape(k_t))
         dims = [d % rank for d in (k_t.args[1:] if name == "transpose" else _dims(k_t.args[1:]))]
@@ -370,7 +338,7 @@ def _classify(term: Any, frame: tuple[int, ...], score_shape: tuple[int, ...], o
     kind = _frame(frame, score_shape)
     if kind is None:
         raise NoMatch(f"scores viewed as {frame} are not a view of {score_shape}")
-    name = _name(term)
+    name = op_name(term)
     if name == "add" and len(term.args) == 2 and all(isinstance(a, fx.Node) for a in term.args):
         for part in term.args:
             _classify(part, frame, score_shape, outer, match)
@@ -482,7 +450,7 @@ def fuse_graph_attention(graph: fx.Graph, nodes: Iterable[fx.Node] | None = None
     Returns the new nodes and the reasons for softmax/SDPA nodes left alone.
     Cores that already are plain SDPA calls are neither.
     """
-    candidates = [n for n in (graph.nodes if nodes is None else nodes) if _name(n) in ("softmax", "sdpa")]
+    candidates = [n for n in (graph.nodes if nodes is None else nodes) if op_name(n) in ("softmax", "sdpa")]
     matches, reasons = [], []
     for node in candidates:
         try:
@@ -526,7 +494,7 @@ def fuse_attention(captured: CapturedModel, config: FuseAttentionConfig, context
         for key, graph in component.graphs.items():
             for node in graph.nodes:
                 path = _site_of(node)
-                if path not in by_path or _name(node) not in ("softmax", "sdpa"):
+                if path not in by_path or op_name(node) not in ("softmax", "sdpa"):
                     continue
                 try:
                     plans[path].append((graph, match_attention(node)))

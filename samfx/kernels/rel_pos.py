@@ -17,7 +17,7 @@ mask still needs that mask. This op takes ``rel_h`` and ``rel_w`` as they are
   a softmax and a matmul with ``v``. Half-precision inputs are computed in
   float32 (the softmax accumulation stays in float32) and cast back.
 * CUDA: a flash-attention Triton kernel that adds the bias inside its loop over
-  key blocks (``rel_pos_attention_triton``); shapes it does not cover fall back
+  key blocks (``rel_pos_triton``); shapes it does not cover fall back
   to the chunked path.
 
 :func:`rel_pos_attention_reference` is the plain PyTorch oracle the tests use.
@@ -79,7 +79,7 @@ def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: floa
 
 @rel_pos_attention.register_kernel("cuda")
 def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> Tensor:
-    from . import rel_pos_attention_triton as triton_kernel
+    from . import rel_pos_triton as triton_kernel
 
     if triton_kernel.supports(q, k, v):
         q3, k3, v3, rh, rw, out_shape = _flattened(q, k, v, rel_h, rel_w)
