@@ -146,9 +146,10 @@ def cpu_memory() -> list[dict]:
 
 
 def gpu_cores(repeats: int, batches: list[int]) -> list[dict]:
+    """Each variant on each shape; a failure is recorded in the row, not fatal."""
     import triton
 
-    from samfx.kernels import rel_pos_triton as tk
+    from samfx.kernels import rel_pos_triton
 
     rows = []
     for dtype in (torch.bfloat16, torch.float16):
@@ -162,25 +163,36 @@ def gpu_cores(repeats: int, batches: list[int]) -> list[dict]:
                     fns = {
                         "eager": lambda: upstream_eager(*args),
                         "sdpa_mask": lambda: rel_pos_sdpa(*args),
-                        "triton_blockwise": lambda: tk.rel_pos_attention(*args),
-                        "sdpa_no_bias": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
+                        "triton_blockwise": lambda: rel_pos_triton.rel_pos_attention(*args),
+                        "samfx_op": lambda: rel_pos_attention(*args),
+                        "sdpa_no_bias": lambda: torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None],
+                                                                                    scale=scale)[0],
                     }
+                    group = []
                     for name, fn in fns.items():
-                        out = fn()  # warm-up, autotuning
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
-                        out = fn()
-                        torch.cuda.synchronize()
-                        peak = torch.cuda.max_memory_allocated() - base
-                        ms = triton.testing.do_bench(fn, warmup=25, rep=repeats, return_mode="median")
-                        rows.append({"model": model, "layout": layout, "batch": batch, "variant": name,
-                                     "dtype": str(dtype).replace("torch.", ""), "ms": ms, "peak_mb": peak / 2**20,
-                                     "err": _rel_err(out, ref) if name != "sdpa_no_bias" else None})
-                        del out
-                    eager = next(r["ms"] for r in rows[-4:] if r["variant"] == "eager")
-                    for r in rows[-4:]:
-                        r["speedup"] = eager / r["ms"]
+                        row = {"model": model, "layout": layout, "batch": batch, "variant": name,
+                               "dtype": str(dtype).replace("torch.", "")}
+                        try:
+                            fn()  # warm-up, autotuning
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                            base = torch.cuda.memory_allocated()
+                            out = fn()
+                            torch.cuda.synchronize()
+                            row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                            row["err"] = _rel_err(out, ref) if name != "sdpa_no_bias" else None
+                            del out
+                            row["ms"] = triton.testing.do_bench(fn, warmup=25, rep=repeats, return_mode="median")
+                        except Exception as err:  # noqa: BLE001  (recorded, the table goes on)
+                            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                            torch.cuda.empty_cache()
+                        group.append(row)
+                        print(f"  {row}", file=sys.stderr, flush=True)
+                    eager = next((r.get("ms") for r in group if r["variant"] == "eager"), None)
+                    for r in group:
+                        if eager and r.get("ms"):
+                            r["speedup"] = eager / r["ms"]
+                    rows += group
                     del args, ref
                     torch.cuda.empty_cache()
     return rows
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         env.update(device=torch.cuda.get_device_name(), triton=triton.__version__, cuda=torch.version.cuda)
         result["cores"] = gpu_cores(args.repeats, [int(b) for b in args.batches.split(",")])
         print(table(result["cores"], ["model", "layout", "batch", "dtype", "variant", "ms", "speedup", "peak_mb",
-                                      "err"]))
+                                      "err", "error"]))
         print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
               f"median of triton.testing.do_bench over {args.repeats} ms")
     out = Path(args.out or f"benchmarks/results/attention_{args.device}.json")

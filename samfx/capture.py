@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import PRESENT, ComponentSpec, TraceRecipe, class_name
@@ -100,6 +100,7 @@ class Component:
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 fake = fx.node.map_aggregate(args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
                 _ShapeRecorder(self.root, graph).run(*fake)
+        _drop_fake_cache_entries(self.root)
 
     def nodes(self) -> Iterator[tuple[GraphKey, fx.Node]]:
         for key, graph in self.graphs.items():
@@ -167,6 +168,22 @@ class Component:
 
     def key_names(self) -> tuple[str, ...]:
         return self.static_names + tuple(c.function for c in self.spec.recipe.shape_conditions)
+
+
+def _drop_fake_cache_entries(root: nn.Module) -> None:
+    """Shape propagation runs upstream code on fake tensors; caches that code
+    fills (SAM 2's sine position encoding keeps one tensor per size in a dict)
+    must not hand fake tensors to later real calls."""
+    def fake(value: Any) -> bool:
+        if isinstance(value, (tuple, list)):
+            return any(fake(v) for v in value)
+        return isinstance(value, FakeTensor)
+
+    for module in root.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict):
+                for key in [k for k, v in value.items() if fake(v)]:
+                    del value[key]
 
 
 class _ShapeRecorder(fx.Interpreter):

@@ -61,7 +61,9 @@ def rel_pos_sdpa(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, 
     large as the scores."""
     q3, k3, v3, rh, rw, out_shape = _flattened(q, k, v, rel_h, rel_w)
     mask = (rh[:, :, :, None] + rw[:, :, None, :]).flatten(2)
-    return F.scaled_dot_product_attention(q3, k3, v3, attn_mask=mask, scale=scale).reshape(out_shape)
+    # 4-d (1, G, N, C): the layout SDPA's fused GPU kernels take (3-d inputs fall back to the math path)
+    out = F.scaled_dot_product_attention(q3[None], k3[None], v3[None], attn_mask=mask[None], scale=scale)
+    return out.reshape(out_shape)
 
 
 @torch.library.custom_op("samfx::rel_pos_attention", mutates_args=())
@@ -81,7 +83,7 @@ def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: floa
 def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> Tensor:
     from . import rel_pos_triton as triton_kernel
 
-    if triton_kernel.supports(q, k, v):
+    if triton_kernel.supports(q, k, v, rel_w):
         q3, k3, v3, rh, rw, out_shape = _flattened(q, k, v, rel_h, rel_w)
         return triton_kernel.rel_pos_attention(q3, k3, v3, rh, rw, scale).reshape(out_shape)
     return _chunked(q, k, v, rel_h, rel_w, scale)

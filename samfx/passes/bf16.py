@@ -59,6 +59,10 @@ class BF16Config(PassConfig):
     dtype: str = "bfloat16"
     roles: tuple[str, ...] = ("image_encoder", "mask_decoder")
 
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PassError(f"bf16: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
 
 def _is_float_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
@@ -180,8 +184,6 @@ def hardware_note(dtype: torch.dtype) -> str:
 @register_pass("bf16", BF16Config, after=("split_qkv", "fuse_attention"))
 def bf16(captured: CapturedModel, config: BF16Config, context: PassContext) -> PassResult:
     """Cast components to bfloat16/float16 with float32 islands (norms, IoU head, PE)."""
-    if config.dtype not in DTYPES:
-        raise PassError(f"bf16: dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     low = DTYPES[config.dtype]
     details: dict[str, Any] = {"hardware": hardware_note(low)}
     skipped: list[str] = []

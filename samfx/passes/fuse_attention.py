@@ -81,6 +81,13 @@ class FuseAttentionConfig(PassConfig):
     rel_pos: str = "blockwise"
     kinds: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.rel_pos not in REL_POS_MODES:
+            raise PassError(f"fuse_attention: rel_pos must be one of {REL_POS_MODES}, got {self.rel_pos!r}")
+        unknown = set(self.kinds) - set(SITE_KINDS)
+        if unknown:
+            raise PassError(f"fuse_attention: unknown attention kinds {sorted(unknown)}; kinds are {SITE_KINDS}")
+
 
 class NoMatch(Exception):
     """A softmax or SDPA node that is not an attention core this pass can fuse."""
@@ -205,7 +212,7 @@ def _match_softmax(softmax: fx.Node) -> AttentionMatch:
     pending: list[tuple[fx.Node, fx.Node, tuple]] = []  # (term, add node, factors applied after it)
     scores = softmax.args[0]
     while True:
-        if not isinstance(scores, fx.Node) or len(scores.users) != 1:
+        if not isinstance(scores, fx.Node) or len(_value_users(scores)) != 1:
             raise NoMatch("the attention scores are used elsewhere")
         name = op_name(scores)
         if name in _VIEWS:
@@ -255,6 +262,19 @@ def _match_sdpa(sdpa: fx.Node) -> AttentionMatch:
         score_shape = (*_shape(q)[:-1], _shape(k)[-2])
         _classify(mask, score_shape, score_shape, (), match)
     return match
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """Users that read ``node``'s values, not only its shape (HF's
+    ``bias.reshape_as(scores)``, ``scores.size()``)."""
+    def shape_only(user: fx.Node) -> bool:
+        if user.op == "call_function" and user.target is getattr:
+            return user.args[1] in ("shape", "dtype", "device")
+        if user.op == "call_method" and user.target in ("size", "dim"):
+            return True
+        return user.op == "call_method" and user.target in ("view_as", "reshape_as", "expand_as") \
+            and user.args[0] is not node
+    return [u for u in node.users if not shape_only(u)]
 
 
 def _reaches_matmul(node: Any) -> bool:
@@ -474,11 +494,6 @@ def _site_of(node: fx.Node) -> str | None:
 @register_pass("fuse_attention", FuseAttentionConfig, exact=True)
 def fuse_attention(captured: CapturedModel, config: FuseAttentionConfig, context: PassContext) -> PassResult:
     """Attention cores -> SDPA / blockwise rel-pos attention (exact; segment-anything-fast)."""
-    if config.rel_pos not in REL_POS_MODES:
-        raise PassError(f"fuse_attention: rel_pos must be one of {REL_POS_MODES}, got {config.rel_pos!r}")
-    unknown = set(config.kinds) - set(SITE_KINDS)
-    if unknown:
-        raise PassError(f"fuse_attention: unknown attention kinds {sorted(unknown)}; kinds are {SITE_KINDS}")
     counts: dict[str, dict[str, int]] = {}
     skipped: list[str] = []
     for role, component in captured.components.items():

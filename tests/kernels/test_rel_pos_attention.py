@@ -91,10 +91,11 @@ def test_op_registration_is_consistent() -> None:
 
 
 _TRITON_CASES = [
-    # lead, side, d, dv, dtype, tolerance
-    ((3,), (5, 5), 8, 8, "float32", 1e-6),     # ragged blocks: 25 tokens in blocks of 16
-    ((2,), (6, 3), 20, 12, "float32", 1e-6),   # head dims padded to powers of two (ViT-H's 80 -> 128)
-    ((2,), (4, 4), 16, 32, "float16", 2e-3),
+    # lead, query map, key map, d, dv, dtype, tolerance
+    ((3,), (5, 5), (5, 5), 8, 8, "float32", 1e-6),      # 25 queries in blocks of 16, key rows of 5 padded to 16
+    ((2,), (6, 3), (6, 3), 20, 12, "float32", 1e-6),    # head dims padded to powers of two (ViT-H's 80 -> 128)
+    ((1,), (3, 20), (2, 17), 16, 16, "float32", 1e-6),  # queries and keys on different maps
+    ((2,), (4, 4), (4, 4), 16, 32, "float16", 2e-3),
     # bfloat16 dot products are not supported by Triton's CPU interpreter; the GPU
     # benchmark (benchmarks/attention.py --device cuda) checks them against float32.
 ]
@@ -104,8 +105,8 @@ import json, sys, torch
 from samfx.kernels import rel_pos_attention_reference, rel_pos_triton
 from tests.kernels.test_rel_pos_attention import _TRITON_CASES, _inputs, _rel_err
 errors = []
-for lead, side, d, dv, dtype, _ in _TRITON_CASES:
-    q, k, v, rel_h, rel_w = _inputs(lead, side, side, d, dv)
+for lead, side_q, side_k, d, dv, dtype, _ in _TRITON_CASES:
+    q, k, v, rel_h, rel_w = _inputs(lead, side_q, side_k, d, dv)
     ref = rel_pos_attention_reference(q, k, v, rel_h, rel_w, d ** -0.5)
     dtype = getattr(torch, dtype)
     out = rel_pos_triton.rel_pos_attention(*(t.to(dtype) for t in (q, k, v, rel_h, rel_w)), d ** -0.5)
@@ -124,5 +125,6 @@ def test_triton_kernel_matches_reference_in_the_interpreter() -> None:
     run = subprocess.run([sys.executable, "-c", _TRITON_CHILD], capture_output=True, text=True, env=env, cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     errors = json.loads(run.stdout.strip().splitlines()[-1])
-    for (lead, side, d, dv, dtype, tolerance), error in zip(_TRITON_CASES, errors):
-        assert error < tolerance, (lead, side, d, dv, dtype, error)
+    assert len(errors) == len(_TRITON_CASES)
+    for case, error in zip(_TRITON_CASES, errors):
+        assert error < case[-1], (case, error)
