@@ -9,7 +9,8 @@ the ``(Nq, Nk)`` scores nor a bias of that size is ever written, and the bias
 costs one add per score. A key row is padded to a power of two (``Kw`` = 64 for
 SAM's global blocks, 14 -> 16 for its windows) with masked loads; head dims up
 to 256 likewise (ViT-H's 80 runs as 128). Dtypes: float16, bfloat16 and
-float32 (IEEE dot products, no TF32).
+float32 (IEEE dot products unless ``torch.backends.cuda.matmul.allow_tf32``
+allows TF32, as for PyTorch's own matmuls).
 
 Under ``TRITON_INTERPRET=1`` the kernel runs on the CPU with one fixed block
 configuration; on a GPU ``BLOCK_M`` and the launch parameters are autotuned.
