@@ -172,10 +172,18 @@ class SamAdapter(Adapter):
             return decoder_attention_site(path, module, parent_path)
         return None
 
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        return is_score_head(path)
+
     def predictor(self, model: nn.Module) -> Predictor:
         from segment_anything import SamPredictor
 
         return UpstreamPredictor(SamPredictor(model))
+
+
+def is_score_head(path: str) -> bool:
+    """The mask decoder's IoU head (SAM, SAM-HQ, SAM 2, HF): its scores rank masks."""
+    return path.rpartition(".")[2] == "iou_prediction_head"
 
 
 class SamHQAdapter(SamAdapter):
