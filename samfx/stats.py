@@ -43,7 +43,10 @@ class ModelStats:
 
 
 def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, counting weights a module keeps in coded form
+    (``module.samfx_coded_numel()``) as the parameters they stand for."""
+    coded = sum(m.samfx_coded_numel() for m in model.modules() if callable(getattr(m, "samfx_coded_numel", None)))
+    return sum(p.numel() for p in model.parameters()) + coded
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -74,6 +77,10 @@ def _default_call(spec: ComponentSpec) -> dict[str, Any] | None:
 def component_macs(model: nn.Module, adapter: Adapter | None = None) -> dict[str, int]:
     """Multiply-accumulates of each component for the adapter's example call."""
     from torch.utils.flop_counter import FlopCounterMode  # imports triton: keep it off `import samfx`
+
+    from .kernels import register_flop_formulas
+
+    register_flop_formulas()
 
     adapter = adapter or find_adapter(model)
     macs: dict[str, int] = {}

@@ -3,8 +3,8 @@
 Example::
 
     >>> import samfx
-    >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv']
+    >>> [p.name for p in samfx.passes.list_passes()][:2]
+    ['split_qkv', 'hyper']
 """
 
 from .base import (
@@ -19,8 +19,10 @@ from .base import (
     register_pass,
 )
 from .split_qkv import SplitQKVConfig, split_qkv
+from .hyper import HyperConfig, hyper
 
 __all__ = [
+    "HyperConfig",
     "PassConfig",
     "PassContext",
     "PassError",
@@ -29,6 +31,7 @@ __all__ = [
     "PassResult",
     "SplitQKVConfig",
     "get_pass",
+    "hyper",
     "list_passes",
     "register_pass",
     "split_qkv",
