@@ -20,10 +20,18 @@ idea and changes what limits it:
   (:func:`samfx.codecs.huffman`), which costs close to the entropy of the codes
   instead of a fixed ⌈log2(U·(K+1))⌉ bits.
 * **fixed-width runtime codes.** In memory each pair is one code θ of ``bits``
-  bits (the smallest width that holds the tensor's codes), bit-packed in
-  32-bit words per row (``layout="packed"``) or one ``int16`` per pair
-  (``layout="uint16"``). Rows whose outliers would need a much wider code get a
-  coarser step, within ``range_slack`` of the tensor's target MSE.
+  bits (the smallest width that holds the tensor's codes), packed in bit
+  planes (``layout="packed"``, exactly ``bits`` bits per pair) or one ``int16``
+  per pair (``layout="uint16"``). Rows whose outliers would need a much wider
+  code get a coarser step, within ``range_slack`` of the tensor's target MSE.
+
+The packed layout splits θ into planes of 8, 4, 2 and 1 bits (the binary
+digits of ``bits``; 16 bits are two byte planes), lowest bits first. A plane of
+width ``w`` packs ``g = 8/w`` fields per byte; with the pairs of a row padded to
+a multiple of 8 (``P8``), byte ``q`` of the plane holds the fields of pairs
+``q + k·P8/g`` for ``k < g``, at bit ``w·k``. Each field is then a shift and a
+mask of a byte whose index is contiguous in ``q``, so decoding vectorises on
+CPUs and coalesces on GPUs, with no code straddling a word.
 
 Pairing: weight ``j`` of a row is paired with weight ``j + pairs`` (``pairs =
 ceil(cols/2)``), so a kernel reads the two halves of the input with two
@@ -59,7 +67,8 @@ import torch
 
 from . import TensorCodec, huffman, register_tensor_codec, unhuffman
 
-__all__ = ["A2_RMS", "LatticeCode", "SQRT3_2", "encode", "entropy_bits", "nearest_a2", "pack_codes", "unpack_codes"]
+__all__ = ["A2_RMS", "LatticeCode", "SQRT3_2", "encode", "entropy_bits", "nearest_a2", "pack_codes", "plane_widths",
+           "unpack_codes"]
 
 SQRT3_2 = math.sqrt(3.0) / 2
 #: Per-coordinate RMS quantization error of A2 with unit minimum distance: √(G·V) = √(5/72).
@@ -72,9 +81,8 @@ class LatticeCode:
     """A tensor viewed as ``rows x cols``, coded pairwise on the hexagonal lattice.
 
     Attributes:
-        codes: ``int32 [rows, ceil(pairs*bits/32)]`` bit-packed codes, LSB first,
-            each row starting on a word (``packed``), or ``int16 [rows, pairs]``
-            holding θ's 16 bits (``uint16``).
+        codes: ``uint8 [rows, P8*bits/8]`` bit planes (``packed``), or
+            ``int16 [rows, pairs]`` holding θ's 16 bits (``uint16``).
         row_params: ``bfloat16 [rows, 2]``: each row's step and centre.
         cols: weights per row.
         bits: width of one pair's code.
@@ -102,7 +110,7 @@ class LatticeCode:
 
     @property
     def layout(self) -> str:
-        return "uint16" if self.codes.dtype == torch.int16 else "packed"
+        return layout_of(self.codes)
 
     def meta(self) -> dict[str, Any]:
         """The integers a decoder needs besides the tensors (JSON-serialisable)."""
@@ -255,9 +263,23 @@ def encode(
     return LatticeCode(codes, row_params, cols, bits, nx, i0, j0, tuple(weight.shape))
 
 
-def _word_positions(pairs: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    offset = torch.arange(pairs, dtype=torch.int64) * bits
-    return offset // 32, offset % 32
+def layout_of(codes: torch.Tensor) -> str:
+    return "uint16" if codes.dtype == torch.int16 else "packed"
+
+
+def plane_widths(bits: int) -> list[int]:
+    """Widths of the bit planes of ``bits``-bit codes, lowest bits first."""
+    return [8] * (bits // 8) + [w for w in (4, 2, 1) if bits % 8 & w]
+
+
+def padded_pairs(pairs: int) -> int:
+    return -(-pairs // 8) * 8
+
+
+def code_shape(rows: int, cols: int, bits: int, layout: str) -> tuple[int, int]:
+    """Shape of the runtime codes of a ``rows x cols`` tensor."""
+    pairs = (cols + 1) // 2
+    return (rows, pairs) if layout == "uint16" else (rows, padded_pairs(pairs) * bits // 8)
 
 
 def pack_codes(theta: torch.Tensor, bits: int, layout: str = "packed") -> torch.Tensor:
@@ -265,13 +287,16 @@ def pack_codes(theta: torch.Tensor, bits: int, layout: str = "packed") -> torch.
     if layout == "uint16":
         return theta.to(torch.int32).to(torch.int16)  # keeps the low 16 bits
     rows, pairs = theta.shape
-    words = -(-pairs * bits // 32)
-    word, shift = _word_positions(pairs, bits)
-    out = torch.zeros(rows, words + 1, dtype=torch.int64)
-    out.scatter_add_(1, word.expand(rows, -1), (theta << shift) & 0xFFFFFFFF)
-    out.scatter_add_(1, (word + 1).expand(rows, -1), theta >> (32 - shift))
-    # Deliberate wrap-around: int32 holds the 32 bits of each word.
-    return out[:, :words].to(torch.int32)
+    full = torch.zeros(rows, padded_pairs(pairs), dtype=torch.int64)
+    full[:, :pairs] = theta
+    planes, low = [], 0
+    for width in plane_widths(bits):
+        fields = (full >> low) & ((1 << width) - 1)
+        per_byte = 8 // width
+        chunks = fields.reshape(rows, per_byte, -1)
+        planes.append(sum(chunks[:, k] << (width * k) for k in range(per_byte)))
+        low += width
+    return torch.cat(planes, 1).to(torch.uint8)
 
 
 def unpack_codes(codes: torch.Tensor, pairs: int, bits: int) -> torch.Tensor:
@@ -282,14 +307,17 @@ def unpack_codes(codes: torch.Tensor, pairs: int, bits: int) -> torch.Tensor:
     """
     if codes.dtype == torch.int16:
         return codes.long() % 65536
-    rows = codes.shape[0]
-    words = codes.long() % (1 << 32)
-    words = torch.cat([words, torch.zeros(rows, 1, dtype=torch.int64, device=codes.device)], 1)
-    word, shift = (t.to(codes.device) for t in _word_positions(pairs, bits))
-    low = words.index_select(1, word) // (2 ** shift)
-    high_bits = torch.clamp(shift + bits - 32, min=0)
-    high = (words.index_select(1, word + 1) % (2 ** high_bits)) * (2 ** (32 - shift))
-    return (low + high) % (1 << bits)
+    theta = torch.zeros(codes.shape[0], padded_pairs(pairs), dtype=torch.int64, device=codes.device)
+    start = low = 0
+    for width in plane_widths(bits):
+        per_byte = 8 // width
+        size = padded_pairs(pairs) // per_byte
+        plane = codes[:, start:start + size].long()
+        fields = [(plane // 2 ** (width * k)) % 2 ** width for k in range(per_byte)]
+        theta = theta + torch.cat(fields, 1) * 2 ** low
+        start += size
+        low += width
+    return theta[:, :pairs]
 
 
 def decode_rows(codes: torch.Tensor, row_params: torch.Tensor, cols: int, bits: int, nx: int, i0: int, j0: int) -> torch.Tensor:
@@ -308,12 +336,14 @@ def decode_rows(codes: torch.Tensor, row_params: torch.Tensor, cols: int, bits: 
 def entropy_bits(code: LatticeCode) -> float:
     """Zeroth-order entropy of the two coordinate streams, in bits (a lower bound
     on what the checkpoint's Huffman coding reaches)."""
-    theta = code.theta()
+    from ..kernels import hyper_cpu
+
+    theta = hyper_cpu.theta(code.codes.cpu(), code.pairs, code.bits).numpy().ravel()
     total = 0.0
     for plane in (theta % code.nx, theta // code.nx):
-        _, counts = torch.unique(plane, return_counts=True)
-        p = counts.double() / counts.sum()
-        total -= float((p * p.log2()).sum()) * plane.numel()
+        counts = np.bincount(plane)
+        p = counts[counts > 0] / plane.size
+        total -= float((p * np.log2(p)).sum()) * plane.size
     return total
 
 

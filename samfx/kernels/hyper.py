@@ -38,7 +38,7 @@ def decode(codes: torch.Tensor, row_params: torch.Tensor, cols: int, bits: int, 
     if codes.device.type == "cpu":
         from . import hyper_cpu
 
-        return hyper_cpu.decode(codes, row_params, cols, bits, nx, i0, j0)
+        return hyper_cpu.decode(hyper_cpu.prepare(codes, row_params, bits), cols, nx, i0, j0)
     if codes.device.type == "cuda":
         from . import hyper_triton
 
@@ -57,17 +57,17 @@ def linear(x: torch.Tensor, codes: torch.Tensor, row_params: torch.Tensor, bias:
     """``x @ W.T + bias`` for ``x`` of shape ``[..., cols]``, ``W`` given by lattice codes."""
     if x.shape[-1] != cols:
         raise ValueError(f"hyper_linear expects inputs with {cols} features, got shape {tuple(x.shape)}")
+    if x.device.type == "cpu":
+        from . import hyper_cpu
+
+        return hyper_cpu.linear(x, hyper_cpu.prepare(codes, row_params, bits, bias), cols, nx, i0, j0, FEW_TOKENS)
     flat = x.reshape(-1, cols)
     if x.device.type == "cuda":
         from . import hyper_triton
 
         out = hyper_triton.linear(flat, codes, row_params, bias, cols, bits, nx, i0, j0)
-    elif x.device.type == "cpu" and x.dtype == torch.float32 and flat.shape[0] <= FEW_TOKENS:
-        from . import hyper_cpu
-
-        out = hyper_cpu.linear_few(flat, codes, row_params, bias, cols, bits, nx, i0, j0)
     else:
-        weight = decode(codes, row_params, cols, bits, nx, i0, j0).to(x.dtype)
+        weight = decode_rows(codes, row_params, cols, bits, nx, i0, j0).to(x.dtype)
         out = F.linear(flat, weight, bias.to(x.dtype) if bias is not None else None)
     return out.reshape(*x.shape[:-1], codes.shape[0])
 

@@ -21,6 +21,7 @@ check every kernel against them.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -32,75 +33,141 @@ SQRT3_2 = SQRT3 / 2
 _JIT = {"nogil": True, "cache": True}
 
 
-def threads() -> int:
+_THREADS = [0]
+
+
+def threads() -> None:
     """Use as many threads as torch does (the benchmarks pin both)."""
     count = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(count)
-    return count
+    if count != _THREADS[0]:
+        numba.set_num_threads(count)
+        _THREADS[0] = count
 
 
 @numba.njit(inline="always", **_JIT)
-def _theta(codes, r, p, bits, mask, packed):
-    if packed:
-        offset = p * bits
-        word = offset >> 5
-        shift = offset & 31
-        value = np.int64(codes[r, word])
-        if shift + bits > 32:
-            value |= np.int64(codes[r, word + 1]) << 32
-        return (value >> shift) & mask
-    return np.int64(codes[r, p]) & 0xFFFF
+def _plane(codes, r, start, count, width, low, acc):
+    """OR one bit plane's fields, shifted to bit ``low``, into the row's codes.
+    Each width has its own loop so that a byte's fields are unrolled and the loop
+    over bytes vectorises."""
+    if width == 8:
+        for q in range(count):
+            acc[q] |= np.int32(codes[r, start + q]) << low
+    elif width == 4:
+        for q in range(count):
+            byte = np.int32(codes[r, start + q])
+            acc[q] |= (byte & 15) << low
+            acc[q + count] |= (byte >> 4) << low
+    elif width == 2:
+        for q in range(count):
+            byte = np.int32(codes[r, start + q])
+            acc[q] |= (byte & 3) << low
+            acc[q + count] |= ((byte >> 2) & 3) << low
+            acc[q + 2 * count] |= ((byte >> 4) & 3) << low
+            acc[q + 3 * count] |= (byte >> 6) << low
+    else:
+        for q in range(count):
+            byte = np.int32(codes[r, start + q])
+            for k in range(8):
+                acc[q + k * count] |= ((byte >> k) & 1) << low
 
 
 @numba.njit(inline="always", **_JIT)
-def _pair(theta, nx, inv_nx, i0, j0):
-    # exact for theta < 2**21: (theta + 0.5)/nx is at least 0.5/nx away from an integer
-    ju = np.int64((np.float32(theta) + np.float32(0.5)) * inv_nx)
-    iu = theta - ju * nx
-    x = np.float32(iu + i0) + np.float32(0.5) * np.float32(ju & 1)
-    y = np.float32(ju + j0) * np.float32(SQRT3_2)
-    return x, y
-
-
-@numba.njit(parallel=True, **_JIT)
-def _decode(codes, packed, bits, cols, nx, i0, j0, step, center, out):
-    rows = out.shape[0]
-    pairs = (cols + 1) // 2
-    mask = (np.int64(1) << bits) - 1
-    inv_nx = np.float32(1.0) / np.float32(nx)
-    for r in numba.prange(rows):
-        d = step[r]
-        c = center[r]
+def _row_theta(codes, r, packed, widths, pairs, acc, theta):
+    """Pair codes of row ``r`` into ``theta`` (float32, exact below 2**24);
+    ``acc`` is int32 scratch of the padded row length."""
+    if not packed:
         for p in range(pairs):
-            x, y = _pair(_theta(codes, r, p, bits, mask, packed), nx, inv_nx, i0, j0)
-            out[r, p] = x * d + c
-            if p + pairs < cols:
-                out[r, p + pairs] = y * d + c
+            theta[p] = np.float32(np.uint16(codes[r, p]))
+        return
+    size = theta.shape[0]  # pairs padded to a multiple of 8
+    acc[:] = 0
+    start = 0
+    low = 0
+    for width in widths:
+        count = size * width // 8
+        _plane(codes, r, start, count, width, low, acc)
+        start += count
+        low += width
+    for p in range(pairs):
+        theta[p] = np.float32(acc[p])
+
+
+@numba.njit(inline="always", **_JIT)
+def _row_decode(theta, pairs, cols, nx, i0, j0, step, center, out):
+    """Dense weights of one row from its pair codes (see samfx.codecs.lattice)."""
+    inv_nx = np.float32(1.0) / np.float32(nx)
+    nxf = np.float32(nx)
+    i0f = np.float32(i0)
+    j0f = np.float32(j0)
+    for p in range(pairs):
+        ju = np.floor((theta[p] + np.float32(0.5)) * inv_nx)
+        half = ju * np.float32(0.5)
+        x = theta[p] - ju * nxf + i0f + (half - np.floor(half))
+        out[p] = x * step + center
+    for p in range(cols - pairs):
+        ju = np.floor((theta[p] + np.float32(0.5)) * inv_nx)
+        out[p + pairs] = (ju + j0f) * np.float32(SQRT3_2) * step + center
+
+
+@numba.njit(inline="always", fastmath=True, **_JIT)
+def _decode_rows(first, last, codes, packed, widths, cols, nx, i0, j0, step, center, out):
+    pairs = (cols + 1) // 2
+    theta = np.empty(-(-pairs // 8) * 8, np.float32)
+    acc = np.empty(theta.shape[0], np.int32)
+    for r in range(first, last):
+        _row_theta(codes, r, packed, widths, pairs, acc, theta)
+        _row_decode(theta, pairs, cols, nx, i0, j0, step[r], center[r], out[r])
+
+
+@numba.njit(inline="always", fastmath=True, **_JIT)
+def _linear_rows(first, last, x, codes, packed, widths, cols, nx, i0, j0, step, center, bias, has_bias, out):
+    pairs = (cols + 1) // 2
+    theta = np.empty(-(-pairs // 8) * 8, np.float32)
+    acc = np.empty(theta.shape[0], np.int32)
+    weight = np.empty(cols, np.float32)
+    for r in range(first, last):
+        _row_theta(codes, r, packed, widths, pairs, acc, theta)
+        _row_decode(theta, pairs, cols, nx, i0, j0, step[r], center[r], weight)
+        for t in range(x.shape[0]):
+            total = np.float32(0.0)
+            for k in range(cols):
+                total += weight[k] * x[t, k]
+            out[t, r] = total + bias[r] if has_bias else total
+
+
+# Small layers run serially: waking the thread pool costs more than they do.
+@numba.njit(fastmath=True, **_JIT)
+def _decode_serial(codes, packed, widths, cols, nx, i0, j0, step, center, out):
+    _decode_rows(0, out.shape[0], codes, packed, widths, cols, nx, i0, j0, step, center, out)
 
 
 @numba.njit(parallel=True, fastmath=True, **_JIT)
-def _linear_few(x, codes, packed, bits, cols, nx, i0, j0, step, center, bias, has_bias, out):
-    tokens = x.shape[0]
-    rows = out.shape[1]
-    pairs = (cols + 1) // 2
-    mask = (np.int64(1) << bits) - 1
-    inv_nx = np.float32(1.0) / np.float32(nx)
+def _decode_parallel(codes, packed, widths, cols, nx, i0, j0, step, center, out):
+    rows = out.shape[0]
     chunks = min(rows, 64)
     for chunk in numba.prange(chunks):
-        buf = np.empty(cols, np.float32)
-        for r in range(chunk * rows // chunks, (chunk + 1) * rows // chunks):
-            d = step[r]
-            c = center[r]
-            for p in range(pairs):
-                a, b = _pair(_theta(codes, r, p, bits, mask, packed), nx, inv_nx, i0, j0)
-                buf[p] = a * d + c
-                if p + pairs < cols:
-                    buf[p + pairs] = b * d + c
-            for t in range(tokens):
-                acc = np.float32(0.0)
-                for k in range(cols):
-                    acc += buf[k] * x[t, k]
-                out[t, r] = acc + bias[r] if has_bias else acc
+        _decode_rows(chunk * rows // chunks, (chunk + 1) * rows // chunks, codes, packed, widths, cols, nx, i0, j0,
+                     step, center, out)
+
+
+@numba.njit(fastmath=True, **_JIT)
+def _linear_serial(x, codes, packed, widths, cols, nx, i0, j0, step, center, bias, has_bias, out):
+    _linear_rows(0, out.shape[1], x, codes, packed, widths, cols, nx, i0, j0, step, center, bias, has_bias, out)
+
+
+@numba.njit(parallel=True, fastmath=True, **_JIT)
+def _linear_parallel(x, codes, packed, widths, cols, nx, i0, j0, step, center, bias, has_bias, out):
+    rows = out.shape[1]
+    chunks = min(rows, 64)
+    for chunk in numba.prange(chunks):
+        _linear_rows(chunk * rows // chunks, (chunk + 1) * rows // chunks, x, codes, packed, widths, cols, nx, i0, j0,
+                     step, center, bias, has_bias, out)
+
+
+_DECODE = {False: _decode_serial, True: _decode_parallel}
+_LINEAR_FEW = {False: _linear_serial, True: _linear_parallel}
+#: Layers with fewer weights than this run on one thread.
+PARALLEL_MIN = 1 << 16
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -158,42 +225,63 @@ def _quantize(w, center, inv_step, cols, pairs, i_out, j_out, bounds):
 
 
 @numba.njit(parallel=True, **_JIT)
-def _pack(i, j, i0, j0, nx, bits, out):
+def _pack(i, j, i0, j0, nx, widths, out):
     rows, pairs = i.shape
+    size = -(-pairs // 8) * 8
     for r in numba.prange(rows):
-        acc = np.int64(0)
-        filled = 0
-        word = 0
-        for p in range(pairs):
-            acc |= (np.int64(i[r, p] - i0) + np.int64(nx) * np.int64(j[r, p] - j0)) << filled
-            filled += bits
-            if filled >= 32:
-                out[r, word] = np.uint32(acc & 0xFFFFFFFF)
-                word += 1
-                acc >>= 32
-                filled -= 32
-        if filled > 0:
-            out[r, word] = np.uint32(acc & 0xFFFFFFFF)
+        start = 0
+        low = 0
+        for width in widths:
+            per_byte = 8 // width
+            count = size // per_byte
+            mask = (1 << width) - 1
+            for q in range(count):
+                byte = 0
+                for k in range(per_byte):
+                    p = q + k * count
+                    if p < pairs:
+                        theta = (np.int64(i[r, p]) - i0) + nx * (np.int64(j[r, p]) - j0)
+                        byte |= ((theta >> low) & mask) << (width * k)
+                out[r, start + q] = byte
+            start += count
+            low += width
 
 
 @numba.njit(parallel=True, **_JIT)
-def _unpack(codes, packed, bits, out):
+def _unpack(codes, packed, widths, out):
     rows, pairs = out.shape
-    mask = (np.int64(1) << bits) - 1
     for r in numba.prange(rows):
+        theta = np.empty(-(-pairs // 8) * 8, np.float32)
+        acc = np.empty(theta.shape[0], np.int32)
+        _row_theta(codes, r, packed, widths, pairs, acc, theta)
         for p in range(pairs):
-            out[r, p] = _theta(codes, r, p, bits, mask, packed)
+            out[r, p] = np.int32(theta[p])
 
 
-def _codes_view(codes: torch.Tensor) -> tuple[np.ndarray, bool]:
-    packed = codes.dtype == torch.int32
-    array = codes.contiguous().numpy()
-    return (array.view(np.uint32) if packed else array), packed
+class Prepared(NamedTuple):
+    """A layer's codes as the kernels take them (numpy views, float32 row parameters)."""
+
+    codes: np.ndarray
+    packed: bool
+    widths: np.ndarray
+    step: np.ndarray
+    center: np.ndarray
+    bias: np.ndarray | None
+
+    @property
+    def parallel(self) -> bool:
+        return self.codes.size * 8 >= PARALLEL_MIN  # a byte holds at least one weight's bits
 
 
-def _row_params(row_params: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def prepare(codes: torch.Tensor, row_params: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> Prepared:
+    from ..codecs.lattice import layout_of, plane_widths
+
+    packed = layout_of(codes) == "packed"
     params = row_params.float().numpy()
-    return np.ascontiguousarray(params[:, 0]), np.ascontiguousarray(params[:, 1])
+    return Prepared(codes.contiguous().numpy(), packed,
+                    np.array(plane_widths(bits) if packed else [16], dtype=np.int64),
+                    np.ascontiguousarray(params[:, 0]), np.ascontiguousarray(params[:, 1]),
+                    None if bias is None else bias.detach().float().contiguous().numpy())
 
 
 def row_stats(w: torch.Tensor) -> torch.Tensor:
@@ -225,42 +313,57 @@ def quantize(w: torch.Tensor, center: torch.Tensor, inv_step: torch.Tensor) -> t
 
 
 def pack(i: torch.Tensor, j: torch.Tensor, i0: int, j0: int, nx: int, bits: int) -> torch.Tensor:
-    """Bit-packed runtime codes ``int32 [rows, words]`` from lattice coordinates."""
+    """Bit-plane runtime codes from lattice coordinates (``theta = i - i0 + nx*(j - j0)``)."""
+    from ..codecs.lattice import code_shape, plane_widths
+
     threads()
     rows, pairs = i.shape
-    out = torch.zeros(rows, -(-pairs * bits // 32), dtype=torch.int32)
-    _pack(i.numpy(), j.numpy(), i0, j0, nx, bits, out.numpy().view(np.uint32))
+    out = torch.empty(code_shape(rows, 2 * pairs, bits, "packed"), dtype=torch.uint8)
+    _pack(i.numpy(), j.numpy(), i0, j0, nx, np.array(plane_widths(bits), dtype=np.int64), out.numpy())
     return out
 
 
 def theta(codes: torch.Tensor, pairs: int, bits: int) -> torch.Tensor:
     """Pair codes ``int32 [rows, pairs]`` from either runtime layout."""
     threads()
-    array, packed = _codes_view(codes)
+    prepared = prepare(codes, torch.zeros(codes.shape[0], 2), bits)
     out = torch.empty(codes.shape[0], pairs, dtype=torch.int32)
-    _unpack(array, packed, bits, out.numpy())
+    _unpack(prepared.codes, prepared.packed, prepared.widths, out.numpy())
     return out
 
 
-def decode(codes: torch.Tensor, row_params: torch.Tensor, cols: int, bits: int, nx: int, i0: int, j0: int) -> torch.Tensor:
-    """Dense ``float32 [rows, cols]`` weights from runtime codes."""
-    threads()
-    array, packed = _codes_view(codes)
-    step, center = _row_params(row_params)
-    out = torch.empty(codes.shape[0], cols, dtype=torch.float32)
-    _decode(array, packed, bits, cols, nx, i0, j0, step, center, out.numpy())
+def decode(prepared: Prepared, cols: int, nx: int, i0: int, j0: int) -> torch.Tensor:
+    """Dense ``float32 [rows, cols]`` weights."""
+    if prepared.parallel:
+        threads()
+    out = torch.empty(prepared.codes.shape[0], cols, dtype=torch.float32)
+    _DECODE[prepared.parallel](prepared.codes, prepared.packed, prepared.widths, cols, nx, i0, j0, prepared.step,
+                               prepared.center, out.numpy())
     return out
 
 
-def linear_few(x: torch.Tensor, codes: torch.Tensor, row_params: torch.Tensor, bias: torch.Tensor | None,
-               cols: int, bits: int, nx: int, i0: int, j0: int) -> torch.Tensor:
-    """``x @ W.T + bias`` for ``x`` of shape ``[tokens, cols]`` (float32), decoding ``W`` row by row."""
-    threads()
-    array, packed = _codes_view(codes)
-    step, center = _row_params(row_params)
-    rows = codes.shape[0]
-    out = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    bias_array = bias.detach().float().contiguous().numpy() if bias is not None else np.zeros(1, np.float32)
-    _linear_few(x.contiguous().numpy(), array, packed, bits, cols, nx, i0, j0, step, center, bias_array,
-                bias is not None, out.numpy())
-    return out
+_NO_BIAS = np.zeros(1, np.float32)
+
+
+def linear(x: torch.Tensor, prepared: Prepared, cols: int, nx: int, i0: int, j0: int,
+           few_tokens: int = 16) -> torch.Tensor:
+    """``x @ W.T + bias`` for ``x`` of shape ``[..., cols]`` (``bias`` from ``prepared``).
+
+    Up to ``few_tokens`` float32 tokens are multiplied row by row as the rows are
+    decoded; more tokens decode the layer once and run one GEMM.
+    """
+    flat = x.reshape(-1, cols)
+    rows = prepared.codes.shape[0]
+    if x.dtype != torch.float32 or flat.shape[0] > few_tokens:
+        weight = decode(prepared, cols, nx, i0, j0).to(x.dtype)
+        bias = None if prepared.bias is None else torch.from_numpy(prepared.bias).to(x.dtype)
+        out = torch.nn.functional.linear(flat, weight, bias)
+    else:
+        if prepared.parallel:
+            threads()
+        out = torch.empty(flat.shape[0], rows, dtype=torch.float32)
+        has_bias = prepared.bias is not None
+        _LINEAR_FEW[prepared.parallel](flat.contiguous().numpy(), prepared.codes, prepared.packed, prepared.widths,
+                                       cols, nx, i0, j0, prepared.step, prepared.center,
+                                       prepared.bias if has_bias else _NO_BIAS, has_bias, out.numpy())
+    return out.reshape(*x.shape[:-1], rows)
