@@ -307,17 +307,17 @@ def unpack_codes(codes: torch.Tensor, pairs: int, bits: int) -> torch.Tensor:
     """
     if codes.dtype == torch.int16:
         return codes.long() % 65536
-    theta = torch.zeros(codes.shape[0], padded_pairs(pairs), dtype=torch.int64, device=codes.device)
+    parts = []
     start = low = 0
     for width in plane_widths(bits):
         per_byte = 8 // width
         size = padded_pairs(pairs) // per_byte
         plane = codes[:, start:start + size].long()
         fields = [(plane // 2 ** (width * k)) % 2 ** width for k in range(per_byte)]
-        theta = theta + torch.cat(fields, 1) * 2 ** low
+        parts.append(torch.cat(fields, 1) * 2 ** low)
         start += size
         low += width
-    return theta[:, :pairs]
+    return sum(parts[1:], parts[0])[:, :pairs]
 
 
 def decode_rows(codes: torch.Tensor, row_params: torch.Tensor, cols: int, bits: int, nx: int, i0: int, j0: int) -> torch.Tensor:

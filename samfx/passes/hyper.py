@@ -210,8 +210,10 @@ class HyperConv(HyperCoded):
     def __init__(self, code: LatticeCode, conv: nn.Conv2d | nn.ConvTranspose2d) -> None:
         super().__init__(code)
         self.transposed = isinstance(conv, nn.ConvTranspose2d)
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.output_padding = conv.output_padding
+        # the attributes upstream code reads from a convolution
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "output_padding", "padding_mode"):
+            setattr(self, name, getattr(conv, name))
         self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False) if conv.bias is not None else None
 
     @property
