@@ -48,6 +48,10 @@ CASES = [
     Case("lite_medsam", ("split_qkv",)),
     Case("sam_vit_b", ("split_qkv",), images=("coins",)),
     Case("sam2.1_hiera_b+", ("split_qkv",), images=("coins",)),
+    # hyper: ratios, errors and Birkhoff's codec side by side are in benchmarks/hyper_codec.py
+    Case("lite_medsam", ("hyper",)),
+    Case("sam_vit_b", ("hyper",), images=("coins",)),
+    Case("sam2.1_hiera_b+", ("hyper",), images=("coins",)),
 ]
 
 
@@ -101,7 +105,8 @@ def run_case(case: Case, repeats: int, fidelity: bool) -> dict:
         # Ground truth only says something about a model with trained weights.
         trained = samfx.models.spec(case.model).pretrained
         row["fidelity"] = {"images": f.images, "prompts": f.prompts, "mask_iou_mean": f.mask_iou_mean,
-                           "mask_iou_min": f.mask_iou_min, "embedding_cosine_min": f.embedding_cosine_min,
+                           "mask_iou_min": f.mask_iou_min, "box_mask_iou_mean": f.box_mask_iou_mean,
+                           "embedding_cosine_min": f.embedding_cosine_min,
                            "iou_pred_error_max": f.iou_pred_error_max,
                            "gt_miou": [f.gt_miou_original, f.gt_miou_optimized] if trained else [None, None]}
     return row
