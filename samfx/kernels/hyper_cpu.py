@@ -166,8 +166,9 @@ def _linear_parallel(x, codes, packed, widths, cols, nx, i0, j0, step, center, b
 
 _DECODE = {False: _decode_serial, True: _decode_parallel}
 _LINEAR_FEW = {False: _linear_serial, True: _linear_parallel}
-#: Layers with fewer weights than this run on one thread.
-PARALLEL_MIN = 1 << 16
+#: Layers with fewer weights than this run on one thread (a quarter of a
+#: millisecond of decoding, which waking the other threads would not repay).
+PARALLEL_MIN = 1 << 18
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -267,10 +268,11 @@ class Prepared(NamedTuple):
     step: np.ndarray
     center: np.ndarray
     bias: np.ndarray | None
+    weights: int
 
     @property
     def parallel(self) -> bool:
-        return self.codes.size * 8 >= PARALLEL_MIN  # a byte holds at least one weight's bits
+        return self.weights >= PARALLEL_MIN
 
 
 def prepare(codes: torch.Tensor, row_params: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> Prepared:
@@ -278,10 +280,11 @@ def prepare(codes: torch.Tensor, row_params: torch.Tensor, bits: int, bias: torc
 
     packed = layout_of(codes) == "packed"
     params = row_params.float().numpy()
+    pairs = codes.shape[1] * 8 // bits if packed else codes.shape[1]
     return Prepared(codes.contiguous().numpy(), packed,
                     np.array(plane_widths(bits) if packed else [16], dtype=np.int64),
                     np.ascontiguousarray(params[:, 0]), np.ascontiguousarray(params[:, 1]),
-                    None if bias is None else bias.detach().float().contiguous().numpy())
+                    None if bias is None else bias.detach().float().contiguous().numpy(), 2 * codes.shape[0] * pairs)
 
 
 def row_stats(w: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,7 @@ def _eager_cpu(tensor: torch.Tensor) -> bool:
 
 
 _CPU: list[Any] = []
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cpu_kernels() -> Any:
@@ -150,13 +152,14 @@ class HyperCoded(nn.Module):
         return self.codes, self.row_params, self.cols, self.bits, self.nx, self.i0, self.j0
 
     def _prepared(self) -> Any:
-        """The CPU kernels' view of the codes, rebuilt when a tensor is replaced or changed."""
+        """The CPU kernels' view of the codes, rebuilt when a tensor is replaced or
+        changed (kept outside the module, so copies of the module do not carry it)."""
         tensors = (self._buffers["codes"], self._buffers["row_params"], self._parameters.get("bias"))
         key = tuple((id(t), t._version) for t in tensors if t is not None)
-        cached = self.__dict__.get("_samfx_prepared")
+        cached = _PREPARED.get(self)
         if cached is None or cached[0] != key:
             cached = (key, _cpu_kernels().prepare(*tensors[:2], self.bits, tensors[2]))
-            self.__dict__["_samfx_prepared"] = cached
+            _PREPARED[self] = cached
         return cached[1]
 
     def decode(self) -> torch.Tensor:
