@@ -53,6 +53,10 @@ CASES = [
     Case("sam_vit_b", ("fuse_attention",), images=("coins",)),
     Case("sam_vit_b", ("fuse_attention", "bf16"), images=("coins",)),
     Case("sam_vit_h", ("fuse_attention",), images=("coins",)),
+    # hyper: ratios, errors and Birkhoff's codec side by side are in benchmarks/hyper_codec.py
+    Case("lite_medsam", ("hyper",)),
+    Case("sam_vit_b", ("hyper",), images=("coins",)),
+    Case("sam2.1_hiera_b+", ("hyper",), images=("coins",)),
 ]
 
 
@@ -106,7 +110,8 @@ def run_case(case: Case, repeats: int, fidelity: bool) -> dict:
         # Ground truth only says something about a model with trained weights.
         trained = samfx.models.spec(case.model).pretrained
         row["fidelity"] = {"images": f.images, "prompts": f.prompts, "mask_iou_mean": f.mask_iou_mean,
-                           "mask_iou_min": f.mask_iou_min, "embedding_cosine_min": f.embedding_cosine_min,
+                           "mask_iou_min": f.mask_iou_min, "box_mask_iou_mean": f.box_mask_iou_mean,
+                           "embedding_cosine_min": f.embedding_cosine_min,
                            "iou_pred_error_max": f.iou_pred_error_max,
                            "gt_miou": [f.gt_miou_original, f.gt_miou_optimized] if trained else [None, None]}
     return row

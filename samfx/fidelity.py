@@ -5,7 +5,8 @@ Both models run through their family's predictor (``SamPredictor``,
 what a user would see:
 
 * mask IoU between the original's and the optimized model's masks, per prompt
-  and per output mask (mean and worst);
+  and per output mask (mean and worst), and for box prompts alone (SAM's
+  single-mask answer to the least ambiguous prompt);
 * absolute error of the predicted IoU scores;
 * cosine similarity of the image embeddings;
 * where the image has ground truth (``coins``), box-prompt mIoU of each model

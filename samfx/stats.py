@@ -44,7 +44,10 @@ class ModelStats:
 
 
 def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, counting weights a module keeps in coded form
+    (``module.samfx_coded_numel()``) as the parameters they stand for."""
+    coded = sum(m.samfx_coded_numel() for m in model.modules() if callable(getattr(m, "samfx_coded_numel", None)))
+    return sum(p.numel() for p in model.parameters()) + coded
 
 
 def weight_bytes(model: nn.Module) -> int:

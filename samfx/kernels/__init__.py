@@ -1,8 +1,9 @@
 """Custom ops that passes rewrite graphs to, each with a plain-PyTorch reference.
 
-Importing this package registers the ops with ``torch.library`` (so that
-``torch.compile`` and ``torch.export`` see through them); Triton kernels load
-only when an op first runs on a GPU.
+Importing this package registers the attention op with ``torch.library`` (so
+that ``torch.compile`` and ``torch.export`` see through it); other ops register
+when their module is imported. CPU (numba) and GPU (Triton) kernels load
+lazily, the first time an op runs on that device.
 
 Example::
 

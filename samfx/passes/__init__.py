@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv', 'fuse_attention', 'bf16']
+    ['split_qkv', 'fuse_attention', 'bf16', 'hyper']
 """
 
 from .base import (
@@ -21,10 +21,12 @@ from .base import (
 from .split_qkv import SplitQKVConfig, split_qkv
 from .fuse_attention import FuseAttentionConfig, fuse_attention
 from .bf16 import BF16Config, bf16
+from .hyper import HyperConfig, hyper
 
 __all__ = [
     "BF16Config",
     "FuseAttentionConfig",
+    "HyperConfig",
     "PassConfig",
     "PassContext",
     "PassError",
@@ -33,6 +35,7 @@ __all__ = [
     "PassResult",
     "SplitQKVConfig",
     "get_pass",
+    "hyper",
     "list_passes",
     "register_pass",
     "bf16",
