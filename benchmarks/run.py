@@ -61,6 +61,15 @@ CASES = [
     Case("lite_medsam", ("split_qkv",)),
     Case("sam_vit_b", ("split_qkv",), images=("coins",)),
     Case("sam2.1_hiera_b+", ("split_qkv",), images=("coins",)),
+    Case("lite_medsam", ("fuse_attention",)),
+    Case("lite_medsam", ("fuse_attention", "bf16")),
+    Case("sam_vit_b", ("fuse_attention",), images=("coins",)),
+    Case("sam_vit_b", ("fuse_attention", "bf16"), images=("coins",)),
+    Case("sam_vit_h", ("fuse_attention",), images=("coins",)),
+    # hyper: ratios, errors and Birkhoff's codec side by side are in benchmarks/hyper_codec.py
+    Case("lite_medsam", ("hyper",)),
+    Case("sam_vit_b", ("hyper",), images=("coins",)),
+    Case("sam2.1_hiera_b+", ("hyper",), images=("coins",)),
     # SlimSAM's uniform budgets on SAM ViT-B (random weights: sizes and speed only).
     # SlimSAM-50: embed 768 -> 384, head dim 64 -> 32, MLP 3072 -> 1536.
     Case("sam_vit_b", (PruneConfig(mlp=0.5, head_dims=0.5, embed=0.5),), images=(), label="prune-slimsam50"),
@@ -141,8 +150,8 @@ def run_case(case: Case, repeats: int, fidelity: bool) -> dict:
 
 def _fidelity_row(f: samfx.fidelity.FidelityReport, trained: bool) -> dict:
     return {"images": f.images, "prompts": f.prompts, "mask_iou_mean": f.mask_iou_mean,
-            "mask_iou_min": f.mask_iou_min, "embedding_cosine_min": f.embedding_cosine_min,
-            "iou_pred_error_max": f.iou_pred_error_max,
+            "mask_iou_min": f.mask_iou_min, "box_mask_iou_mean": f.box_mask_iou_mean,
+            "embedding_cosine_min": f.embedding_cosine_min, "iou_pred_error_max": f.iou_pred_error_max,
             "gt_miou": [f.gt_miou_original, f.gt_miou_optimized] if trained else [None, None]}
 
 
@@ -206,21 +215,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-fidelity", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/latest.json")
+    parser.add_argument("--everything", action="store_true", help="segment-everything cases (benchmarks/everything.py)")
+    parser.add_argument("--points-per-side", type=int, default=32, help="--everything: side of the dense grid")
+    parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/latest.json, "
+                        "or everything.json with --everything)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = [c for c in CASES if not args.case or c.name in args.case]
+    suite, run, show, note = CASES, lambda c: run_case(c, args.repeats, not args.no_fidelity), table, "latencies"
+    if args.everything:
+        import everything
+
+        suite, show, note = everything.CASES, everything.table, everything.TIMING_NOTE
+        run = lambda c: everything.run_case(c, args.repeats, args.points_per_side)  # noqa: E731
+    cases = [c for c in suite if not args.case or c.name in args.case]
     if not cases:
-        parser.error(f"no case matches {args.case}; cases: {[c.name for c in CASES]}")
+        parser.error(f"no case matches {args.case}; cases: {[c.name for c in suite]}")
     rows = []
     for case in cases:
         print(f"running {case.name} ...", file=sys.stderr, flush=True)
-        rows.append(run_case(case, args.repeats, not args.no_fidelity))
-    print(table(rows))
+        rows.append(run(case))
+    print(show(rows))
     env = environment()
     print(f"\ntorch {env['torch']}, {env['torch_threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
-          f"{env['cpu_count']} CPUs; latencies are medians of {args.repeats} interleaved runs")
-    out = Path(args.out)
+          f"{env['cpu_count']} CPUs; {note} are medians of {args.repeats} interleaved runs")
+    out = Path(args.out or f"benchmarks/results/{'everything' if args.everything else 'latest'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "repeats": args.repeats, "rows": rows}, indent=2))
     print(f"wrote {out}")

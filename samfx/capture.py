@@ -45,6 +45,7 @@ __all__ = [
     "SourcedFloat",
     "SourcedInt",
     "capture",
+    "fake_run",
     "input_check",
     "literal_source",
 ]
@@ -107,9 +108,8 @@ class Component:
             args = self.example_args(key)
             if args is None:
                 raise CaptureError(f"{self.role}: the adapter gave no example inputs to propagate shapes with")
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                fake = fx.node.map_aggregate(args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-                _ShapeRecorder(self.root, graph).run(*fake)
+            with fake_run(self.root) as fakes:
+                _ShapeRecorder(self.root, graph).run(*fakes(args))
 
     def nodes(self) -> Iterator[tuple[GraphKey, fx.Node]]:
         for key, graph in self.graphs.items():
@@ -149,19 +149,17 @@ class Component:
         self._replaced.add(target)
 
     def recompile(self) -> None:
-        """Lint the graphs and regenerate the code ``forward`` runs."""
-        for graph in self.graphs.values():
+        """Lint the graphs and regenerate the code ``forward`` runs.
+
+        Code is generated here, not on first call, so that ``torch.compile``
+        tracing the captured ``forward`` never meets code generation.
+        """
+        self._compiled = {}
+        for key, graph in self.graphs.items():
             graph.lint()
-        self._compiled.clear()
+            self._compiled[key] = _compile_graph(graph, f"{self.role}{list(key) if key else ''}")
 
     # -- execution ------------------------------------------------------------
-    def code(self, key: GraphKey) -> Callable[..., Any]:
-        fn = self._compiled.get(key)
-        if fn is None:
-            fn = _compile_graph(self.graphs[key], f"{self.role}{list(key) if key else ''}")
-            self._compiled[key] = fn
-        return fn
-
     def key_for(self, bound: inspect.BoundArguments) -> GraphKey:
         """The graph key of a call: static argument values, then shape conditions."""
         key = []
@@ -177,6 +175,33 @@ class Component:
 
     def key_names(self) -> tuple[str, ...]:
         return self.static_names + tuple(c.function for c in self.spec.recipe.shape_conditions)
+
+
+@contextlib.contextmanager
+def fake_run(root: nn.Module) -> Iterator[Callable[[Any], Any]]:
+    """Fake-tensor mode for running ``root`` without computing anything.
+
+    Yields a function that turns (nested) arguments into fake tensors. Upstream
+    modules memoise tensors in plain dict attributes (SAM 2's sine position
+    encoding keeps one per feature size); entries added during the run are
+    dropped afterwards, so no fake tensor stays behind in the model.
+    """
+    caches = [
+        (value, dict(value))
+        for module in root.modules()
+        for name, value in vars(module).items()
+        if not name.startswith("_") and isinstance(value, dict)
+    ]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield lambda args: fx.node.map_aggregate(
+                args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+            )
+    finally:
+        for cache, saved in caches:
+            if cache.keys() != saved.keys():
+                cache.clear()
+                cache.update(saved)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -218,7 +243,7 @@ def _captured_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             f"captured {component.role} has no graph for {dict(zip(names, key))}; it was specialised on: {known}"
         )
     bound.apply_defaults()
-    out = component.code(key)(self, *bound.args, **bound.kwargs)
+    out = component._compiled[key](self, *bound.args, **bound.kwargs)
     wrapper = component.spec.recipe.output_wrapper
     return wrapper(out) if wrapper is not None else out
 
@@ -385,9 +410,8 @@ def _observe_input_ranks(root: nn.Module, example: dict[str, Any] | None) -> dic
 
     handles = [m.register_forward_pre_hook(record) for m in root.modules()]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            fake = fx.node.map_aggregate(example, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-            root(**fake)
+        with fake_run(root) as fakes, torch.no_grad():
+            root(**fakes(example))
     except Exception:
         # Data-dependent shapes (boolean masks in prompt code) stop a fake run;
         # the ranks recorded up to there are still right, and tracing reports
@@ -659,6 +683,7 @@ def capture(
         traced.append((root, component))
     # Install only once every component traced, so a failure leaves nothing changed.
     for root, component in traced:
+        component.recompile()
         root.__dict__["_samfx_component"] = component
         root.__class__ = _captured_class(type(root))
         components[component.role] = component

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import ComponentSpec
+from .capture import fake_run
 
 __all__ = ["ModelStats", "component_macs", "model_stats", "parameter_count", "weight_bytes"]
 
@@ -43,7 +44,10 @@ class ModelStats:
 
 
 def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, counting weights a module keeps in coded form
+    (``module.samfx_coded_numel()``) as the parameters they stand for."""
+    coded = sum(m.samfx_coded_numel() for m in model.modules() if callable(getattr(m, "samfx_coded_numel", None)))
+    return sum(p.numel() for p in model.parameters()) + coded
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -75,6 +79,10 @@ def component_macs(model: nn.Module, adapter: Adapter | None = None) -> dict[str
     """Multiply-accumulates of each component for the adapter's example call."""
     from torch.utils.flop_counter import FlopCounterMode  # imports triton: keep it off `import samfx`
 
+    from .kernels.flops import register_flop_formulas
+
+    register_flop_formulas()
+
     adapter = adapter or find_adapter(model)
     macs: dict[str, int] = {}
     for spec in adapter.components(model):
@@ -83,10 +91,8 @@ def component_macs(model: nn.Module, adapter: Adapter | None = None) -> dict[str
             continue
         root = model.get_submodule(spec.path) if spec.path else model
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-                fake = fx.node.map_aggregate(example, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-                with FlopCounterMode(display=False) as counter:
-                    root(**fake)
+            with fake_run(root) as fakes, torch.no_grad(), FlopCounterMode(display=False) as counter:
+                root(**fakes(example))
         except DynamicOutputShapeException:
             # Prompt code indexes with boolean masks; its example is tiny, run it for real
             # (impossible for a model on the meta device: then its MACs are left out).

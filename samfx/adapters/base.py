@@ -27,6 +27,7 @@ __all__ = [
     "ShapeCondition",
     "TraceRecipe",
     "class_name",
+    "is_norm",
 ]
 
 
@@ -215,6 +216,10 @@ class Predictor:
     then ``predict`` per prompt. Coordinates are in the image's own pixels (x, y).
     """
 
+    #: prompt kinds the model was trained with; box-only models (LiteMedSAM) give
+    #: empty masks for single clicks, so segment-everything warns about them.
+    trained_prompts: tuple[str, ...] = ("point", "box")
+
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""
         raise NotImplementedError
@@ -238,6 +243,34 @@ class Predictor:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(masks, scores)``: ``M x H x W`` bools and ``M`` predicted IoUs."""
         raise NotImplementedError
+
+    def predict_points(
+        self, points: np.ndarray | torch.Tensor, multimask_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``N`` single positive clicks through the decoder in one batch.
+
+        This is what segment-everything needs (:mod:`samfx.segment_everything`); any
+        runtime that implements it, with :meth:`set_image` and
+        :meth:`logits_to_image`, can be used there (an ONNX model pair, say).
+
+        Args:
+            points: ``N x 2`` click positions ``(x, y)`` in the pixels of the image
+                given to :meth:`set_image`; each is its own prompt.
+            multimask_output: ask for the decoder's multiple masks per click.
+
+        Returns:
+            ``(low_res_logits, iou_predictions)``: ``N x M x h x w`` mask logits at
+            the decoder's resolution and ``N x M`` predicted IoUs (``M`` masks per
+            click, family-dependent: 3 for SAM with ``multimask_output``, 1 for
+            SAM-HQ, which merges its outputs).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run batched point prompts")
+
+    def logits_to_image(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """Resize ``K x h x w`` low-resolution logits from :meth:`predict_points`
+        to ``K x H x W`` logits over the image of the last :meth:`set_image`, as
+        the family's own predictor does (masks are ``logits > 0``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resize decoder logits")
 
 
 class Adapter:
@@ -290,6 +323,21 @@ class Adapter:
         """Describe ``module`` if it is an attention this family knows."""
         return None
 
+    def precision_islands(self, component_root: nn.Module) -> list[str]:
+        """Modules of a component that reduced-precision passes keep in float32:
+        normalisations (their statistics lose most in bfloat16), and what the
+        family adds through :meth:`_precision_island` (heads whose outputs are
+        compared or thresholded, positional encodings)."""
+        return [
+            path
+            for path, module in component_root.named_modules()
+            if path and (is_norm(module) or self._precision_island(path, module))
+        ]
+
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        """Whether the family keeps ``module`` (at ``path`` in its component) in float32."""
+        return False
+
     def predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")
 
@@ -322,3 +370,11 @@ class Adapter:
     def sync_width_attributes(self, component_root: nn.Module) -> None:
         """After layers changed width, set the attributes that record widths
         (``dim``, ``embed_dim``, ...) from the layers themselves."""
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's own, or a channels-first ``LayerNorm2d`` as
+    SAM, SAM 2 and their derivatives define it."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+        return True
+    return type(module).__name__.endswith("LayerNorm2d")

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import register_adapter
 from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
-from .sam import defining_class, projection_width, slice_parameter
+from .sam import defining_class, is_score_head, projection_width, slice_parameter
 
 __all__ = ["HFSamAdapter", "HFSamPredictor"]
 
@@ -139,6 +139,9 @@ class HFSamAdapter(Adapter):
             return AttentionSite(path, "decoder", module.num_attention_heads, head_dim, head_dim, block=parent_path)
         return None
 
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        return is_score_head(path)
+
     def predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)
 
@@ -213,6 +216,23 @@ class HFSamPredictor(Predictor):
             out.pred_masks.cpu(), self._original, self._reshaped
         )[0]
         return masks[0].numpy().astype(bool), out.iou_scores[0, 0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        device = self.image_embedding.device
+        scale = torch.as_tensor(self._scale(), device=device)
+        coords = torch.as_tensor(points, dtype=torch.float32, device=device).reshape(1, -1, 1, 2) * scale
+        labels = torch.ones(coords.shape[:3], dtype=torch.long, device=device)
+        out = self.model(image_embeddings=self.image_embedding, input_points=coords, input_labels=labels,
+                         multimask_output=multimask_output)
+        return out.pred_masks[0], out.iou_scores[0]
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        resized = self.processor.image_processor.post_process_masks(
+            [low_res_logits[:, None]], self._original, self._reshaped, binarize=False
+        )
+        return resized[0][:, 0]
 
 
 register_adapter(HFSamAdapter())

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['prune', 'split_qkv']
+    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'prune']
 """
 
 from .base import (
@@ -18,10 +18,16 @@ from .base import (
     list_passes,
     register_pass,
 )
-from .prune import PruneConfig, prune
 from .split_qkv import SplitQKVConfig, split_qkv
+from .fuse_attention import FuseAttentionConfig, fuse_attention
+from .bf16 import BF16Config, bf16
+from .hyper import HyperConfig, hyper
+from .prune import PruneConfig, prune
 
 __all__ = [
+    "BF16Config",
+    "FuseAttentionConfig",
+    "HyperConfig",
     "PassConfig",
     "PassContext",
     "PassError",
@@ -31,8 +37,11 @@ __all__ = [
     "PruneConfig",
     "SplitQKVConfig",
     "get_pass",
+    "hyper",
     "list_passes",
     "prune",
     "register_pass",
+    "bf16",
+    "fuse_attention",
     "split_qkv",
 ]
