@@ -25,6 +25,7 @@ __all__ = [
     "QKVLayout",
     "QKVSite",
     "ShapeCondition",
+    "TokenStage",
     "TraceRecipe",
     "class_name",
 ]
@@ -205,6 +206,29 @@ class AttentionSite:
     block: str | None = None
 
 
+@dataclass(frozen=True)
+class TokenStage:
+    """Consecutive encoder blocks that all read and write one token map, as
+    token-reducing passes (``token_cluster``) see them.
+
+    Every block takes the ``(B, H, W, C)`` map as its only tensor input and
+    returns a map of the same size; a block that changes the resolution or the
+    width (Hiera's pooling blocks) belongs to no stage.
+
+    Attributes:
+        blocks: paths of the blocks inside the component, in order.
+        indices: each block's position among all the encoder's blocks (what
+            users give as a location).
+        windows: each block's window side (0: attention over the whole map).
+            Windowed blocks split the map with the calls that
+            :meth:`Adapter.window_call` recognises.
+    """
+
+    blocks: tuple[str, ...]
+    indices: tuple[int, ...]
+    windows: tuple[int, ...]
+
+
 class Predictor:
     """Runs a SAM-family model on one image with point and box prompts.
 
@@ -280,6 +304,17 @@ class Adapter:
         self, path: str, module: nn.Module, parent: nn.Module | None, parent_path: str | None
     ) -> AttentionSite | None:
         """Describe ``module`` if it is an attention this family knows."""
+        return None
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        """Runs of blocks over one token map inside an image encoder (none by default)."""
+        return []
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        """``"partition"`` or ``"unpartition"`` when the graph node ``node`` calls
+        the family's window split or its inverse, with SAM's signatures:
+        ``partition(x, window) -> (windows, (Hp, Wp))`` and
+        ``unpartition(windows, window, (Hp, Wp), (H, W)) -> x``."""
         return None
 
     def predictor(self, model: nn.Module) -> Predictor:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
-from .sam import defining_class, projection_width
+from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TokenStage, TraceRecipe
+from .sam import defining_class, plain_vit_stage, projection_width
 
 __all__ = ["HFSamAdapter", "HFSamPredictor"]
 
@@ -137,6 +137,18 @@ class HFSamAdapter(Adapter):
             head_dim = module.internal_dim // module.num_attention_heads
             return AttentionSite(path, "decoder", module.num_attention_heads, head_dim, head_dim, block=parent_path)
         return None
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        if not defining_class(component_root, "SamVisionEncoder"):
+            return []
+        return [plain_vit_stage("layers", component_root.layers)]
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        # SamVisionLayer's window methods are captured as opaque method calls.
+        if node.op != "call_module":
+            return None
+        method = getattr(component_root.get_submodule(node.target), "method", None)
+        return {"window_partition": "partition", "window_unpartition": "unpartition"}.get(method)
 
     def predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)

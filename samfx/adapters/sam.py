@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe, class_name
+from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TokenStage,
+                   TraceRecipe, class_name)
 
 _VIT = "image_encoder.ImageEncoderViT"
 _VIT_ATTENTION = "image_encoder.Attention"
@@ -48,6 +49,12 @@ def decoder_attention_site(path: str, module: nn.Module, parent_path: str | None
     """SAM's two-way-transformer attention (q/k/v/out projections), shared by SAM 2."""
     head_dim = module.internal_dim // module.num_heads
     return AttentionSite(path, "decoder", module.num_heads, head_dim, head_dim, block=parent_path)
+
+
+def plain_vit_stage(prefix: str, blocks: nn.ModuleList) -> TokenStage:
+    """A plain ViT's blocks (all on one map), each with its ``window_size`` attribute."""
+    return TokenStage(tuple(f"{prefix}.{i}" for i in range(len(blocks))), tuple(range(len(blocks))),
+                      tuple(int(b.window_size) for b in blocks))
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -171,6 +178,17 @@ class SamAdapter(Adapter):
         if defining_class(module, _DECODER_ATTENTION):
             return decoder_attention_site(path, module, parent_path)
         return None
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        if not defining_class(component_root, _VIT):
+            return []
+        return [plain_vit_stage("blocks", component_root.blocks)]
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        if node.op != "call_function" or not defining_class(component_root, _VIT):
+            return None
+        partition, unpartition = _module_functions(component_root, ("window_partition", "window_unpartition"))
+        return "partition" if node.target is partition else "unpartition" if node.target is unpartition else None
 
     def predictor(self, model: nn.Module) -> Predictor:
         from segment_anything import SamPredictor

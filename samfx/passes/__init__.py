@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv']
+    ['split_qkv', 'token_cluster']
 """
 
 from .base import (
@@ -19,6 +19,7 @@ from .base import (
     register_pass,
 )
 from .split_qkv import SplitQKVConfig, split_qkv
+from .token_cluster import TokenClusterConfig, token_cluster
 
 __all__ = [
     "PassConfig",
@@ -28,8 +29,10 @@ __all__ = [
     "PassReport",
     "PassResult",
     "SplitQKVConfig",
+    "TokenClusterConfig",
     "get_pass",
     "list_passes",
     "register_pass",
     "split_qkv",
+    "token_cluster",
 ]
