@@ -32,12 +32,12 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import PRESENT, ComponentSpec, TraceRecipe, class_name
 
-__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "input_check"]
+__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "fake_run", "input_check"]
 
 
 class CaptureError(RuntimeError):
@@ -45,6 +45,25 @@ class CaptureError(RuntimeError):
 
 
 GraphKey = tuple[Any, ...]
+
+
+@contextlib.contextmanager
+def fake_run(root: nn.Module) -> Iterator[FakeTensorMode]:
+    """A ``FakeTensorMode`` to run ``root`` in without computing anything.
+
+    Modules that cache per input size (SAM 2's sine position encoding) would
+    keep fake tensors in their caches and hand them out in later real runs;
+    whatever fake tensor a run leaves in a module's dict attributes is dropped.
+    """
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield mode
+    finally:
+        for module in root.modules():
+            for value in vars(module).values():
+                if isinstance(value, dict):
+                    for key in [k for k, v in value.items() if isinstance(v, FakeTensor)]:
+                        del value[key]
 
 
 @dataclass
@@ -97,7 +116,7 @@ class Component:
             args = self.example_args(key)
             if args is None:
                 raise CaptureError(f"{self.role}: the adapter gave no example inputs to propagate shapes with")
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            with fake_run(self.root) as mode:
                 fake = fx.node.map_aggregate(args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
                 _ShapeRecorder(self.root, graph).run(*fake)
 
@@ -375,7 +394,7 @@ def _observe_input_ranks(root: nn.Module, example: dict[str, Any] | None) -> dic
 
     handles = [m.register_forward_pre_hook(record) for m in root.modules()]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        with fake_run(root) as mode, torch.no_grad():
             fake = fx.node.map_aggregate(example, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
             root(**fake)
     except Exception:

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import ComponentSpec
-
-if TYPE_CHECKING:
-    from .capture import Component
+from .capture import Component, fake_run
 
 __all__ = ["ModelStats", "component_macs", "graph_macs", "model_stats", "parameter_count", "weight_bytes"]
 
@@ -87,7 +85,7 @@ def component_macs(model: nn.Module, adapter: Adapter | None = None) -> dict[str
             continue
         root = model.get_submodule(spec.path) if spec.path else model
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            with fake_run(root) as mode, torch.no_grad():
                 fake = fx.node.map_aggregate(example, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
                 with FlopCounterMode(display=False) as counter:
                     root(**fake)
@@ -118,7 +116,7 @@ class _AttributingInterpreter(fx.Interpreter):
         return value
 
 
-def graph_macs(component: "Component", group: Callable[[fx.Node], str], key: Any = None) -> dict[str, int]:
+def graph_macs(component: Component, group: Callable[[fx.Node], str], key: Any = None) -> dict[str, int]:
     """MACs of one graph of a captured component, summed per group of nodes
     (``group(node)`` names it, e.g. the block a node belongs to), counted on
     fake tensors from the adapter's example inputs.
@@ -137,7 +135,7 @@ def graph_macs(component: "Component", group: Callable[[fx.Node], str], key: Any
     args = component.example_args(key)
     if args is None:
         raise ValueError(f"{component.role}: the adapter gave no example inputs to count MACs with")
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+    with fake_run(component.root) as mode, torch.no_grad():
         fake = fx.node.map_aggregate(args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
         with FlopCounterMode(display=False) as counter:
             interpreter = _AttributingInterpreter(component.root, component.graphs[key], counter, group)

@@ -88,6 +88,9 @@ class TokenClusterConfig(PassConfig):
     images: tuple[str, ...] = ("coins", "astronaut", "coffee")
     max_evaluations: int = 16
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Raise :class:`PassError` naming the first bad option."""
         checks = [
@@ -471,7 +474,6 @@ def tune(
     from ..data import calibration_sample, package_images
     from ..fidelity import CachedPredictor, compare
 
-    config.validate()
     captured = model if isinstance(model, CapturedModel) else capture(model)
     adapter = captured.adapter
     stages = adapter.token_stages(captured.component("image_encoder").root)
@@ -526,7 +528,6 @@ def tune(
 @register_pass("token_cluster", TokenClusterConfig)
 def token_cluster(captured: CapturedModel, config: TokenClusterConfig, context: PassContext) -> PassResult:
     """Cluster encoder tokens mid-way and rebuild them before the neck (Expedit-SAM)."""
-    config.validate()
     tuning: dict[str, Any] | None = None
     if context.replay:
         location, clusters = context.replay["location"], tuple(context.replay["clusters"])
