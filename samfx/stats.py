@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -23,12 +24,22 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import DynamicOutputShapeException
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import ComponentSpec
 from .capture import Component, fake_run
 
-__all__ = ["ModelStats", "component_macs", "graph_macs", "model_stats", "parameter_count", "weight_bytes"]
+__all__ = [
+    "ModelStats",
+    "activation_peak_bytes",
+    "component_macs",
+    "graph_macs",
+    "model_stats",
+    "parameter_count",
+    "weight_bytes",
+]
 
 
 @dataclass
@@ -141,6 +152,67 @@ def graph_macs(component: Component, group: Callable[[fx.Node], str], key: Any =
             interpreter = _AttributingInterpreter(component.root, component.graphs[key], counter, group)
             interpreter.run(*fake)
     return {name: flops // 2 for name, flops in interpreter.flops.items()}
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors ops have made that are still referenced, and their peak.
+
+    Each storage counts once (views share it) from the op that makes it until
+    the last tensor on it is freed, as eager PyTorch frees memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._holders: dict[int, int] = {}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key, nbytes = storage._cdata, storage.nbytes()
+                if key not in self._holders:
+                    self._holders[key] = 0
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self._holders[key] += 1
+                weakref.finalize(tensor, self._release, key, nbytes)
+        return out
+
+
+def activation_peak_bytes(model: nn.Module, adapter: Adapter | None = None, role: str = "image_encoder") -> int:
+    """Peak bytes of activations while one component runs the adapter's example
+    call (one image through the encoder): the most memory that tensors made
+    during the call hold at once, weights and inputs excluded.
+
+    Counted on fake tensors as eager PyTorch would allocate and free them, so
+    SAM ViT-H is measured in seconds, without computing anything.
+
+    Example::
+
+        >>> import samfx
+        >>> activation_peak_bytes(samfx.models.build("sam_vit_b", small=True)) > 0
+        True
+    """
+    adapter = adapter or find_adapter(model)
+    spec = next((s for s in adapter.components(model) if s.role == role), None)
+    example = _default_call(spec) if spec is not None else None
+    if example is None:
+        raise ValueError(f"{adapter.name} models have no {role} with example inputs")
+    root = model.get_submodule(spec.path) if spec.path else model
+    with fake_run(root) as mode, torch.no_grad():
+        fake = fx.node.map_aggregate(example, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
+        with _LiveBytes() as live:
+            out = root(**fake)
+        del out
+    return live.peak
 
 
 def model_stats(model: nn.Module, adapter: Adapter | None = None) -> ModelStats:

@@ -535,8 +535,10 @@ def token_cluster(captured: CapturedModel, config: TokenClusterConfig, context: 
         result = tune(captured, config, context.calibration_images or None, progress=context.progress)
         tuning = result.to_dict()
         if result.chosen is None:
+            curve = result.curve()
             reason = (f"no setting tried reached a mask IoU of {config.floor} against the unclustered model "
-                      f"(best {max((c.mask_iou for c in result.curve()), default=float('nan')):.4f})")
+                      f"(best {max(c.mask_iou for c in curve):.4f})" if curve else
+                      f"no setting could be tried: {result.candidates[0].note if result.candidates else 'none'}")
             report = PassReport("token_cluster", config.to_dict(), False, "nothing clustered", {"tuning": tuning},
                                 [reason])
             return PassResult(captured, report)
