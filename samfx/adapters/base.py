@@ -220,13 +220,20 @@ class TokenStage:
         indices: each block's position among all the encoder's blocks (what
             users give as a location).
         windows: each block's window side (0: attention over the whole map).
-            Windowed blocks split the map with the calls that
-            :meth:`Adapter.window_call` recognises.
+        layout: ``"map"``: blocks pass ``(B, H, W, C)`` maps and read their
+            size from them; windowed blocks split the map with the calls that
+            :meth:`Adapter.window_call` recognises. ``"sequence"``: blocks pass
+            ``(B, H * W, C)`` row-major sequences of a ``size`` their code
+            fixes (TinyViT); :meth:`Adapter.resized_block` makes blocks for
+            another size.
+        size: ``(H, W)`` of a ``"sequence"`` stage.
     """
 
     blocks: tuple[str, ...]
     indices: tuple[int, ...]
     windows: tuple[int, ...]
+    layout: str = "map"
+    size: tuple[int, int] | None = None
 
 
 class Predictor:
@@ -316,6 +323,16 @@ class Adapter:
         ``partition(x, window) -> (windows, (Hp, Wp))`` and
         ``unpartition(windows, window, (Hp, Wp), (H, W)) -> x``."""
         return None
+
+    def resized_block(self, component_root: nn.Module, path: str, size: tuple[int, int],
+                      window: tuple[int, int]) -> nn.Module:
+        """A copy of the ``"sequence"``-stage block at ``path`` that runs on a
+        ``size`` map in ``window`` windows, sharing the block's weights.
+
+        Raises:
+            ValueError: the block cannot run that way (the reason is reported).
+        """
+        raise ValueError(f"{self.name} blocks cannot be resized")
 
     def predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")

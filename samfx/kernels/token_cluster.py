@@ -15,7 +15,8 @@ the encoder and restores it at the end:
 * ``samfx::token_reconstruct`` rebuilds every original token from the
   processed clusters of its window: weights ``exp(-temperature * |f - c|^2)``
   between the token's features before clustering ``f`` and each centroid at
-  clustering time ``c``, kept for the ``k`` largest, L2-normalised.
+  clustering time ``c``, kept for the ``k`` largest, L2-normalised as in
+  Expedit-SAM or normalised to sum to one.
 
 Padding is handled differently from Expedit-SAM's code, which clusters the
 zero padding of the border windows along with real tokens: here padding never
@@ -53,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "NORMS",
     "clustered_size",
     "partition_windows",
     "reference_token_cluster",
@@ -167,7 +169,8 @@ def _token_cluster(x: torch.Tensor, window: Sequence[int], grid: Sequence[int], 
 
 
 def _token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids: torch.Tensor,
-                       window: Sequence[int], grid: Sequence[int], k: int, temperature: float) -> torch.Tensor:
+                       window: Sequence[int], grid: Sequence[int], k: int, temperature: float,
+                       norm: str) -> torch.Tensor:
     b, h, w, c = features.shape
     dtype = _compute_dtype(clusters.dtype)
     windows, padded = partition_windows(features.to(dtype), window)
@@ -184,9 +187,21 @@ def _token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids
     weights = (logits - logits.amax(-1, keepdim=True)).exp()
     kth = weights.topk(min(k, weights.shape[-1]), dim=-1).values[..., -1:]
     weights = torch.where(weights >= kth, weights, torch.zeros_like(weights))
-    weights = F.normalize(weights, dim=-1)
+    weights = weights / _weight_norm(weights, norm)
     rebuilt = (weights @ values).reshape(-1, window[0], window[1], clusters.shape[-1])
     return unpartition_windows(rebuilt, window, padded, (h, w)).to(clusters.dtype)
+
+
+NORMS = ("l2", "sum")
+
+
+def _weight_norm(weights: torch.Tensor, norm: str) -> torch.Tensor:
+    """What each token's weights are divided by: their L2 norm (Expedit-SAM) or their sum."""
+    if norm == "l2":
+        return weights.norm(dim=-1, keepdim=True)
+    if norm == "sum":
+        return weights.sum(-1, keepdim=True)
+    raise ValueError(f"norm is one of {NORMS}, not {norm!r}")
 
 
 _LIBRARY = torch.library.Library(_NAMESPACE, "FRAGMENT")
@@ -195,7 +210,7 @@ _LIBRARY.define(
 )
 _LIBRARY.define(
     "token_reconstruct(Tensor clusters, Tensor features, Tensor centroids, int[2] window, int[2] grid, int k, "
-    "float temperature) -> Tensor"
+    "float temperature, str norm) -> Tensor"
 )
 # Composite: every tracer (torch.compile, torch.export, ONNX) sees the standard ops inside.
 _LIBRARY.impl("token_cluster", _token_cluster, "CompositeImplicitAutograd")
@@ -223,7 +238,7 @@ def token_cluster(x: torch.Tensor, window: Sequence[int], grid: Sequence[int], i
 
 def token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids: torch.Tensor,
                       window: Sequence[int], grid: Sequence[int], k: int = 20,
-                      temperature: float = 0.01) -> torch.Tensor:
+                      temperature: float = 0.01, norm: str = "l2") -> torch.Tensor:
     """Rebuild the full token map from processed clusters.
 
     Args:
@@ -233,11 +248,17 @@ def token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids:
         window, grid: as given to :func:`token_cluster`.
         k: clusters each token is rebuilt from (the nearest ones).
         temperature: multiplies the squared distances in the weights.
+        norm: ``"l2"`` divides each token's weights by their L2 norm, as
+            Expedit-SAM does; ``"sum"`` by their sum, so that a token is a
+            weighted mean of clusters. L2 weights sum to up to ``sqrt(k)``:
+            where distances are small against ``1 / temperature`` they scale
+            the rebuilt tokens up by as much.
 
     Returns:
         ``(B, H, W, clusters.shape[-1])``.
     """
-    return torch.ops.samfx.token_reconstruct(clusters, features, centroids, list(window), list(grid), k, temperature)
+    return torch.ops.samfx.token_reconstruct(clusters, features, centroids, list(window), list(grid), k,
+                                             temperature, norm)
 
 
 # -- references -------------------------------------------------------------------
@@ -285,9 +306,9 @@ def reference_token_cluster(x: torch.Tensor, window: Sequence[int], grid: Sequen
 
 def reference_token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids: torch.Tensor,
                                 window: Sequence[int], grid: Sequence[int], k: int = 20,
-                                temperature: float = 0.01) -> torch.Tensor:
+                                temperature: float = 0.01, norm: str = "l2") -> torch.Tensor:
     """Straightforward float64 version of :func:`token_reconstruct`: weights
-    ``exp(-t |f - c|^2)`` as written, top ``k`` per token, L2-normalised."""
+    ``exp(-t |f - c|^2)`` as written, top ``k`` per token, normalised."""
     b, h, w, _ = features.shape
     out = torch.zeros(b, h, w, clusters.shape[-1], dtype=torch.double)
     cell_slices = _window_slices(centroids.shape[1:3], grid)
@@ -299,6 +320,6 @@ def reference_token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, 
             weights = torch.exp(-temperature * torch.cdist(f, cents) ** 2)
             top = weights.topk(min(k, weights.shape[1]), dim=1)
             kept = torch.zeros_like(weights).scatter(1, top.indices, top.values)
-            kept = kept / kept.norm(dim=1, keepdim=True)
+            kept = kept / (kept.norm(dim=1, keepdim=True) if norm == "l2" else kept.sum(dim=1, keepdim=True))
             out[n, rows, cols] = (kept @ values).reshape(rows.stop - rows.start, cols.stop - cols.start, -1)
     return out.to(clusters.dtype)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..capture import CapturedModel, Component, capture
+from ..capture import CaptureError, CapturedModel, Component, capture
 from ..kernels import token_cluster as ops
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
@@ -69,8 +69,12 @@ class TokenClusterConfig(PassConfig):
         neighbourhood: side of the square of cells a token may be assigned to,
             centred on its own cell (odd).
         k: clusters each token is rebuilt from.
+        norm: how a token's weights are normalised: ``"l2"`` (Expedit-SAM) or
+            ``"sum"`` (a weighted mean; see :func:`samfx.kernels.token_cluster.token_reconstruct`).
         floor: tuning: the least mean mask IoU against the unclustered model.
-        cluster_choices: tuning: cluster counts to try.
+        cluster_choices: tuning: cluster counts to try (empty: every square
+            grid from half the window's side to one short of it, 49..169 for
+            SAM's 14x14 windows).
         locations: tuning: locations to try (empty: every block that can be one).
         images: tuning: package images to use when no calibration images are given.
         max_evaluations: tuning: settings to run on the images at most.
@@ -82,8 +86,9 @@ class TokenClusterConfig(PassConfig):
     temperature: float = 0.01
     neighbourhood: int = 5
     k: int = 20
+    norm: str = "l2"
     floor: float = 0.90
-    cluster_choices: tuple[int, ...] = (64, 81, 100, 121, 144)
+    cluster_choices: tuple[int, ...] = ()
     locations: tuple[int, ...] = ()
     images: tuple[str, ...] = ("coins", "astronaut", "coffee")
     max_evaluations: int = 16
@@ -100,8 +105,9 @@ class TokenClusterConfig(PassConfig):
             (self.neighbourhood >= 1 and self.neighbourhood % 2 == 1,
              f"neighbourhood must be an odd number of cells >= 1, got {self.neighbourhood}"),
             (self.k >= 1, f"k must be >= 1, got {self.k}"),
+            (self.norm in ops.NORMS, f"norm must be one of {ops.NORMS}, got {self.norm!r}"),
             (0 < self.floor <= 1, f"floor is a mask IoU in (0, 1], got {self.floor}"),
-            (len(self.cluster_choices) > 0 and all(c >= 1 for c in self.cluster_choices),
+            (all(isinstance(c, int) and c >= 1 for c in self.cluster_choices),
              f"cluster_choices must be counts >= 1, got {self.cluster_choices}"),
             (self.max_evaluations >= 1, f"max_evaluations must be >= 1, got {self.max_evaluations}"),
         ]
@@ -135,6 +141,7 @@ class _Setting:
     temperature: float
     radius: int
     k: int
+    norm: str
 
 
 class _Unsupported(Exception):
@@ -163,33 +170,26 @@ class _Block:
     windows: list[tuple[str, fx.Node]]
 
 
-def _block(graph: fx.Graph, root: torch.nn.Module, adapter: Any, path: str, window: int) -> _Block:
+def _block(graph: fx.Graph, root: torch.nn.Module, adapter: Any, path: str, window: int, rank: int) -> _Block:
     nodes = [n for n in graph.nodes if path in _paths(n)]
     if not nodes:
         raise _Unsupported(f"block {path} is not in the graph")
     members = set(nodes)
     outputs = [n for n in nodes if any(u not in members for u in n.users)]
-    if len(outputs) != 1 or _tensor(outputs[0]) is None or _tensor(outputs[0]).dim() != 4:
-        raise _Unsupported(f"block {path} does not hand one (B, H, W, C) map on ({[n.name for n in outputs]})")
+    if len(outputs) != 1 or _tensor(outputs[0]) is None or _tensor(outputs[0]).dim() != rank:
+        raise _Unsupported(f"block {path} does not hand one rank-{rank} token tensor on ({[n.name for n in outputs]})")
     calls = [(adapter.window_call(root, n), n) for n in nodes]
-    calls = [(kind, n) for kind, n in calls if kind is not None]
-    kinds = sorted(kind for kind, _ in calls)
-    expected = ["partition", "unpartition"] if window else []
-    if kinds != expected:
-        raise _Unsupported(f"block {path} has window calls {kinds}, expected {expected}")
-    if any(n.args[1] != window for _, n in calls):
-        raise _Unsupported(f"block {path} does not pass its window size {window} as a constant")
-    return _Block(path, window, nodes, members, outputs[0], calls)
+    return _Block(path, window, nodes, members, outputs[0], [(kind, n) for kind, n in calls if kind is not None])
 
 
-def _stream_input(block: _Block) -> fx.Node:
+def _stream_input(block: _Block, rank: int) -> fx.Node:
     inputs = {m for n in block.nodes for m in n.all_input_nodes
               if m not in block.members and m.op != "get_attr" and _tensor(m) is not None}
     if len(inputs) != 1:
         raise _Unsupported(f"block {block.path} reads {len(inputs)} tensors from outside, not one token map")
     (x,) = inputs
-    if _tensor(x).dim() != 4:
-        raise _Unsupported(f"block {block.path} reads a rank-{_tensor(x).dim()} tensor, not a (B, H, W, C) map")
+    if _tensor(x).dim() != rank:
+        raise _Unsupported(f"block {block.path} reads a rank-{_tensor(x).dim()} tensor, not rank {rank}")
     return x
 
 
@@ -201,23 +201,84 @@ def _stage_window(windows: Sequence[int], path: str) -> int:
     return sizes[0]
 
 
-def _rewrite_graph(graph: fx.Graph, root: torch.nn.Module, adapter: Any, stage: Any, start: int,
-                   setting: _Setting) -> dict[str, Any]:
-    """Plan everything first (raising :class:`_Unsupported`), then edit ``graph``."""
+def _check_window_calls(block: _Block) -> None:
+    kinds = sorted(kind for kind, _ in block.windows)
+    expected = ["partition", "unpartition"] if block.window else []
+    if kinds != expected:
+        raise _Unsupported(f"block {block.path} has window calls {kinds}, expected {expected}")
+    if any(n.args[1] != block.window for _, n in block.windows):
+        raise _Unsupported(f"block {block.path} does not pass its window size {block.window} as a constant")
+
+
+def _signature(nodes: Sequence[fx.Node]) -> list[tuple[str, Any]]:
+    return [(n.op, n.target) for n in nodes if n.op not in ("placeholder", "output")]
+
+
+def _splice(graph: fx.Graph, block: _Block, traced: fx.Graph, source: fx.Node) -> fx.Node:
+    """Put ``traced`` (the block re-traced) in place of ``block``'s nodes, reading
+    ``source``; returns the new output."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first = min(block.nodes, key=order.__getitem__)
+    outer = {k: v for k, v in first.meta.get("nn_module_stack", {}).items()
+             if block.path.startswith(k.split("@")[0] + ".")}
+    mapping: dict[fx.Node, Any] = {}
+    with graph.inserting_before(first):
+        for node in traced.nodes:
+            if node.op == "placeholder":
+                mapping[node] = source
+            elif node.op == "output":
+                output = fx.node.map_arg(node.args[0], mapping.__getitem__)
+            else:
+                mapping[node] = graph.node_copy(node, mapping.__getitem__)
+                mapping[node].meta["nn_module_stack"] = {**outer, **node.meta.get("nn_module_stack", {})}
+    block.output.replace_all_uses_with(output)
+    for node in sorted(block.nodes, key=order.__getitem__, reverse=True):
+        graph.erase_node(node)
+    return output
+
+
+def _rewrite_graph(graph: fx.Graph, component: Component, adapter: Any, stage: Any, start: int,
+                   setting: _Setting, resized: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """Plan everything first (raising :class:`_Unsupported`), then edit ``graph``.
+
+    ``resized`` holds the re-sized blocks of a ``"sequence"`` stage.
+    """
+    root = component.root
+    sequence = stage.layout == "sequence"
+    rank = 3 if sequence else 4
     paths, windows = stage.blocks[start:], stage.windows[start:]
     window = _stage_window(stage.windows, paths[0])
     grid = setting.grid
     if grid[0] > window or grid[1] > window:
         raise _Unsupported(f"{grid[0]}x{grid[1]} clusters do not fit {window}x{window} windows")
-    blocks = [_block(graph, root, adapter, p, w) for p, w in zip(paths, windows)]
-    x = _stream_input(blocks[0])
-    size = tuple(_tensor(x).shape[1:3])
+    blocks = [_block(graph, root, adapter, p, w, rank) for p, w in zip(paths, windows)]
+    x = _stream_input(blocks[0], rank)
     for block, nxt in zip(blocks, blocks[1:]):
-        if _stream_input(nxt) is not block.output:
+        if _stream_input(nxt, rank) is not block.output:
             raise _Unsupported(f"block {nxt.path} does not read the map {block.path} hands on")
     odd = [b.path for b in blocks if b.window not in (0, window)]
     if odd:
         raise _Unsupported(f"blocks {odd} attend in windows other than the {window}x{window} ones clusters are made in")
+    if sequence:
+        size = tuple(stage.size)
+        traced = {}
+        for block in blocks:
+            try:
+                upstream = _signature(component.trace_submodule(block.path, root.get_submodule(block.path)).nodes)
+            except CaptureError:
+                upstream = None
+            if _signature(block.nodes) != upstream:
+                raise _Unsupported(f"block {block.path} was rewritten by an earlier pass; its code fixes the map size, "
+                                   "so it is re-traced at the cluster size, which needs the upstream block: run "
+                                   "token_cluster first")
+            try:
+                traced[block.path] = component.trace_submodule(block.path, resized[block.path])
+            except CaptureError as err:
+                raise _Unsupported(str(err)) from None
+    else:
+        size = tuple(_tensor(x).shape[1:3])
+        for block in blocks:
+            _check_window_calls(block)
 
     order = {n: i for i, n in enumerate(graph.nodes)}
     first = min(blocks[0].nodes, key=order.__getitem__)
@@ -225,40 +286,53 @@ def _rewrite_graph(graph: fx.Graph, root: torch.nn.Module, adapter: Any, stage: 
     outer = {k: v for k, v in first.meta.get("nn_module_stack", {}).items()
              if blocks[0].path.startswith(k.split("@")[0] + ".")}
     window2, grid2 = [window, window], list(grid)
+    clustered_size = ops.clustered_size(size, (window, window), grid)
+
+    def add(function: Any, args: tuple[Any, ...]) -> fx.Node:
+        node = graph.call_function(function, args)
+        node.meta["nn_module_stack"] = dict(outer)
+        return node
+
     with graph.inserting_before(first):
-        clustered = graph.call_function(
-            torch.ops.samfx.token_cluster.default,
-            (x, window2, grid2, setting.iterations, setting.temperature, setting.radius))
-    clustered.meta["nn_module_stack"] = dict(outer)
-    for node in blocks[0].nodes:
-        node.replace_input_with(x, clustered)
+        features = add(torch.unflatten, (x, 1, size)) if sequence else x
+        clustered = add(torch.ops.samfx.token_cluster.default,
+                        (features, window2, grid2, setting.iterations, setting.temperature, setting.radius))
+        stream = add(torch.flatten, (clustered, 1, 2)) if sequence else clustered
     replaced = []
-    for block in blocks:
-        for kind, call in block.windows:
-            with graph.inserting_before(call):
-                if kind == "partition":
-                    new = graph.call_function(ops.partition_windows, (call.args[0], tuple(grid)))
-                else:
-                    new = graph.call_function(ops.unpartition_windows, (call.args[0], tuple(grid), *call.args[2:4]))
-            new.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack", {}))
-            call.replace_all_uses_with(new)
-            graph.erase_node(call)
-            if call.op == "call_module":
-                replaced.append(str(call.target))
+    if sequence:
+        for block in blocks:
+            stream = block.output = _splice(graph, block, traced[block.path], stream)
+    else:
+        for node in blocks[0].nodes:
+            node.replace_input_with(x, stream)
+        for block in blocks:
+            for kind, call in block.windows:
+                with graph.inserting_before(call):
+                    if kind == "partition":
+                        new = graph.call_function(ops.partition_windows, (call.args[0], tuple(grid)))
+                    else:
+                        new = graph.call_function(ops.unpartition_windows,
+                                                  (call.args[0], tuple(grid), *call.args[2:4]))
+                new.meta["nn_module_stack"] = dict(call.meta.get("nn_module_stack", {}))
+                call.replace_all_uses_with(new)
+                graph.erase_node(call)
+                if call.op == "call_module":
+                    replaced.append(str(call.target))
     rebuilt = 0
-    for block, nxt in zip(blocks, blocks[1:] + [None]):
-        outside = [u for u in block.output.users if nxt is None or u not in nxt.members]
+    for index, block in enumerate(blocks):
+        nxt = blocks[index + 1].path if index + 1 < len(blocks) else None
+        outside = [u for u in block.output.users if nxt not in _paths(u)]
         if not outside:
             continue
-        with graph.inserting_after(block.output):
-            restored = graph.call_function(
-                torch.ops.samfx.token_reconstruct.default,
-                (block.output, x, clustered, window2, grid2, setting.k, setting.temperature))
-        restored.meta["nn_module_stack"] = dict(outer)
+        with graph.inserting_before(block.output.next):
+            processed = add(torch.unflatten, (block.output, 1, clustered_size)) if sequence else block.output
+            restored = add(torch.ops.samfx.token_reconstruct.default,
+                           (processed, features, clustered, window2, grid2, setting.k, setting.temperature, setting.norm))
+            restored = add(torch.flatten, (restored, 1, 2)) if sequence else restored
         for user in outside:
             user.replace_input_with(block.output, restored)
         rebuilt += 1
-    return {"window": window, "size": size, "clustered_size": ops.clustered_size(size, (window, window), grid),
+    return {"window": window, "size": size, "clustered_size": clustered_size,
             "blocks": len(blocks), "reconstructions": rebuilt, "replaced_modules": replaced}
 
 
@@ -283,10 +357,22 @@ def _apply(captured: CapturedModel, setting: _Setting) -> tuple[dict[str, Any], 
         component.propagate_shapes()
         work = {key: copy.deepcopy(graph) for key, graph in component.graphs.items()}
         try:
-            results = [_rewrite_graph(graph, component.root, adapter, stage, start, setting) for graph in work.values()]
+            resized = {}
+            if stage.layout == "sequence":
+                window = _stage_window(stage.windows, stage.blocks[start])
+                cells = ops.clustered_size(stage.size, (window, window), setting.grid)
+                try:
+                    resized = {p: adapter.resized_block(component.root, p, cells, setting.grid)
+                               for p in stage.blocks[start:]}
+                except ValueError as why:
+                    raise _Unsupported(str(why)) from None
+            results = [_rewrite_graph(graph, component, adapter, stage, start, setting, resized)
+                       for graph in work.values()]
         except _Unsupported as why:
             skipped.append(f"{role}: {why}")
             continue
+        for path, block in resized.items():
+            component.set_submodule(path, block)
         component.graphs.update(work)
         for target in {t for r in results for t in r.pop("replaced_modules")}:
             component.mark_replaced(target)
@@ -307,7 +393,7 @@ def _summary(details: dict[str, Any], setting: _Setting) -> str:
 
 def _setting(config: TokenClusterConfig, location: int, clusters: int | Sequence[int]) -> _Setting:
     return _Setting(location, cluster_grid(clusters), config.iterations, config.temperature,
-                    config.neighbourhood // 2, config.k)
+                    config.neighbourhood // 2, config.k, config.norm)
 
 
 # -- tuning -----------------------------------------------------------------------------
@@ -413,11 +499,18 @@ def _predicted_speedups(captured: CapturedModel, stages: Sequence[Any], config: 
     base = graph_macs(captured.component("image_encoder"), group)
     total = sum(base.values())
     candidates = []
-    for clusters in sorted(set(config.cluster_choices)):
-        for stage in stages:
-            wanted = [i for i in stage.indices if i in locations]
-            if not wanted:
-                continue
+    for stage in stages:
+        wanted = [i for i in stage.indices if i in locations]
+        if not wanted:
+            continue
+        try:
+            window = _stage_window(stage.windows, stage.blocks[0])
+        except _Unsupported as why:
+            candidates += [Candidate(i, (0, 0), 1.0, note=f"cannot cluster: {why}") for i in wanted]
+            continue
+        # By default every square grid from half the window's side to one short of it.
+        counts = config.cluster_choices or tuple(side * side for side in range((window + 1) // 2, window))
+        for clusters in sorted(set(counts)):
             setting = _setting(config, stage.indices[0], clusters)
             try:
                 trial = _candidate_model(captured, setting)

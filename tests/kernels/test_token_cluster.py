@@ -38,14 +38,14 @@ def test_cluster_matches_reference(size, window, grid, iterations, neighbourhood
 
 
 @pytest.mark.parametrize("size,window,grid", CASES)
-@pytest.mark.parametrize("k", [1, 3, 50])
-def test_reconstruct_matches_reference(size, window, grid, k) -> None:
+@pytest.mark.parametrize("k,norm", [(1, "l2"), (3, "l2"), (50, "l2"), (3, "sum"), (50, "sum")])
+def test_reconstruct_matches_reference(size, window, grid, k, norm) -> None:
     torch.manual_seed(1)
     x = torch.randn(2, *size, 6)
     centroids = token_cluster(x, window, grid, 2, temperature=0.2)
     processed = torch.randn(*centroids.shape[:3], 5)  # blocks may change the width (pruning)
-    got = token_reconstruct(processed, x, centroids, window, grid, k=k, temperature=0.2)
-    want = reference_token_reconstruct(processed, x, centroids, window, grid, k=k, temperature=0.2)
+    got = token_reconstruct(processed, x, centroids, window, grid, k=k, temperature=0.2, norm=norm)
+    want = reference_token_reconstruct(processed, x, centroids, window, grid, k=k, temperature=0.2, norm=norm)
     assert got.shape == (2, *size, 5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -62,6 +62,19 @@ def test_far_tokens_keep_their_weights() -> None:
     want = reference_token_reconstruct(centroids, x, centroids, (7, 7), (3, 3), k=4, temperature=0.01)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     assert got.abs().amax(-1).min() > 0
+
+
+def test_l2_weights_scale_flat_neighbourhoods_up() -> None:
+    """Expedit-SAM's L2-normalised weights sum to sqrt(k) when a token is about
+    as close to k clusters: a constant map comes back sqrt(k) times larger,
+    where weights that sum to one give it back unchanged."""
+    x = torch.full((1, 8, 8, 3), 0.5)
+    ones = torch.ones(1, 4, 4, 3)
+    centroids = token_cluster(x, (4, 4), (2, 2), iterations=0)
+    l2 = token_reconstruct(ones, x, centroids, (4, 4), (2, 2), k=4, norm="l2")
+    mean = token_reconstruct(ones, x, centroids, (4, 4), (2, 2), k=4, norm="sum")
+    torch.testing.assert_close(l2, torch.full_like(x, 2.0))
+    torch.testing.assert_close(mean, torch.ones_like(x))
 
 
 @pytest.mark.parametrize("size,window", [((20, 17), (7, 7)), ((8, 8), (4, 4)), ((9, 5), (3, 5))])

@@ -159,10 +159,42 @@ def test_hiera_clusters_stay_inside_a_stage() -> None:
     assert details["reconstructions"] == 1
 
 
-def test_tinyvit_is_a_reported_skip(lite_medsam: nn.Module) -> None:
-    optimized = samfx.optimize(lite_medsam, [TokenClusterConfig(location=2, clusters=49)])
+def test_tinyvit_one_cluster_per_token_reproduces_litemedsam(lite_medsam: nn.Module) -> None:
+    """TinyViT blocks fix their map size in code: the pass re-traces resized copies."""
+    config = TokenClusterConfig(location=2, clusters=196, iterations=0, k=1)  # stage 2: 64x64, 14x14 windows
+    optimized = samfx.optimize(lite_medsam, [config])
+    details = optimized.samfx_report.passes[0].details["image_encoder"]
+    assert details["size"] == details["clustered_size"] == (64, 64) and details["blocks"] == 6
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized.image_encoder(x), lite_medsam.image_encoder(x), atol=1e-5, rtol=1e-4)
+
+
+def test_tinyvit_blocks_run_on_the_cluster_map(lite_medsam: nn.Module) -> None:
+    optimized = samfx.optimize(lite_medsam, [TokenClusterConfig(location=4, clusters=81)])
+    details = optimized.samfx_report.passes[0].details["image_encoder"]
+    assert details["clustered_size"] == (41, 41) and details["blocks"] == 4
+    block, original = optimized.image_encoder.layers[2].blocks[4], lite_medsam.image_encoder.layers[2].blocks[4]
+    assert block.input_resolution == (41, 41) and block.window_size == 9
+    assert block.attn.ab.shape == (original.attn.num_heads, 81, 81)
+    assert torch.equal(block.attn.qkv.weight, original.attn.qkv.weight)
+    # Biases were resampled, not reset: offsets 0 and the largest are the original's.
+    biases = original.attn.attention_biases[:, original.attn.attention_bias_idxs[0]].reshape(-1, 14, 14)
+    torch.testing.assert_close(block.attn.ab[:, 0, 0], biases[:, 0, 0])
+    assert lite_medsam.image_encoder.layers[2].blocks[4].input_resolution == (64, 64)  # the input is untouched
+
+
+def test_tinyvit_after_a_block_rewrite_is_a_reported_skip(lite_medsam: nn.Module) -> None:
+    optimized = samfx.optimize(lite_medsam, ["split_qkv", TokenClusterConfig(location=2, clusters=81)])
+    report = optimized.samfx_report.passes[1]
+    assert not report.changed and "rewritten by an earlier pass" in report.skipped[0]
+    assert "run token_cluster first" in report.skipped[0]
+
+
+def test_tinyvit_needs_square_windows(lite_medsam: nn.Module) -> None:
+    optimized = samfx.optimize(lite_medsam, [TokenClusterConfig(location=2, clusters=(9, 10))])
     report = optimized.samfx_report.passes[0]
-    assert not report.changed and "no stage of blocks over one token map" in report.skipped[0]
+    assert not report.changed and "square windows, not 9x10" in report.skipped[0]
 
 
 @pytest.mark.parametrize("options,message", [
