@@ -16,7 +16,8 @@ the encoder and restores it at the end:
   processed clusters of its window: weights ``exp(-temperature * |f - c|^2)``
   between the token's features before clustering ``f`` and each centroid at
   clustering time ``c``, kept for the ``k`` largest, L2-normalised as in
-  Expedit-SAM or normalised to sum to one.
+  Expedit-SAM or normalised to sum to one; optionally each token keeps its own
+  features and only the clusters' change is spread back (``residual``).
 
 Padding is handled differently from Expedit-SAM's code, which clusters the
 zero padding of the border windows along with real tokens: here padding never
@@ -170,15 +171,18 @@ def _token_cluster(x: torch.Tensor, window: Sequence[int], grid: Sequence[int], 
 
 def _token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids: torch.Tensor,
                        window: Sequence[int], grid: Sequence[int], k: int, temperature: float,
-                       norm: str) -> torch.Tensor:
+                       norm: str, residual: bool) -> torch.Tensor:
     b, h, w, c = features.shape
+    if residual and not clusters.shape[-1] == centroids.shape[-1] == c:
+        raise ValueError(f"a residual reconstruction needs clusters ({clusters.shape[-1]}), centroids "
+                         f"({centroids.shape[-1]}) and features ({c}) of one width")
     dtype = _compute_dtype(clusters.dtype)
     windows, padded = partition_windows(features.to(dtype), window)
     tokens = windows.reshape(windows.shape[0], -1, c)                                   # (N, T, C)
     cell_size = centroids.shape[1:3]
     centre_windows, _ = partition_windows(centroids.to(dtype), grid)
     centres = centre_windows.reshape(centre_windows.shape[0], -1, c)                    # (N, S, C)
-    value_windows, _ = partition_windows(clusters.to(dtype), grid)
+    value_windows, _ = partition_windows((clusters - centroids if residual else clusters).to(dtype), grid)
     values = value_windows.reshape(value_windows.shape[0], -1, clusters.shape[-1])      # (N, S, C')
     occupied = _valid(cell_size, grid, b, features.device)[:, None, :]                  # (N, 1, S)
     logits = (-temperature * _squared_distances(tokens, centres)).masked_fill(~occupied, float("-inf"))
@@ -188,7 +192,8 @@ def _token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids
     kth = weights.topk(min(k, weights.shape[-1]), dim=-1).values[..., -1:]
     weights = torch.where(weights >= kth, weights, torch.zeros_like(weights))
     weights = weights / _weight_norm(weights, norm)
-    rebuilt = (weights @ values).reshape(-1, window[0], window[1], clusters.shape[-1])
+    rebuilt = weights @ values
+    rebuilt = (tokens + rebuilt if residual else rebuilt).reshape(-1, window[0], window[1], clusters.shape[-1])
     return unpartition_windows(rebuilt, window, padded, (h, w)).to(clusters.dtype)
 
 
@@ -210,7 +215,7 @@ _LIBRARY.define(
 )
 _LIBRARY.define(
     "token_reconstruct(Tensor clusters, Tensor features, Tensor centroids, int[2] window, int[2] grid, int k, "
-    "float temperature, str norm) -> Tensor"
+    "float temperature, str norm, bool residual) -> Tensor"
 )
 # Composite: every tracer (torch.compile, torch.export, ONNX) sees the standard ops inside.
 _LIBRARY.impl("token_cluster", _token_cluster, "CompositeImplicitAutograd")
@@ -238,7 +243,7 @@ def token_cluster(x: torch.Tensor, window: Sequence[int], grid: Sequence[int], i
 
 def token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids: torch.Tensor,
                       window: Sequence[int], grid: Sequence[int], k: int = 20,
-                      temperature: float = 0.01, norm: str = "l2") -> torch.Tensor:
+                      temperature: float = 0.01, norm: str = "l2", residual: bool = False) -> torch.Tensor:
     """Rebuild the full token map from processed clusters.
 
     Args:
@@ -253,12 +258,16 @@ def token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids:
             weighted mean of clusters. L2 weights sum to up to ``sqrt(k)``:
             where distances are small against ``1 / temperature`` they scale
             the rebuilt tokens up by as much.
+        residual: rebuild each token as its own ``features`` plus the weighted
+            change of its clusters (``clusters - centroids``) instead of the
+            weighted clusters themselves (Expedit-SAM), which keeps the detail
+            that clustering averaged away. All three maps need one width.
 
     Returns:
         ``(B, H, W, clusters.shape[-1])``.
     """
     return torch.ops.samfx.token_reconstruct(clusters, features, centroids, list(window), list(grid), k,
-                                             temperature, norm)
+                                             temperature, norm, residual)
 
 
 # -- references -------------------------------------------------------------------
@@ -306,7 +315,7 @@ def reference_token_cluster(x: torch.Tensor, window: Sequence[int], grid: Sequen
 
 def reference_token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, centroids: torch.Tensor,
                                 window: Sequence[int], grid: Sequence[int], k: int = 20,
-                                temperature: float = 0.01, norm: str = "l2") -> torch.Tensor:
+                                temperature: float = 0.01, norm: str = "l2", residual: bool = False) -> torch.Tensor:
     """Straightforward float64 version of :func:`token_reconstruct`: weights
     ``exp(-t |f - c|^2)`` as written, top ``k`` per token, normalised."""
     b, h, w, _ = features.shape
@@ -321,5 +330,6 @@ def reference_token_reconstruct(clusters: torch.Tensor, features: torch.Tensor, 
             top = weights.topk(min(k, weights.shape[1]), dim=1)
             kept = torch.zeros_like(weights).scatter(1, top.indices, top.values)
             kept = kept / (kept.norm(dim=1, keepdim=True) if norm == "l2" else kept.sum(dim=1, keepdim=True))
-            out[n, rows, cols] = (kept @ values).reshape(rows.stop - rows.start, cols.stop - cols.start, -1)
+            rebuilt = f + kept @ (values - cents) if residual else kept @ values
+            out[n, rows, cols] = rebuilt.reshape(rows.stop - rows.start, cols.stop - cols.start, -1)
     return out.to(clusters.dtype)

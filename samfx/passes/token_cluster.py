@@ -71,6 +71,8 @@ class TokenClusterConfig(PassConfig):
         k: clusters each token is rebuilt from.
         norm: how a token's weights are normalised: ``"l2"`` (Expedit-SAM) or
             ``"sum"`` (a weighted mean; see :func:`samfx.kernels.token_cluster.token_reconstruct`).
+        residual: rebuild a token as its own features plus the weighted change
+            of its clusters, instead of the weighted clusters (Expedit-SAM).
         floor: tuning: the least mean mask IoU against the unclustered model.
         cluster_choices: tuning: cluster counts to try (empty: every square
             grid from half the window's side to one short of it, 49..169 for
@@ -87,6 +89,7 @@ class TokenClusterConfig(PassConfig):
     neighbourhood: int = 5
     k: int = 20
     norm: str = "l2"
+    residual: bool = False
     floor: float = 0.90
     cluster_choices: tuple[int, ...] = ()
     locations: tuple[int, ...] = ()
@@ -142,6 +145,7 @@ class _Setting:
     radius: int
     k: int
     norm: str
+    residual: bool
 
 
 class _Unsupported(Exception):
@@ -327,7 +331,8 @@ def _rewrite_graph(graph: fx.Graph, component: Component, adapter: Any, stage: A
         with graph.inserting_before(block.output.next):
             processed = add(torch.unflatten, (block.output, 1, clustered_size)) if sequence else block.output
             restored = add(torch.ops.samfx.token_reconstruct.default,
-                           (processed, features, clustered, window2, grid2, setting.k, setting.temperature, setting.norm))
+                           (processed, features, clustered, window2, grid2, setting.k, setting.temperature, setting.norm,
+                            setting.residual))
             restored = add(torch.flatten, (restored, 1, 2)) if sequence else restored
         for user in outside:
             user.replace_input_with(block.output, restored)
@@ -393,7 +398,7 @@ def _summary(details: dict[str, Any], setting: _Setting) -> str:
 
 def _setting(config: TokenClusterConfig, location: int, clusters: int | Sequence[int]) -> _Setting:
     return _Setting(location, cluster_grid(clusters), config.iterations, config.temperature,
-                    config.neighbourhood // 2, config.k, config.norm)
+                    config.neighbourhood // 2, config.k, config.norm, config.residual)
 
 
 # -- tuning -----------------------------------------------------------------------------
