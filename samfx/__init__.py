@@ -20,7 +20,15 @@ __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .models import CheckpointError  # noqa: E402
-from .passes import BF16Config, FuseAttentionConfig, HyperConfig, PassConfig, PassError, SplitQKVConfig  # noqa: E402
+from .passes import (  # noqa: E402
+    BF16Config,
+    FuseAttentionConfig,
+    HyperConfig,
+    PassConfig,
+    PassError,
+    SplitQKVConfig,
+    TokenClusterConfig,
+)
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
 from .report import OptimizeReport  # noqa: E402
 from .segment_everything import EverythingConfig, EverythingResult, everything  # noqa: E402
@@ -40,6 +48,7 @@ __all__ = [
     "PassConfig",
     "PassError",
     "SplitQKVConfig",
+    "TokenClusterConfig",
     "__version__",
     "adapters",
     "capture",
