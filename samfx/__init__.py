@@ -29,6 +29,7 @@ from .passes import (  # noqa: E402
     PassError,
     PruneConfig,
     SplitQKVConfig,
+    TokenClusterConfig,
 )
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
 from .report import OptimizeReport  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "PassError",
     "PruneConfig",
     "SplitQKVConfig",
+    "TokenClusterConfig",
     "__version__",
     "adapters",
     "capture",

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'prune']
+    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster', 'prune']
 """
 
 from .base import (
@@ -22,6 +22,7 @@ from .split_qkv import SplitQKVConfig, split_qkv
 from .fuse_attention import FuseAttentionConfig, fuse_attention
 from .bf16 import BF16Config, bf16
 from .hyper import HyperConfig, hyper
+from .token_cluster import TokenClusterConfig, token_cluster
 from .prune import PruneConfig, prune
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "PassResult",
     "PruneConfig",
     "SplitQKVConfig",
+    "TokenClusterConfig",
     "get_pass",
     "hyper",
     "list_passes",
@@ -44,4 +46,5 @@ __all__ = [
     "bf16",
     "fuse_attention",
     "split_qkv",
+    "token_cluster",
 ]
