@@ -82,7 +82,7 @@ CASES = [
     # Real weights: MLP channels, FLAP fluctuation with bias compensation on the training photos,
     # then CPU self-distillation (fidelity photos are not among the training ones).
     Case("lite_medsam", (PruneConfig(mlp=0.3, importance="fluctuation"),), label="prune-mlp30",
-         calibration=DEFAULT_TRAINING_IMAGES, distill_minutes=8.0),
+         calibration=DEFAULT_TRAINING_IMAGES, distill_minutes=7.0),
     Case("lite_medsam", (PruneConfig(mlp=0.5, importance="fluctuation"),), label="prune-mlp50",
          calibration=DEFAULT_TRAINING_IMAGES),
     # Pruning time on the largest encoder (magnitude, data-free).
