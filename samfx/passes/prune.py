@@ -680,7 +680,7 @@ def _check_runs(component: Component) -> None:
             continue
         try:
             with _on_meta(component.root), torch.no_grad():
-                component.code(key)(component.root, *_meta_args(args))
+                _compile_graph(component.graphs[key], f"{component.role}[check]")(component.root, *_meta_args(args))
         except Exception as err:
             raise PassError(f"prune: the pruned {component.role} is inconsistent: {type(err).__name__}: {err}") from err
 
