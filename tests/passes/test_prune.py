@@ -236,3 +236,20 @@ def test_lite_medsam_fidelity_after_pruning_30_percent_of_mlp_channels(lite_meds
     assert report.after.params < 0.92 * report.before.params  # the MLPs hold about a third of the weights
     assert report.fidelity.gt_miou_optimized > 0.93 and report.fidelity.gt_miou_original > 0.95
     assert report.fidelity.mask_iou_mean > 0.55
+
+
+def test_pruned_model_composes_with_later_passes_and_exports_to_onnx(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    model = _model("sam_vit_b")
+    config = PruneConfig(mlp=0.5, head_dims=0.5, embed=0.5)
+    pruned, fused = samfx.optimize(model, [config]), samfx.optimize(model, [config, "fuse_attention"])
+    assert all(not p.skipped for p in fused.samfx_report.passes)
+    x = image_input(model)
+    with torch.no_grad():
+        expected = encoder_output(pruned, x)
+        torch.testing.assert_close(encoder_output(fused, x), expected, rtol=1e-4, atol=1e-5)
+        path = tmp_path / "encoder.onnx"
+        torch.onnx.export(pruned.image_encoder, (x,), str(path), dynamo=False, opset_version=18)
+    session = ort.InferenceSession(str(path))
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-3, atol=1e-4)
