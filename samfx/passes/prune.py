@@ -743,8 +743,9 @@ def _apply(captured: CapturedModel, component: Component, sites: list[AttentionS
 # -- the pass --------------------------------------------------------------------------------
 
 def _analyse(captured: CapturedModel, component: Component, sites: list[AttentionSite], config: PruneConfig,
-             context: PassContext, skipped: list[str]) -> tuple[list[Edit], list[_Group]]:
-    """Groups, importance and the channels to keep, through torch-pruning."""
+             context: PassContext, skipped: list[str]) -> tuple[list[Edit], list[_Group], dict[str, torch.Tensor]]:
+    """Groups, importance and the channels to keep, through torch-pruning; with
+    compensation, the bias change of each layer that loses inputs."""
     root = component.root
     statistics = None
     if config.importance != "magnitude" or (config.compensate and context.calibration_images):
