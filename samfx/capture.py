@@ -48,6 +48,7 @@ __all__ = [
     "fake_run",
     "input_check",
     "literal_source",
+    "module_caches_kept",
 ]
 
 
@@ -208,6 +209,17 @@ def fake_run(root: nn.Module) -> Iterator[Callable[[Any], Any]]:
     encoding keeps one per feature size); entries added during the run are
     dropped afterwards, so no fake tensor stays behind in the model.
     """
+    with module_caches_kept(root), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield lambda args: fx.node.map_aggregate(
+            args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+        )
+
+
+@contextlib.contextmanager
+def module_caches_kept(root: nn.Module) -> Iterator[None]:
+    """Entries added to the modules' plain dict attributes (memoised tensors)
+    during the block are dropped afterwards: a run on fake or meta tensors
+    must leave none of them behind."""
     caches = [
         (value, dict(value))
         for module in root.modules()
@@ -215,10 +227,7 @@ def fake_run(root: nn.Module) -> Iterator[Callable[[Any], Any]]:
         if not name.startswith("_") and isinstance(value, dict)
     ]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            yield lambda args: fx.node.map_aggregate(
-                args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
-            )
+        yield
     finally:
         for cache, saved in caches:
             if cache.keys() != saved.keys():

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import AttentionSite
-from ..capture import CapturedModel, Component, _compile_graph, literal_source
+from ..capture import CapturedModel, Component, _compile_graph, literal_source, module_caches_kept
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
 __all__ = ["IMPORTANCES", "PruneConfig", "prune"]
@@ -179,24 +179,25 @@ def _on_meta(root: nn.Module) -> Iterator[dict[int, str]]:
     saved: list[tuple[dict[str, Any], str, Any]] = []
     names: dict[int, str] = {}
     modes = {m: m.training for m in root.modules()}
-    try:
-        for path, module in root.named_modules():
-            for store in (module._parameters, module._buffers):
-                for name, tensor in list(store.items()):
-                    if tensor is None:
-                        continue
-                    saved.append((store, name, tensor))
-                    meta = torch.empty_like(tensor, device="meta")
-                    if store is module._parameters:
-                        meta = nn.Parameter(meta, requires_grad=True)
-                        names[id(meta)] = f"{path}.{name}" if path else name
-                    store[name] = meta
-        yield names
-    finally:
-        for store, name, tensor in saved:
-            store[name] = tensor
-        for module, mode in modes.items():  # torch-pruning calls eval(); set flags back without train() hooks
-            module.training = mode
+    with module_caches_kept(root):  # sine position encodings memoise per size: no meta tensor may stay
+        try:
+            for path, module in root.named_modules():
+                for store in (module._parameters, module._buffers):
+                    for name, tensor in list(store.items()):
+                        if tensor is None:
+                            continue
+                        saved.append((store, name, tensor))
+                        meta = torch.empty_like(tensor, device="meta")
+                        if store is module._parameters:
+                            meta = nn.Parameter(meta, requires_grad=True)
+                            names[id(meta)] = f"{path}.{name}" if path else name
+                        store[name] = meta
+            yield names
+        finally:
+            for store, name, tensor in saved:
+                store[name] = tensor
+            for module, mode in modes.items():  # torch-pruning calls eval(); set flags back without train() hooks
+                module.training = mode
 
 
 @contextlib.contextmanager
