@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Busy-waiting OpenMP threads slow 2-core runs several-fold when the cores are shared.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -30,18 +31,30 @@ import torch  # noqa: E402
 
 import samfx  # noqa: E402
 from samfx.data import package_images  # noqa: E402
+from samfx.distillation import DEFAULT_TRAINING_IMAGES  # noqa: E402
+from samfx.passes import PruneConfig  # noqa: E402
 from samfx.report import environment  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Case:
+    """A zoo model and its passes (names or configs). ``images`` are the fidelity
+    photos (none: no fidelity, e.g. for random weights); ``calibration`` the
+    package photos handed to data-driven passes; ``distill_minutes`` > 0 runs
+    ``samfx.distill`` on the optimized model and measures fidelity again;
+    ``latency`` False skips timing (models whose original takes minutes)."""
+
     model: str
-    passes: tuple[str, ...]
+    passes: tuple[Any, ...]
     images: tuple[str, ...] = ("coins", "astronaut", "coffee")
+    label: str | None = None
+    calibration: tuple[str, ...] = ()
+    distill_minutes: float = 0.0
+    latency: bool = True
 
     @property
     def name(self) -> str:
-        return f"{self.model}/{'+'.join(self.passes)}"
+        return f"{self.model}/{self.label or '+'.join(map(str, self.passes))}"
 
 
 # Later passes add their rows here.
@@ -60,6 +73,20 @@ CASES = [
     Case("sam2.1_hiera_b+", ("hyper",), images=("coins",)),
     # token_cluster tunes itself (mask IoU >= 0.90 vs the original on coins, astronaut, coffee).
     Case("sam_vit_b", ("split_qkv", "token_cluster"), images=("coins",)),
+    # SlimSAM's uniform budgets on SAM ViT-B (random weights: sizes and speed only).
+    # SlimSAM-50: embed 768 -> 384, head dim 64 -> 32, MLP 3072 -> 1536.
+    Case("sam_vit_b", (PruneConfig(mlp=0.5, head_dims=0.5, embed=0.5),), images=(), label="prune-slimsam50"),
+    # SlimSAM-77: embed 168, head dim 14, MLP 696.
+    Case("sam_vit_b", (PruneConfig(mlp=1 - 696 / 3072, head_dims=1 - 14 / 64, embed=1 - 168 / 768),), images=(),
+         label="prune-slimsam77"),
+    # Real weights: MLP channels, FLAP fluctuation with bias compensation on the training photos,
+    # then CPU self-distillation (fidelity photos are not among the training ones).
+    Case("lite_medsam", (PruneConfig(mlp=0.3, importance="fluctuation"),), label="prune-mlp30",
+         calibration=DEFAULT_TRAINING_IMAGES, distill_minutes=7.0),
+    Case("lite_medsam", (PruneConfig(mlp=0.5, importance="fluctuation"),), label="prune-mlp50",
+         calibration=DEFAULT_TRAINING_IMAGES),
+    # Pruning time on the largest encoder (magnitude, data-free).
+    Case("sam_vit_h", (PruneConfig(mlp=0.5, head_dims=0.5, embed=0.5),), images=(), label="prune-50", latency=False),
 ]
 
 
@@ -94,9 +121,10 @@ def _latencies(original: torch.nn.Module, optimized: torch.nn.Module, repeats: i
 def run_case(case: Case, repeats: int, fidelity: bool) -> dict:
     torch.manual_seed(0)
     model = samfx.models.build(case.model)
+    calibration = [sample.image for sample in package_images(list(case.calibration))] if case.calibration else []
     start = time.perf_counter()
-    optimized = samfx.optimize(model, list(case.passes), fidelity=case.images if fidelity else False,
-                               model_name=case.model)
+    optimized = samfx.optimize(model, list(case.passes), fidelity=case.images if fidelity and case.images else False,
+                               model_name=case.model, calibration_images=calibration)
     total = time.perf_counter() - start
     report = optimized.samfx_report
     row = {
@@ -106,18 +134,49 @@ def run_case(case: Case, repeats: int, fidelity: bool) -> dict:
         "params": [report.before.params, report.after.params],
         "weight_bytes": [report.before.weight_bytes, report.after.weight_bytes],
         "encoder_macs": [report.before.macs.get("image_encoder"), report.after.macs.get("image_encoder")],
-        **_latencies(model, optimized, repeats),
+        **(_latencies(model, optimized, repeats) if case.latency else {}),
     }
+    if any(p.name == "prune" for p in report.passes):
+        row["encoder_layer_macs"] = [_layer_macs(model), _layer_macs(optimized)]
+    # Ground truth only says something about a model with trained weights.
+    trained = samfx.models.spec(case.model).pretrained
     if report.fidelity is not None:
-        f = report.fidelity
-        # Ground truth only says something about a model with trained weights.
-        trained = samfx.models.spec(case.model).pretrained
-        row["fidelity"] = {"images": f.images, "prompts": f.prompts, "mask_iou_mean": f.mask_iou_mean,
-                           "mask_iou_min": f.mask_iou_min, "box_mask_iou_mean": f.box_mask_iou_mean,
-                           "embedding_cosine_min": f.embedding_cosine_min,
-                           "iou_pred_error_max": f.iou_pred_error_max,
-                           "gt_miou": [f.gt_miou_original, f.gt_miou_optimized] if trained else [None, None]}
+        row["fidelity"] = _fidelity_row(report.fidelity, trained)
+    if case.distill_minutes > 0:
+        distilled = samfx.distill(optimized, model, steps=10_000, max_minutes=case.distill_minutes, progress=False)
+        row["distill"] = {"steps": distilled.steps, "time_s": distilled.time_s, "images": distilled.images,
+                          "loss": [distilled.losses[0], float(np.mean(distilled.losses[-10:]))]}
+        if fidelity and case.images:
+            row["distill"]["fidelity"] = _fidelity_row(samfx.fidelity.compare(model, optimized, case.images), trained)
     return row
+
+
+def _fidelity_row(f: samfx.fidelity.FidelityReport, trained: bool) -> dict:
+    return {"images": f.images, "prompts": f.prompts, "mask_iou_mean": f.mask_iou_mean,
+            "mask_iou_min": f.mask_iou_min, "box_mask_iou_mean": f.box_mask_iou_mean,
+            "embedding_cosine_min": f.embedding_cosine_min, "iou_pred_error_max": f.iou_pred_error_max,
+            "gt_miou": [f.gt_miou_original, f.gt_miou_optimized] if trained else [None, None]}
+
+
+def _layer_macs(model: torch.nn.Module) -> int:
+    """Image-encoder MACs of the layers with weights (convolutions and linear
+    layers), without the activation-by-activation attention matmuls: the
+    convention closest to SlimSAM's tables (samfx.stats counts everything)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    adapter = samfx.adapters.find_adapter(model)
+    spec = next(s for s in adapter.components(model) if s.role == "image_encoder")
+    encoder = model.get_submodule(spec.path) if spec.path else model
+    (name, example), = spec.example_inputs().items()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder(**{name: mode.from_tensor(example)})
+    counts = counter.get_flop_counts()["Global"]
+    return sum(int(flops) // 2 for op, flops in counts.items() if str(op).split(".")[1] in ("convolution", "addmm", "mm"))
+
+
+def _change(pair: list[float], unit: float, suffix: str = "") -> str:
+    return f"{pair[0] / unit:.1f}->{pair[1] / unit:.1f}{suffix}"
 
 
 def table(rows: list[dict]) -> str:
@@ -129,11 +188,27 @@ def table(rows: list[dict]) -> str:
         gt = f and f["gt_miou"][0] is not None
         lines.append(
             f"{r['case']:<30}{r['params'][1] / 1e6:>9.2f}M{r['weight_bytes'][1] / 1e6:>9.1f}"
-            f"{r['encoder_macs'][1] / 1e9:>8.1f}{r['encoder_optimized_s']:>8.2f}{r['encoder_speedup']:>6.2f}x"
-            f"{1e3 * r['decoder_optimized_s']:>8.1f}{r['decoder_speedup']:>6.2f}x"
+            f"{r['encoder_macs'][1] / 1e9:>8.1f}"
+            + (f"{r['encoder_optimized_s']:>8.2f}{r['encoder_speedup']:>6.2f}x"
+               f"{1e3 * r['decoder_optimized_s']:>8.1f}{r['decoder_speedup']:>6.2f}x" if "encoder_speedup" in r
+               else f"{'-':>8}{'-':>7}{'-':>8}{'-':>7}")
             + (f"{f['mask_iou_mean']:>14.4f}{f['embedding_cosine_min']:>10.5f}" if f else f"{'-':>14}{'-':>10}")
             + (f"{100 * f['gt_miou'][0]:>7.1f}->{100 * f['gt_miou'][1]:<5.1f}" if gt else f"{'-':>14}")
         )
+    pruned = [r for r in rows if "encoder_layer_macs" in r]
+    if pruned:
+        lines += ["", f"{'pruned encoder':<30}{'params':>16}{'GMACs (all)':>16}{'GMACs (layers)':>18}{'prune s':>9}"
+                      f"{'distill':>9}{'mIoU vs orig':>14}{'GT mIoU':>14}"]
+        for r in pruned:
+            d = r.get("distill")
+            f = d and d.get("fidelity")
+            lines.append(
+                f"{r['case']:<30}{_change(r['params'], 1e6, 'M'):>16}{_change(r['encoder_macs'], 1e9):>16}"
+                f"{_change(r['encoder_layer_macs'], 1e9):>18}"
+                f"{r['pass_s']['prune']:>9.1f}"
+                + (f"{d['steps']:>5} st{f['mask_iou_mean']:>14.4f}" if f else f"{'-':>9}{'-':>14}")
+                + (f"{100 * f['gt_miou'][0]:>7.1f}->{100 * f['gt_miou'][1]:<5.1f}" if f and f["gt_miou"][0] is not None
+                   else f"{'-':>14}"))
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
 from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
+from .distillation import DistillReport, distill  # noqa: E402
 from .models import CheckpointError  # noqa: E402
 from .passes import (  # noqa: E402
     BF16Config,
@@ -26,6 +27,7 @@ from .passes import (  # noqa: E402
     HyperConfig,
     PassConfig,
     PassError,
+    PruneConfig,
     SplitQKVConfig,
     TokenClusterConfig,
 )
@@ -40,6 +42,7 @@ __all__ = [
     "CapturedModel",
     "CheckpointError",
     "Component",
+    "DistillReport",
     "EverythingConfig",
     "EverythingResult",
     "FuseAttentionConfig",
@@ -47,12 +50,14 @@ __all__ = [
     "OptimizeReport",
     "PassConfig",
     "PassError",
+    "PruneConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
     "__version__",
     "adapters",
     "capture",
     "data",
+    "distill",
     "everything",
     "fidelity",
     "load",

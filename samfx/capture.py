@@ -37,7 +37,19 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from .adapters import Adapter, find_adapter
 from .adapters.base import PRESENT, ComponentSpec, TraceRecipe, class_name
 
-__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "fake_run", "input_check"]
+__all__ = [
+    "CaptureError",
+    "CapturedModel",
+    "Component",
+    "OpaqueMethodCall",
+    "SourcedFloat",
+    "SourcedInt",
+    "capture",
+    "fake_run",
+    "input_check",
+    "literal_source",
+    "module_caches_kept",
+]
 
 
 class CaptureError(RuntimeError):
@@ -197,6 +209,17 @@ def fake_run(root: nn.Module) -> Iterator[Callable[[Any], Any]]:
     encoding keeps one per feature size); entries added during the run are
     dropped afterwards, so no fake tensor stays behind in the model.
     """
+    with module_caches_kept(root), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield lambda args: fx.node.map_aggregate(
+            args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+        )
+
+
+@contextlib.contextmanager
+def module_caches_kept(root: nn.Module) -> Iterator[None]:
+    """Entries added to the modules' plain dict attributes (memoised tensors)
+    during the block are dropped afterwards: a run on fake or meta tensors
+    must leave none of them behind."""
     caches = [
         (value, dict(value))
         for module in root.modules()
@@ -204,10 +227,7 @@ def fake_run(root: nn.Module) -> Iterator[Callable[[Any], Any]]:
         if not name.startswith("_") and isinstance(value, dict)
     ]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            yield lambda args: fx.node.map_aggregate(
-                args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
-            )
+        yield
     finally:
         for cache, saved in caches:
             if cache.keys() != saved.keys():
@@ -454,6 +474,64 @@ class OpaqueMethodCall(nn.Module):
         return f"{type(self.owner).__name__}.{self.method}"
 
 
+class _Sourced:
+    """A literal that remembers ``source = (module path, attribute)``; mixed into
+    a number type, whose value, hash, arithmetic and printed form it keeps."""
+
+    source: tuple[str, str]
+    _number: type
+
+    def __new__(cls, value: Any, source: tuple[str, str]) -> "_Sourced":
+        literal = super().__new__(cls, value)
+        literal.source = source
+        return literal
+
+    def __repr__(self) -> str:
+        return self._number.__repr__(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self._number(self), self.source)
+
+
+class SourcedInt(_Sourced, int):
+    """An ``int`` module attribute read while tracing, e.g. ``self.num_heads``.
+
+    It lands in node arguments as an ordinary literal (same value, hash and
+    generated code) that remembers ``source = (module path, attribute)``, so a
+    pass that changes a layer's width can find every literal derived from it.
+    Arithmetic in Python returns plain numbers: only direct reads keep a source.
+    """
+
+    _number = int
+
+
+class SourcedFloat(_Sourced, float):
+    """A ``float`` module attribute read while tracing (``self.scale``); see :class:`SourcedInt`."""
+
+    _number = float
+
+
+def literal_source(value: Any) -> tuple[str, str] | None:
+    """``(module path, attribute)`` a graph literal was read from, if known."""
+    return value.source if isinstance(value, (SourcedInt, SourcedFloat)) else None
+
+
+def _source_attributes(root: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """Replace the plain ``int``/``float`` attributes of every module by sourced
+    literals; returns what to restore."""
+    replaced = []
+    for path, module in root.named_modules():
+        for name, value in list(vars(module).items()):
+            if type(value) is int:
+                module.__dict__[name] = SourcedInt(value, (path, name))
+            elif type(value) is float:
+                module.__dict__[name] = SourcedFloat(value, (path, name))
+            else:
+                continue
+            replaced.append((module, name, value))
+    return replaced
+
+
 def _opaque_attr(method: str) -> str:
     return f"_samfx_{method.lstrip('_')}"
 
@@ -468,7 +546,9 @@ def _patched(root: nn.Module, recipe: TraceRecipe) -> Iterator[list[tuple[nn.Mod
     redirected: list[tuple[nn.Module, str]] = []
     len_patched: list[dict[str, Any]] = []
     original_cls = type(root)
+    sourced: list[tuple[nn.Module, str, Any]] = []
     try:
+        sourced = _source_attributes(root)
         for module in root.modules():
             namespace = sys.modules[type(module).__module__].__dict__
             if "len" not in namespace:
@@ -494,6 +574,8 @@ def _patched(root: nn.Module, recipe: TraceRecipe) -> Iterator[list[tuple[nn.Mod
         raise
     finally:
         root.__class__ = original_cls
+        for module, name, value in sourced:
+            module.__dict__[name] = value
         for namespace in len_patched:
             namespace.pop("len", None)
         for module, method in redirected:

@@ -195,6 +195,8 @@ class AttentionSite:
             (0: global attention over the whole map; ``None``: not a windowed block).
         rel_pos: whether decomposed relative-position terms are added.
         block: path of the enclosing block, if any.
+        rel_pos_tables: attributes of the attention module that hold those
+            relative-position tables (their last dimension is ``head_dim``).
     """
 
     path: str
@@ -205,6 +207,7 @@ class AttentionSite:
     window_size: int | None = None
     rel_pos: bool = False
     block: str | None = None
+    rel_pos_tables: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,11 @@ class Predictor:
     @property
     def image_embedding(self) -> torch.Tensor:
         """The main image embedding of the last ``set_image`` (for cosine checks)."""
+        raise NotImplementedError
+
+    def encoder_input(self, image: np.ndarray) -> torch.Tensor:
+        """The image encoder's input for an ``H x W x 3`` uint8 RGB image
+        (resized, normalised and padded the way ``set_image`` does it)."""
         raise NotImplementedError
 
     def predict(
@@ -384,6 +392,36 @@ class Adapter:
 
     def predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")
+
+    def encoder_features(self, output: Any) -> list[torch.Tensor]:
+        """The feature maps in an image encoder's output that the mask decoder
+        reads (the image embedding first)."""
+        if isinstance(output, torch.Tensor):
+            return [output]
+        raise NotImplementedError(f"adapter {self.name!r} does not know the encoder output {type(output).__name__}")
+
+    # -- structural edits (pruning) ------------------------------------------
+    def mlp_hidden_layers(self, component_root: nn.Module) -> list[str]:
+        """Paths of the layers whose outputs are feed-forward hidden channels
+        (an MLP's first Linear, an inverted residual's expansion conv)."""
+        return []
+
+    def parameter_channel_dims(self, component_root: nn.Module) -> dict[str, int]:
+        """Parameters held outside layers (position embeddings, ...) that are added
+        to activations, with the dimension that indexes the channels. 1-D
+        parameters (norm scales) need not be listed: their only dimension is it."""
+        return {}
+
+    def resize_attention(self, module: nn.Module, kept_heads: list[int], kept_dims: list[int]) -> None:
+        """Make an attention module agree with q/k/v projections that now keep the
+        heads ``kept_heads`` (original indices) and, in every kept head, the dims
+        ``kept_dims``: head counts and widths, and per-head or per-dim tensors
+        (relative-position tables, attention biases)."""
+        raise NotImplementedError(f"adapter {self.name!r} cannot resize {class_name(module)}")
+
+    def sync_width_attributes(self, component_root: nn.Module) -> None:
+        """After layers changed width, set the attributes that record widths
+        (``dim``, ``embed_dim``, ...) from the layers themselves."""
 
 
 def is_norm(module: nn.Module) -> bool:

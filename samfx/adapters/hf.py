@@ -21,7 +21,7 @@ from .base import (
     TokenStage,
     TraceRecipe,
 )
-from .sam import defining_class, is_score_head, plain_vit_stage, projection_width
+from .sam import defining_class, is_score_head, plain_vit_stage, projection_width, slice_parameter
 
 __all__ = ["HFSamAdapter", "HFSamPredictor"]
 
@@ -141,8 +141,9 @@ class HFSamAdapter(Adapter):
         if defining_class(module, "SamVisionAttention"):
             heads = module.num_attention_heads
             head_dim = projection_width(module) // heads
+            tables = ("rel_pos_h", "rel_pos_w") if module.use_rel_pos else ()
             return AttentionSite(path, "hf_vit", heads, head_dim, head_dim, getattr(parent, "window_size", None),
-                                 bool(module.use_rel_pos), parent_path)
+                                 bool(module.use_rel_pos), parent_path, tables)
         if defining_class(module, _PREFIX + "SamAttention"):
             head_dim = module.internal_dim // module.num_attention_heads
             return AttentionSite(path, "decoder", module.num_attention_heads, head_dim, head_dim, block=parent_path)
@@ -166,6 +167,24 @@ class HFSamAdapter(Adapter):
     def predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)
 
+    def encoder_features(self, output):
+        return [output.last_hidden_state]
+
+    def mlp_hidden_layers(self, component_root: nn.Module) -> list[str]:
+        return [f"{path}.lin1" if path else "lin1" for path, module in component_root.named_modules()
+                if defining_class(module, _PREFIX + "SamMLPBlock")]
+
+    def parameter_channel_dims(self, component_root: nn.Module) -> dict[str, int]:
+        return {"pos_embed": 3} if getattr(component_root, "pos_embed", None) is not None else {}  # (1, H, W, C)
+
+    def resize_attention(self, module: nn.Module, kept_heads: list[int], kept_dims: list[int]) -> None:
+        if not defining_class(module, "SamVisionAttention"):
+            return super().resize_attention(module, kept_heads, kept_dims)
+        module.num_attention_heads = len(kept_heads)
+        if module.use_rel_pos:
+            slice_parameter(module, "rel_pos_h", 1, kept_dims)
+            slice_parameter(module, "rel_pos_w", 1, kept_dims)
+
 
 class HFSamPredictor(Predictor):
     """The ``SamProcessor`` + ``SamModel`` recipe from the transformers docs."""
@@ -180,6 +199,9 @@ class HFSamPredictor(Predictor):
         )
         self.processor = SamProcessor(image_processor=processor)
         self._embedding: torch.Tensor | None = None
+
+    def encoder_input(self, image: np.ndarray) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"].to(_device(self.model))
 
     @torch.no_grad()
     def set_image(self, image: np.ndarray) -> None:

@@ -23,8 +23,11 @@ from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QK
 
 _VIT = "image_encoder.ImageEncoderViT"
 _VIT_ATTENTION = "image_encoder.Attention"
+_MLP_BLOCK = "common.MLPBlock"
 _TINYVIT = "tiny_vit_sam.TinyViT"
 _TINYVIT_ATTENTION = "tiny_vit_sam.Attention"
+_TINYVIT_MLP = "tiny_vit_sam.Mlp"
+_MBCONV = "tiny_vit_sam.MBConv"
 _TINYVIT_BLOCK = "tiny_vit_sam.TinyViTBlock"
 _DECODER_ATTENTION = "modeling.transformer.Attention"
 _PROMPT_ENCODER = "prompt_encoder.PromptEncoder"
@@ -117,6 +120,30 @@ def resized_tinyvit_block(block: nn.Module, size: tuple[int, int], window: int) 
 
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def slice_parameter(module: nn.Module, name: str, dim: int, kept: list[int]) -> None:
+    """Keep the entries ``kept`` of ``module.<name>`` along ``dim`` (a new Parameter)."""
+    old = getattr(module, name)
+    index = torch.as_tensor(kept, dtype=torch.long, device=old.device)
+    setattr(module, name, nn.Parameter(old.detach().index_select(dim, index).clone(), requires_grad=old.requires_grad))
+
+
+def _tinyvit_widths(module: nn.Module) -> None:
+    """TinyViT's modules record their widths in attributes; set them from the layers."""
+    if defining_class(module, "tiny_vit_sam.PatchEmbed"):
+        module.embed_dim = module.seq[-1].c.out_channels
+    elif defining_class(module, _MBCONV):
+        module.in_chans = module.conv1.c.in_channels
+        module.hidden_chans = module.conv1.c.out_channels
+        module.out_chans = module.conv3.c.out_channels
+    elif defining_class(module, "tiny_vit_sam.PatchMerging"):
+        module.dim, module.out_dim = module.conv1.c.in_channels, module.conv3.c.out_channels
+    elif defining_class(module, "tiny_vit_sam.TinyViTBlock"):
+        module.dim, module.num_heads = module.local_conv.c.out_channels, module.attn.num_heads
+    elif defining_class(module, "tiny_vit_sam.ConvLayer") or defining_class(module, "tiny_vit_sam.BasicLayer"):
+        first = module.blocks[0]
+        module.dim = first.in_chans if hasattr(first, "in_chans") else first.dim
 
 
 def _module_functions(module: nn.Module, names: tuple[str, ...]) -> tuple[Any, ...]:
@@ -228,8 +255,9 @@ class SamAdapter(Adapter):
     def _attention_site(self, path, module, parent, parent_path):
         if defining_class(module, _VIT_ATTENTION):
             head_dim = projection_width(module) // module.num_heads
+            tables = ("rel_pos_h", "rel_pos_w") if module.use_rel_pos else ()
             return AttentionSite(path, "sam_vit", module.num_heads, head_dim, head_dim,
-                                 getattr(parent, "window_size", None), bool(module.use_rel_pos), parent_path)
+                                 getattr(parent, "window_size", None), bool(module.use_rel_pos), parent_path, tables)
         if defining_class(module, _TINYVIT_ATTENTION):
             return AttentionSite(path, "tinyvit", module.num_heads, module.key_dim, module.d,
                                  getattr(parent, "window_size", None), False, parent_path)
@@ -266,6 +294,48 @@ class SamAdapter(Adapter):
         from segment_anything import SamPredictor
 
         return UpstreamPredictor(SamPredictor(model))
+
+    def mlp_hidden_layers(self, component_root: nn.Module) -> list[str]:
+        layers = []
+        for path, module in component_root.named_modules():
+            prefix = f"{path}." if path else ""
+            if defining_class(module, _MLP_BLOCK):
+                layers.append(prefix + "lin1")
+            elif defining_class(module, _TINYVIT_MLP):
+                layers.append(prefix + "fc1")
+            elif defining_class(module, _MBCONV):
+                layers.append(prefix + "conv1.c")
+        return layers
+
+    def parameter_channel_dims(self, component_root: nn.Module) -> dict[str, int]:
+        if defining_class(component_root, _VIT) and component_root.pos_embed is not None:
+            return {"pos_embed": 3}  # (1, H, W, C)
+        return {}
+
+    def resize_attention(self, module: nn.Module, kept_heads: list[int], kept_dims: list[int]) -> None:
+        if defining_class(module, _VIT_ATTENTION):
+            module.num_heads = len(kept_heads)
+            if module.use_rel_pos:
+                slice_parameter(module, "rel_pos_h", 1, kept_dims)
+                slice_parameter(module, "rel_pos_w", 1, kept_dims)
+        elif defining_class(module, _TINYVIT_ATTENTION):
+            module.num_heads = len(kept_heads)
+            module.key_dim = module.d = len(kept_dims)
+            module.nh_kd = module.dh = module.num_heads * module.key_dim
+            slice_parameter(module, "attention_biases", 0, kept_heads)
+            if "ab" in module._buffers:  # eval-mode cache of the biases per query/key pair
+                module.ab = module.attention_biases.detach()[:, module.attention_bias_idxs]
+        else:
+            super().resize_attention(module, kept_heads, kept_dims)
+
+    def sync_width_attributes(self, component_root: nn.Module) -> None:
+        for module in component_root.modules():
+            _tinyvit_widths(module)
+
+    def encoder_features(self, output):
+        if isinstance(output, tuple):  # SAM-HQ: (embedding, early ViT features); the decoder reads the first
+            return [output[0], output[1][0]]
+        return super().encoder_features(output)
 
 
 def is_score_head(path: str) -> bool:
@@ -306,6 +376,11 @@ class UpstreamPredictor(Predictor):
 
     def set_image(self, image: np.ndarray) -> None:
         self._predictor.set_image(image)
+
+    def encoder_input(self, image: np.ndarray) -> torch.Tensor:
+        predictor = self._predictor
+        resized = torch.as_tensor(predictor.transform.apply_image(image), device=predictor.device)
+        return predictor.model.preprocess(resized.permute(2, 0, 1).contiguous()[None].float())
 
     @property
     def image_embedding(self) -> torch.Tensor:
@@ -370,14 +445,16 @@ class LiteMedSAMPredictor(Predictor):
         self._embedding: torch.Tensor | None = None
         self._image_hw: tuple[int, int] = (0, 0)
 
-    @torch.no_grad()
-    def set_image(self, image: np.ndarray) -> None:
+    def encoder_input(self, image: np.ndarray) -> torch.Tensor:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an H x W x 3 image, got shape {image.shape}")
         device = _device(self.model)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device) / 255.0
-        tensor = F.interpolate(tensor, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        self._embedding = self.model.image_encoder(tensor)
+        return F.interpolate(tensor, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray) -> None:
+        self._embedding = self.model.image_encoder(self.encoder_input(image))
         self._image_hw = image.shape[:2]
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +24,8 @@ __all__ = ["Sam2Adapter", "Sam2Predictor"]
 
 _HIERA = "sam2.modeling.backbones.hieradet.Hiera"
 _ATTENTION = "sam2.modeling.backbones.hieradet.MultiScaleAttention"
+_BLOCK = "sam2.modeling.backbones.hieradet.MultiScaleBlock"
+_MLP = "sam2.modeling.sam2_utils.MLP"
 _POSITION_SINE = "sam2.modeling.position_encoding.PositionEmbeddingSine"
 _DECODER_ATTENTION = "sam2.modeling.sam.transformer.Attention"
 
@@ -107,6 +110,41 @@ class Sam2Adapter(Adapter):
             return decoder_attention_site(path, module, parent_path)
         return None
 
+    def encoder_features(self, output):
+        # The decoder reads every FPN level the encoder keeps: the lowest-resolution
+        # one is the image embedding, the others are its high-resolution features.
+        return list(output["backbone_fpn"][::-1])
+
+    def mlp_hidden_layers(self, component_root: nn.Module) -> list[str]:
+        layers = []
+        for path, module in component_root.named_modules():
+            if defining_class(module, _MLP) and defining_class(modules_parent(component_root, path), _BLOCK):
+                layers += [f"{path}.layers.{i}" for i in range(len(module.layers) - 1)]
+        return layers
+
+    def parameter_channel_dims(self, component_root: nn.Module) -> dict[str, int]:
+        dims = {}
+        for path, module in component_root.named_modules():
+            if defining_class(module, _HIERA):
+                prefix = f"{path}." if path else ""
+                dims.update({prefix + "pos_embed": 1, prefix + "pos_embed_window": 1})  # (1, C, h, w)
+        return dims
+
+    def resize_attention(self, module: nn.Module, kept_heads: list[int], kept_dims: list[int]) -> None:
+        if not defining_class(module, _ATTENTION):
+            return super().resize_attention(module, kept_heads, kept_dims)
+        module.num_heads = len(kept_heads)
+
+    def sync_width_attributes(self, component_root: nn.Module) -> None:
+        for module in component_root.modules():
+            if defining_class(module, _ATTENTION):
+                module.dim, module.dim_out = module.q.in_features, module.proj.out_features
+            elif defining_class(module, _BLOCK):
+                module.dim, module.dim_out = module.norm1.normalized_shape[0], module.mlp.layers[-1].out_features
+            elif defining_class(module, _HIERA):
+                ends = [module.blocks[i].dim_out for i in module.stage_ends]
+                module.channel_list = ends[::-1]
+
     def _precision_island(self, path: str, module: nn.Module) -> bool:
         # The object-score head gates whole masks; the sine encoding needs float32 arguments.
         return (is_score_head(path) or path.rpartition(".")[2] == "pred_obj_score_head"
@@ -143,10 +181,21 @@ class Sam2Adapter(Adapter):
         return Sam2Predictor(predictor)
 
 
+def modules_parent(root: nn.Module, path: str) -> nn.Module | None:
+    """The module that holds the submodule at ``path`` (``None`` for the root)."""
+    if not path:
+        return None
+    parent = path.rpartition(".")[0]
+    return root.get_submodule(parent) if parent else root
+
+
 class Sam2Predictor(UpstreamPredictor):
     @property
     def image_embedding(self) -> torch.Tensor:
         return self._predictor._features["image_embed"]
+
+    def encoder_input(self, image: np.ndarray) -> torch.Tensor:
+        return self._predictor._transforms(image)[None].to(self._predictor.device)
 
     def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
         masks, scores, _ = self._predictor.predict(

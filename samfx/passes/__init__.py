@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster']
+    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster', 'prune']
 """
 
 from .base import (
@@ -23,6 +23,7 @@ from .fuse_attention import FuseAttentionConfig, fuse_attention
 from .bf16 import BF16Config, bf16
 from .hyper import HyperConfig, hyper
 from .token_cluster import TokenClusterConfig, token_cluster
+from .prune import PruneConfig, prune
 
 __all__ = [
     "BF16Config",
@@ -34,11 +35,13 @@ __all__ = [
     "PassInfo",
     "PassReport",
     "PassResult",
+    "PruneConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
     "get_pass",
     "hyper",
     "list_passes",
+    "prune",
     "register_pass",
     "bf16",
     "fuse_attention",

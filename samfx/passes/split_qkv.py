@@ -105,6 +105,16 @@ def _flat_sizes(args: list[Any]) -> list[Any]:
     return list(args)
 
 
+def _part_shape(shape_args: list[Any], axis: int, size: int) -> tuple[Any, ...]:
+    """Shape arguments for one part: ``size`` along the split axis, unless upstream
+    wrote ``-1`` there, which stays so that the graph keeps inferring widths
+    (a pass that narrows the projection later need not touch it)."""
+    part_shape = list(shape_args)
+    if not (isinstance(part_shape[axis], int) and part_shape[axis] == -1):
+        part_shape[axis] = size
+    return tuple(part_shape)
+
+
 def _norm(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
 
@@ -142,9 +152,7 @@ def _transfer(state: _Split, user: fx.Node) -> _Split | _SplitTuple:
         new_sizes = tuple(s * inner_in // inner_out for s in sizes)
 
         def make(i: int, r: int = r, new_sizes: tuple[int, ...] = new_sizes) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            part_shape = list(shape_args)
-            part_shape[r] = new_sizes[i]
-            return tuple(part_shape), {}
+            return _part_shape(shape_args, r, new_sizes[i]), {}
 
         return _Split(r, new_sizes, [c + [_emit_call(op, make)] for c in state.chains])
     if op == "permute":
@@ -204,9 +212,7 @@ def _plan(graph: fx.Graph, qkv: fx.Node, layout: QKVLayout) -> _Plan:
         shape_args = _flat_sizes(list(view.args[1:]))
 
         def make(i: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            part_shape = list(shape_args)
-            part_shape[-1] = layout.sizes[i]
-            return tuple(part_shape), {}
+            return _part_shape(shape_args, len(shape_args) - 1, layout.sizes[i]), {}
 
         root, state = view, _Split(len(shape) - 1, layout.sizes, [[_emit_call(str(view.target), make)] for _ in range(3)])
         dead = [qkv, view]
