@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .adapters import Adapter, find_adapter
 from .adapters.base import PRESENT, ComponentSpec, TraceRecipe, class_name
 
-__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "input_check"]
+__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "fake_run", "input_check"]
 
 
 class CaptureError(RuntimeError):
@@ -97,9 +97,8 @@ class Component:
             args = self.example_args(key)
             if args is None:
                 raise CaptureError(f"{self.role}: the adapter gave no example inputs to propagate shapes with")
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                fake = fx.node.map_aggregate(args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-                _ShapeRecorder(self.root, graph).run(*fake)
+            with fake_run(self.root) as fakes:
+                _ShapeRecorder(self.root, graph).run(*fakes(args))
 
     def nodes(self) -> Iterator[tuple[GraphKey, fx.Node]]:
         for key, graph in self.graphs.items():
@@ -167,6 +166,33 @@ class Component:
 
     def key_names(self) -> tuple[str, ...]:
         return self.static_names + tuple(c.function for c in self.spec.recipe.shape_conditions)
+
+
+@contextlib.contextmanager
+def fake_run(root: nn.Module) -> Iterator[Callable[[Any], Any]]:
+    """Fake-tensor mode for running ``root`` without computing anything.
+
+    Yields a function that turns (nested) arguments into fake tensors. Upstream
+    modules memoise tensors in plain dict attributes (SAM 2's sine position
+    encoding keeps one per feature size); entries added during the run are
+    dropped afterwards, so no fake tensor stays behind in the model.
+    """
+    caches = [
+        (value, dict(value))
+        for module in root.modules()
+        for name, value in vars(module).items()
+        if not name.startswith("_") and isinstance(value, dict)
+    ]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield lambda args: fx.node.map_aggregate(
+                args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+            )
+    finally:
+        for cache, saved in caches:
+            if cache.keys() != saved.keys():
+                cache.clear()
+                cache.update(saved)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -375,9 +401,8 @@ def _observe_input_ranks(root: nn.Module, example: dict[str, Any] | None) -> dic
 
     handles = [m.register_forward_pre_hook(record) for m in root.modules()]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            fake = fx.node.map_aggregate(example, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-            root(**fake)
+        with fake_run(root) as fakes, torch.no_grad():
+            root(**fakes(example))
     except Exception:
         # Data-dependent shapes (boolean masks in prompt code) stop a fake run;
         # the ranks recorded up to there are still right, and tracing reports

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import ComponentSpec
+from .capture import fake_run
 
 __all__ = ["ModelStats", "component_macs", "model_stats", "parameter_count", "weight_bytes"]
 
@@ -83,10 +84,8 @@ def component_macs(model: nn.Module, adapter: Adapter | None = None) -> dict[str
             continue
         root = model.get_submodule(spec.path) if spec.path else model
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-                fake = fx.node.map_aggregate(example, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-                with FlopCounterMode(display=False) as counter:
-                    root(**fake)
+            with fake_run(root) as fakes, torch.no_grad(), FlopCounterMode(display=False) as counter:
+                root(**fakes(example))
         except DynamicOutputShapeException:
             # Prompt code indexes with boolean masks; its example is tiny, run it for real
             # (impossible for a model on the meta device: then its MACs are left out).
