@@ -19,6 +19,7 @@ __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
 from . import adapters, data, fidelity, models, passes, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
+from .emit.onnx import export_onnx  # noqa: E402
 from .models import CheckpointError  # noqa: E402
 from .passes import PassConfig, PassError, SplitQKVConfig  # noqa: E402
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "adapters",
     "capture",
     "data",
+    "export_onnx",
     "fidelity",
     "load",
     "models",

@@ -3,6 +3,7 @@ in the Hub format)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
@@ -11,9 +12,10 @@ from torch import nn
 
 from . import register_adapter
 from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
+from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPromptDecoder
 from .sam import defining_class, projection_width
 
-__all__ = ["HFSamAdapter", "HFSamPredictor"]
+__all__ = ["HFPointEmbedding", "HFSamAdapter", "HFSamPredictor"]
 
 _PREFIX = "transformers.models.sam.modeling_sam."
 _SDPA = "transformers.integrations.sdpa_attention.sdpa_attention_forward"
@@ -140,6 +142,65 @@ class HFSamAdapter(Adapter):
 
     def predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)
+
+    def deployment(self, model: nn.Module, multimask_output: bool = True) -> Deployment:
+        if not hasattr(model, "mask_decoder"):
+            raise ValueError("a bare SamVisionEncoder has no prompt decoder to deploy")
+        from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        # SamImageProcessor: longest edge resized on the 8-bit image, rescaled, normalised, padded.
+        preprocessing = Preprocessing(model.config.vision_config.image_size, "longest_side", resample_uint8=True,
+                                      antialias=True, mean=tuple(255.0 * m for m in IMAGENET_DEFAULT_MEAN),
+                                      std=tuple(255.0 * s for s in IMAGENET_DEFAULT_STD))
+        return Deployment(
+            encoder=EncoderOutputs(model.vision_encoder, _last_hidden_state),
+            embedding_names=("image_embeddings",),
+            decoder=SamPromptDecoder(HFPointEmbedding(model), model.mask_decoder,
+                                     partial(_hf_decode, multimask_output=multimask_output), 1),
+            preprocessing=preprocessing,
+            mask_input_size=4 * model.config.prompt_encoder_config.image_embedding_size,
+        )
+
+
+class HFPointEmbedding(nn.Module):
+    """SAM-convention point embedding with the weights of a ``SamPromptEncoder``
+    (the formulas of its ``_embed_points`` and ``_embed_boxes``: box corners are
+    points labelled 2 and 3)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.shared_image_embedding = model.shared_image_embedding
+        self.size = float(model.prompt_encoder.input_image_size)
+        self._dense_pe = model.get_image_wide_positional_embeddings
+
+    def sparse(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        encoder = self.prompt_encoder
+        embedding = encoder.shared_embedding(((point_coords + 0.5) / self.size)[:, None])
+        labels = point_labels[:, None, :, None]
+        embedding = torch.where(labels == -1, encoder.not_a_point_embed.weight, embedding)
+        for index, learned in enumerate(encoder.point_embed):
+            embedding = embedding + learned.weight * (labels == index)
+        return embedding
+
+    def dense(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        encoder = self.prompt_encoder
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return has_mask_input * encoder.mask_embed(mask_input) + (1 - has_mask_input) * no_mask
+
+    def dense_pe(self) -> torch.Tensor:
+        return self._dense_pe()
+
+
+def _hf_decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
+    low_res, iou = decoder(image_embeddings=embeddings[0], image_positional_embeddings=dense_pe,
+                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                           multimask_output=multimask_output)[:2]
+    return low_res[:, 0], iou[:, 0]
+
+
+def _last_hidden_state(out: Any) -> tuple[torch.Tensor]:
+    return (out.last_hidden_state,)
 
 
 class HFSamPredictor(Predictor):
