@@ -40,7 +40,7 @@ import contextlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -197,10 +197,6 @@ class OnnxExport:
                          f"iou_predictions {case['iou_max_abs_diff']:.2e}")
         return "\n".join(lines)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
-
 
 def _file_bytes(path: Path) -> int:
     """Size of an ONNX file and of the external data files next to it that it names."""
@@ -331,33 +327,31 @@ def _check(deployment: Deployment, decoder: FullSizeDecoder, export: OnnxExport,
     encoder_diff = max(float(np.abs(a - b).max()) for a, b in zip(onnx_embeddings, eager))
     checks: dict[str, Any] = {"encoder": {"max_abs_diff": encoder_diff, "relative_diff": encoder_diff / scale},
                               "decoder": []}
-    # Prompts from the package image; the decoder runs on eager embeddings so that
-    # its own difference is measured.
-    predictor = runtime.OnnxPredictor.__new__(runtime.OnnxPredictor)
-    predictor.preprocessing, predictor.metadata = preprocessing, export.metadata
+    # Prompts of the package image, moved to three image sizes; the decoder runs on the
+    # eager embeddings so that its own difference is measured. The last prompt feeds
+    # back the low-res mask of the previous one, as interactive tools do.
     box = np.array(next(p.coords for p in sample.prompts if p.kind == "box"))
     clicks = np.array([p.coords for p in sample.prompts if p.kind == "point"][:3])
     cases = [
         ("1 point", {"point_coords": clicks[:1], "point_labels": [1]}),
         ("3 points", {"point_coords": clicks, "point_labels": [1, 0, 1]}),
         ("box", {"box": box}),
-        ("box + point + mask", {"box": box, "point_coords": clicks[:1], "point_labels": [1], "mask_input": "previous"}),
+        ("box + point + mask", {"box": box, "point_coords": clicks[:1], "point_labels": [1]}),
     ]
     height, width = sample.image.shape[:2]
     sizes = [(height, width), (width + 37, height // 2 + 1), (3 * height, 2 * width + 5)]
-    previous = None
+    low_res = None
     for (label, prompt), image_hw in zip(cases + cases[:2], sizes * 2):
-        predictor._image_hw = image_hw
-        prompt = dict(prompt)
-        if prompt.get("mask_input") == "previous":
-            prompt["mask_input"] = previous
-        feeds = predictor.prompt_inputs(**{k: _scaled(v, k, sample.image.shape[:2], image_hw)
-                                          for k, v in prompt.items()})
+        factor = np.array([image_hw[1] / width, image_hw[0] / height])
+        moved = {k: np.asarray(v, np.float64).reshape(-1, 2) * factor if k in ("point_coords", "box") else v
+                 for k, v in prompt.items()}
+        if label.endswith("mask"):
+            moved["mask_input"] = low_res[0, :1]
+        feeds = runtime.prompt_inputs(export.metadata, image_hw, **moved)
         inputs = dict(zip(deployment.embedding_names, eager)) | feeds
-        ordered = [inputs[n] for n in export.metadata["decoder_inputs"]]
-        masks, iou, low_res = (t.numpy() for t in decoder(*(torch.from_numpy(np.asarray(a)) for a in ordered)))
+        ordered = [torch.from_numpy(inputs[n]) for n in export.metadata["decoder_inputs"]]
+        masks, iou, low_res = (t.numpy() for t in decoder(*ordered))
         onnx_masks, onnx_iou, onnx_low_res = sessions[1].run(None, inputs)
-        previous = low_res[0, :1]
         checks["decoder"].append({
             "prompt": label,
             "points": int(feeds["point_coords"].shape[1]),
@@ -369,10 +363,3 @@ def _check(deployment: Deployment, decoder: FullSizeDecoder, export: OnnxExport,
         })
     return checks
 
-
-def _scaled(value: Any, key: str, image_hw: tuple[int, int], target_hw: tuple[int, int]) -> Any:
-    """Prompt coordinates of the package image moved to a differently sized image."""
-    if key not in ("point_coords", "box"):
-        return value
-    factor = np.array([target_hw[1] / image_hw[1], target_hw[0] / image_hw[0]])
-    return (np.asarray(value, np.float64).reshape(-1, 2) * factor).reshape(np.shape(value))

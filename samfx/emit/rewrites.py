@@ -214,7 +214,7 @@ def _scores(node: Any) -> _Scores | None:
 def _split_term(term: fx.Node, level: tuple[int, ...]) -> list[tuple[fx.Node, tuple[int, ...]]]:
     """A term that is a reshaped sum of two broadcast terms (Hugging Face adds
     ``rel_h[..., None] + rel_w[..., None, :]`` before reshaping) is taken apart."""
-    if _is(term, *_VIEW) and len(term.users) == 1:
+    if _is(term, *_VIEW) and len(term.users) == 1 and _shape(term) == level:
         inner = term.args[0]
         inner_shape = _shape(inner)
         if (_is(inner, *_ADD) and len(inner.users) == 1 and len(inner.args) == 2 and inner_shape is not None

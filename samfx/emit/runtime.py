@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["FORMAT", "METADATA", "OnnxPredictor", "main", "prepare_image", "resize", "to_model_frame"]
+__all__ = ["FORMAT", "METADATA", "OnnxPredictor", "main", "prepare_image", "prompt_inputs", "resize", "to_model_frame"]
 
 FORMAT = "samfx-onnx/1"
 METADATA = "samfx_onnx.json"
@@ -107,6 +107,42 @@ def to_model_frame(coords: np.ndarray, image_hw: tuple[int, int], preprocessing:
     return np.asarray(coords, np.float64) * np.array([new_w / image_hw[1], new_h / image_hw[0]])
 
 
+def prompt_inputs(metadata: dict[str, Any], image_hw: tuple[int, int], point_coords: Any = None,
+                  point_labels: Any = None, box: Any = None, mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The decoder's prompt inputs for prompts in the pixels of an ``image_hw`` image.
+
+    The SAM convention: box corners are points labelled 2 and 3; a padding point
+    (label -1) is added where the family's predictor adds one.
+    """
+    preprocessing = metadata["preprocessing"]
+    coords, labels = [], []
+    if point_coords is not None:
+        points = np.asarray(point_coords, np.float64).reshape(-1, 2)
+        if point_labels is None or len(np.asarray(point_labels).reshape(-1)) != len(points):
+            raise ValueError("give one label (1 foreground, 0 background) per point")
+        coords.append(points)
+        labels.append(np.asarray(point_labels, np.float64).reshape(-1))
+    if box is not None:
+        coords.append(np.asarray(box, np.float64).reshape(2, 2))
+        labels.append(np.array([2.0, 3.0]))
+    if not coords:
+        raise ValueError("give at least one point or a box")
+    if box is None or preprocessing["pad_point"] == "always":
+        coords.append(np.zeros((1, 2)))
+        labels.append(np.array([-1.0]))
+    frame = to_model_frame(np.concatenate(coords), image_hw, preprocessing)
+    side = metadata["mask_input_size"]
+    mask = np.zeros((1, 1, side, side), np.float32) if mask_input is None else \
+        np.asarray(mask_input, np.float32).reshape(1, 1, side, side)
+    return {
+        "point_coords": frame[None].astype(np.float32),
+        "point_labels": np.concatenate(labels)[None].astype(np.float32),
+        "mask_input": mask,
+        "has_mask_input": np.array([float(mask_input is not None)], np.float32),
+        "orig_im_size": np.array(image_hw, np.float32),
+    }
+
+
 class OnnxPredictor:
     """Segment with an exported pair: ``set_image`` once, then ``predict`` per prompt.
 
@@ -150,38 +186,6 @@ class OnnxPredictor:
             raise RuntimeError("call set_image first")
         return self._embeddings[self.metadata["embeddings"][0]]
 
-    def prompt_inputs(self, point_coords: Any = None, point_labels: Any = None, box: Any = None,
-                      mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """The decoder's inputs for prompts in image pixels (the SAM convention:
-        box corners are points labelled 2 and 3, padding points -1)."""
-        coords, labels = [], []
-        if point_coords is not None:
-            points = np.asarray(point_coords, np.float64).reshape(-1, 2)
-            if point_labels is None or len(np.asarray(point_labels).reshape(-1)) != len(points):
-                raise ValueError("give one label (1 foreground, 0 background) per point")
-            coords.append(points)
-            labels.append(np.asarray(point_labels, np.float64).reshape(-1))
-        if box is not None:
-            coords.append(np.asarray(box, np.float64).reshape(2, 2))
-            labels.append(np.array([2.0, 3.0]))
-        if not coords:
-            raise ValueError("give at least one point or a box")
-        if box is None or self.preprocessing["pad_point"] == "always":
-            coords.append(np.zeros((1, 2)))
-            labels.append(np.array([-1.0]))
-        frame = to_model_frame(np.concatenate(coords), self._image_hw, self.preprocessing)
-        side = self.metadata["mask_input_size"]
-        has_mask = mask_input is not None
-        mask = np.zeros((1, 1, side, side), np.float32) if mask_input is None else \
-            np.asarray(mask_input, np.float32).reshape(1, 1, side, side)
-        return {
-            "point_coords": frame[None].astype(np.float32),
-            "point_labels": np.concatenate(labels)[None].astype(np.float32),
-            "mask_input": mask,
-            "has_mask_input": np.array([float(has_mask)], np.float32),
-            "orig_im_size": np.array(self._image_hw, np.float32),
-        }
-
     def predict(self, point_coords: Any = None, point_labels: Any = None, box: Any = None,
                 mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for points (``(N, 2)`` pixel x, y with labels) and/or a box
@@ -193,7 +197,8 @@ class OnnxPredictor:
         """
         if self._embeddings is None:
             raise RuntimeError("call set_image first")
-        feeds = {**self._embeddings, **self.prompt_inputs(point_coords, point_labels, box, mask_input)}
+        feeds = {**self._embeddings,
+                 **prompt_inputs(self.metadata, self._image_hw, point_coords, point_labels, box, mask_input)}
         masks, scores, low_res = self.decoder.run(None, feeds)
         return masks[0] > 0.0, scores[0], low_res[0]
 

@@ -1,17 +1,40 @@
-"""Exports shared by the emitter tests: each (model, passes) pair is exported once."""
+"""Models and exports shared by the emitter tests: each (model, passes) pair is exported once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 import samfx
+from samfx.data import package_images
 from samfx.emit.onnx import OnnxExport, export_onnx
 
-from ..conftest import small_model
+from ..conftest import SMALL_FAMILIES, small_model
+
+# Every family plain, and each registered pass alone (covered as soon as it exists) on SAM's
+# ViT and on LiteMedSAM, the real checkpoint: a pass on every family would make the suite grow
+# by minutes per pass.
+MODEL_CASES = [(name, ()) for name in SMALL_FAMILIES] + [
+    (name, (info.name,)) for info in samfx.passes.list_passes() for name in ("sam_vit_b", "lite_medsam")
+]
 
 _EXPORTS: dict[tuple[str, tuple[str, ...]], OnnxExport] = {}
+
+
+def case_id(case: tuple[str, tuple[str, ...]]) -> str:
+    name, passes = case
+    return f"{name}-{'+'.join(passes) or 'plain'}"
+
+
+def optimized_small(name: str, passes: tuple[str, ...]) -> torch.nn.Module:
+    """The small model of ``name`` after ``passes`` (calibrated on a package image if they need data)."""
+    model = small_model(name)
+    if not passes:
+        return model
+    return samfx.optimize(model, list(passes), calibration_images=[package_images(["coins"])[0].image],
+                          model_name=name)
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +44,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     def export(name: str, passes: tuple[str, ...] = ()) -> OnnxExport:
         key = (name, passes)
         if key not in _EXPORTS:
-            model = small_model(name)
-            if passes:
-                model = samfx.optimize(model, list(passes), model_name=name)
-            out = Path(tmp_path_factory.mktemp(f"{name}-{'-'.join(passes) or 'plain'}"))
-            _EXPORTS[key] = export_onnx(model, out)
+            out = Path(tmp_path_factory.mktemp(case_id(key)))
+            _EXPORTS[key] = export_onnx(optimized_small(name, passes), out)
         return _EXPORTS[key]
 
     return export

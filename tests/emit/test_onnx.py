@@ -13,14 +13,13 @@ import torch
 import samfx
 from samfx.emit.onnx import DECODER_INPUTS, DECODER_OUTPUTS, export_onnx
 
-from ..conftest import SMALL_FAMILIES, small_model
+from ..conftest import small_model
+from .conftest import MODEL_CASES, case_id
 
-PASS_LISTS = [()] + [(p.name,) for p in samfx.passes.list_passes()]
 
-
-@pytest.mark.parametrize("passes", PASS_LISTS, ids=lambda p: "+".join(p) or "plain")
-@pytest.mark.parametrize("name", SMALL_FAMILIES)
-def test_exported_pair_matches_eager(exported, name: str, passes: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("case", MODEL_CASES, ids=case_id)
+def test_exported_pair_matches_eager(exported, case: tuple[str, tuple[str, ...]]) -> None:
+    name, passes = case
     export = exported(name, passes)
     checks = export.checks
     assert checks["encoder"]["relative_diff"] < 1e-4

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import samfx
+from samfx.cli import main as cli_main
 from samfx.data import package_images
 from samfx.emit import runtime
 from samfx.fidelity import mask_iou
@@ -89,18 +90,6 @@ def test_uint8_resize_matches_pil_to_one_level() -> None:
         assert difference.max() <= 1 and difference.mean() < 0.02
 
 
-def test_run_onnx_command_writes_the_mask(exported, tmp_path) -> None:
-    export = exported("sam_vit_b")
-    image = package_images(["coins"])[0].image
-    Image.fromarray(image).save(tmp_path / "coins.png")
-    out = tmp_path / "mask.png"
-    code = samfx.cli.main(["run-onnx", str(tmp_path / "coins.png"), "--model-dir", str(export.directory),
-                           "--point", "100,120", "--negative", "20,20", "--out", str(out)])
-    assert code == 0
-    mask = np.asarray(Image.open(out))
-    assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
-
-
 def test_bad_inputs_are_refused_with_the_reason(exported, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="samfx_onnx.json"):
         runtime.OnnxPredictor(tmp_path)
@@ -115,4 +104,4 @@ def test_bad_inputs_are_refused_with_the_reason(exported, tmp_path) -> None:
     with pytest.raises(ValueError, match="one label"):
         predictor.predict(point_coords=[[1, 2], [3, 4]], point_labels=[1])
     with pytest.raises(SystemExit, match="give at least one"):
-        samfx.cli.main(["run-onnx", "x.png", "--model-dir", str(tmp_path), "--out", str(tmp_path / "m.png")])
+        cli_main(["run-onnx", "x.png", "--model-dir", str(tmp_path), "--out", str(tmp_path / "m.png")])
