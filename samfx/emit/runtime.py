@@ -10,12 +10,13 @@ which this runtime follows: resize, normalisation, padding, prompt frame)::
     python samfx_runtime.py photo.jpg --model-dir . --point 120,80 --out mask.png
     samfx run-onnx photo.jpg --model-dir out/ --box 30,40,200,220 --out mask.png
 
-Example::
+Example (after ``samfx export-onnx --model lite_medsam --out out/``)::
 
-    >>> from samfx.emit.runtime import OnnxPredictor              # doctest: +SKIP
-    >>> predictor = OnnxPredictor("out/")                          # doctest: +SKIP
-    >>> predictor.set_image(image)                                 # H x W x 3 uint8 RGB
-    >>> masks, scores, low_res = predictor.predict(point_coords=[[120, 80]], point_labels=[1])
+    from samfx.emit.runtime import OnnxPredictor
+
+    predictor = OnnxPredictor("out/")
+    predictor.set_image(image)                                  # H x W x 3 uint8 RGB
+    masks, scores, low_res = predictor.predict(point_coords=[[120, 80]], point_labels=[1])
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Every op under ``torch.ops.samfx`` takes one of three routes there:
 * registered ``CompositeImplicitAutograd``: ``torch.export`` already sees the
   standard ops inside (``samfx::token_cluster`` and ``token_reconstruct`` do this);
 * a decomposition in :data:`DECOMPOSITIONS` (``{op: plain PyTorch function}``):
-  applied with ``ExportedProgram.run_decompositions`` before the translation to
-  ONNX, for ops whose fast kernel is not traceable but whose reference is;
+  called instead of the op while the emitter traces the model, for ops whose
+  fast kernel is not traceable but whose reference is;
 * a translation in :data:`TRANSLATIONS` (``{op: onnxscript function}``): handed
   to ``torch.onnx.export(custom_translation_table=...)``, for ops that need a
   particular ONNX form (``QuantizeLinear``/``DequantizeLinear`` pairs, a

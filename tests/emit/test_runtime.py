@@ -34,7 +34,8 @@ predictor = samfx_runtime.OnnxPredictor(model_dir, threads=1)
 predictor.set_image(data["image"])
 masks = [predictor.predict(**prompt)[0] for prompt in data["prompts"]]
 np.savez(job + "-out.npz", *masks)
-print(json.dumps(sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("torch", "samfx")})))
+print(json.dumps(sorted({m.split(".")[0] for m, module in sys.modules.items()
+                         if module is not None and m.split(".")[0] in ("torch", "samfx")})))
 """
 
 
