@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     opt.set_defaults(run=_optimize)
-    exp = sub.add_parser("export-onnx", help="export encoder.onnx + decoder.onnx (SAM convention), checked in onnxruntime")
+    exp = sub.add_parser("export-onnx",
+                         help="export encoder.onnx + decoder.onnx (SAM convention), checked in onnxruntime")
     exp.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
     exp.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     exp.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")

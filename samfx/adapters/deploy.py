@@ -104,34 +104,45 @@ class EncoderOutputs(nn.Module):
 
 
 class SamPointEmbedding(nn.Module):
-    """SAM-convention point embedding with the weights of a ``segment_anything``-style
-    ``PromptEncoder`` (SAM, SAM-HQ, LiteMedSAM, MobileSAM and SAM 2 share it):
-    the random-Fourier encoding of the pixel centre, zeroed for padding points,
-    plus the learned embedding of the label. Also the dense embedding of the
-    optional mask."""
+    """SAM-convention prompt embedding with the weights of a ``segment_anything``-style
+    ``PromptEncoder`` (SAM, SAM-HQ, LiteMedSAM, MobileSAM and SAM 2 share it).
 
-    def __init__(self, prompt_encoder: nn.Module) -> None:
+    Points: the random-Fourier encoding of the pixel centre, replaced by the
+    not-a-point embedding for padding points, plus the learned embedding of the
+    label (box corners are points labelled 2 and 3). Mask: the embedded mask or
+    the no-mask embedding. Families with other attribute names override the
+    ``fourier``, ``label_embeddings``, ``mask_embedding`` and ``dense_pe`` hooks.
+    """
+
+    def __init__(self, prompt_encoder: nn.Module, frame_hw: tuple[int, int]) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
-        h, w = prompt_encoder.input_image_size
-        self.register_buffer("frame", torch.tensor([float(w), float(h)]), persistent=False)
+        self.register_buffer("frame", torch.tensor([float(frame_hw[1]), float(frame_hw[0])]), persistent=False)
+
+    def fourier(self, coords: torch.Tensor) -> torch.Tensor:
+        """Positional encoding of coordinates normalised to [0, 1]."""
+        return self.prompt_encoder.pe_layer._pe_encoding(coords)
+
+    def label_embeddings(self) -> nn.ModuleList:
+        return self.prompt_encoder.point_embeddings
+
+    def mask_embedding(self, mask_input: torch.Tensor) -> torch.Tensor:
+        return self.prompt_encoder.mask_downscaling(mask_input)
+
+    def dense_pe(self) -> torch.Tensor:
+        return self.prompt_encoder.get_dense_pe()
 
     def sparse(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
-        encoder = self.prompt_encoder
-        embedding = encoder.pe_layer._pe_encoding((point_coords + 0.5) / self.frame)
+        embedding = self.fourier((point_coords + 0.5) / self.frame)
         labels = point_labels.unsqueeze(-1)
-        embedding = embedding * (labels != -1) + encoder.not_a_point_embed.weight * (labels == -1)
-        for index, learned in enumerate(encoder.point_embeddings):
+        embedding = embedding * (labels != -1) + self.prompt_encoder.not_a_point_embed.weight * (labels == -1)
+        for index, learned in enumerate(self.label_embeddings()):
             embedding = embedding + learned.weight * (labels == index)
         return embedding
 
     def dense(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
-        encoder = self.prompt_encoder
-        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        return has_mask_input * encoder.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
-
-    def dense_pe(self) -> torch.Tensor:
-        return self.prompt_encoder.get_dense_pe()
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return has_mask_input * self.mask_embedding(mask_input) + (1 - has_mask_input) * no_mask
 
 
 class SamPromptDecoder(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import register_adapter
 from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
-from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPromptDecoder
+from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import defining_class, projection_width
 
 __all__ = ["HFPointEmbedding", "HFSamAdapter", "HFSamPredictor"]
@@ -162,39 +162,33 @@ class HFSamAdapter(Adapter):
         )
 
 
-class HFPointEmbedding(nn.Module):
-    """SAM-convention point embedding with the weights of a ``SamPromptEncoder``
-    (the formulas of its ``_embed_points`` and ``_embed_boxes``: box corners are
-    points labelled 2 and 3)."""
+class HFPointEmbedding(SamPointEmbedding):
+    """SAM-convention prompt embedding with the weights of a ``SamPromptEncoder``
+    (the formulas of its ``_embed_points``, ``_embed_boxes`` and mask embedding)."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.prompt_encoder = model.prompt_encoder
+        size = model.prompt_encoder.input_image_size
+        super().__init__(model.prompt_encoder, (size, size))
         self.shared_image_embedding = model.shared_image_embedding
-        self.size = float(model.prompt_encoder.input_image_size)
-        self._dense_pe = model.get_image_wide_positional_embeddings
+        self._image_wide_pe = model.get_image_wide_positional_embeddings
 
-    def sparse(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
-        encoder = self.prompt_encoder
-        embedding = encoder.shared_embedding(((point_coords + 0.5) / self.size)[:, None])
-        labels = point_labels[:, None, :, None]
-        embedding = torch.where(labels == -1, encoder.not_a_point_embed.weight, embedding)
-        for index, learned in enumerate(encoder.point_embed):
-            embedding = embedding + learned.weight * (labels == index)
-        return embedding
+    def fourier(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.prompt_encoder.shared_embedding(coords)
 
-    def dense(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
-        encoder = self.prompt_encoder
-        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        return has_mask_input * encoder.mask_embed(mask_input) + (1 - has_mask_input) * no_mask
+    def label_embeddings(self) -> nn.ModuleList:
+        return self.prompt_encoder.point_embed
+
+    def mask_embedding(self, mask_input: torch.Tensor) -> torch.Tensor:
+        return self.prompt_encoder.mask_embed(mask_input)
 
     def dense_pe(self) -> torch.Tensor:
-        return self._dense_pe()
+        return self._image_wide_pe()
 
 
 def _hf_decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
+    # Hugging Face's decoder takes a point-batch dimension.
     low_res, iou = decoder(image_embeddings=embeddings[0], image_positional_embeddings=dense_pe,
-                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                           sparse_prompt_embeddings=sparse[:, None], dense_prompt_embeddings=dense,
                            multimask_output=multimask_output)[:2]
     return low_res[:, 0], iou[:, 0]
 

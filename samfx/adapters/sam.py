@@ -184,11 +184,11 @@ class SamAdapter(Adapter):
             raise ValueError(f"a bare image encoder ({class_name(model)}) has no prompt decoder to deploy")
         decode = partial(self._decode, multimask_output=multimask_output)
         embeddings = self._embedding_names()
+        points = SamPointEmbedding(model.prompt_encoder, model.prompt_encoder.input_image_size)
         return Deployment(
             encoder=EncoderOutputs(model.image_encoder, self._encoder_outputs),
             embedding_names=embeddings,
-            decoder=SamPromptDecoder(SamPointEmbedding(model.prompt_encoder), model.mask_decoder, decode,
-                                     len(embeddings)),
+            decoder=SamPromptDecoder(points, model.mask_decoder, decode, len(embeddings)),
             preprocessing=self.preprocessing(model),
             mask_input_size=4 * model.prompt_encoder.image_embedding_size[0],
         )
@@ -196,7 +196,8 @@ class SamAdapter(Adapter):
     def preprocessing(self, model: nn.Module) -> Preprocessing:
         """``SamPredictor``: longest side resized with PIL, normalised, padded."""
         return Preprocessing(int(model.image_encoder.img_size), "longest_side", resample_uint8=True, antialias=True,
-                             mean=tuple(model.pixel_mean.flatten().tolist()), std=tuple(model.pixel_std.flatten().tolist()))
+                             mean=tuple(model.pixel_mean.flatten().tolist()),
+                             std=tuple(model.pixel_std.flatten().tolist()))
 
     def _embedding_names(self) -> tuple[str, ...]:
         return ("image_embeddings",)

@@ -121,10 +121,11 @@ class Sam2Adapter(Adapter):
         preprocessing = Preprocessing(model.image_size, "stretch", resample_uint8=False, antialias=True,
                                       mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
                                       pad_point="always", upscale_masks=False)
+        points = SamPointEmbedding(model.sam_prompt_encoder, model.sam_prompt_encoder.input_image_size)
         return Deployment(
             encoder=Sam2ImageEncoder(model),
             embedding_names=names,
-            decoder=SamPromptDecoder(SamPointEmbedding(model.sam_prompt_encoder), model.sam_mask_decoder,
+            decoder=SamPromptDecoder(points, model.sam_mask_decoder,
                                      partial(_sam2_decode, multimask_output=multimask_output), len(names)),
             preprocessing=preprocessing,
             mask_input_size=4 * model.sam_prompt_encoder.image_embedding_size[0],

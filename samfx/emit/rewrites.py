@@ -306,7 +306,8 @@ def _rewrite_softmax_attention(gm: fx.GraphModule, softmax: fx.Node, context: Re
         return False
     matmul, v = found
     q, k = scores.q, scores.k
-    if {_value(t).dim() if isinstance(_value(t), torch.Tensor) else 0 for t in (q, k, v)} != {rank} or rank not in (3, 4):
+    ranks = {_value(t).dim() if isinstance(_value(t), torch.Tensor) else 0 for t in (q, k, v)}
+    if ranks != {rank} or rank not in (3, 4):
         return False
     shape = _shape(softmax.args[0])
     if scores.terms and (shape is None or _shape(q)[:-1] + _shape(k)[-2:-1] != shape):
@@ -353,7 +354,7 @@ def _rewrite_sdpa_rel_pos(gm: fx.GraphModule, sdpa: fx.Node, context: RewriteCon
     rel_h, rel_w, (n, qh, qw, kh, kw) = rel_pos
     scale = _arg(sdpa, 6, "scale")
     build = _Builder(gm.graph, sdpa)
-    flat = [build("call_method", "reshape", t, b * heads, t_shape[2], t_shape[3]) for t, t_shape in zip((q, k, v), shapes)]
+    flat = [build("call_method", "reshape", t, b * heads, *t_shape[2:]) for t, t_shape in zip((q, k, v), shapes)]
     rows = build("call_method", "reshape", rel_h, n, qh, qw, kh)
     cols = build("call_method", "reshape", rel_w, n, qh, qw, kw)
     out = build("call_function", torch.ops.samfx.sdpa_rel_pos.default, *flat, rows, cols,

@@ -109,7 +109,8 @@ def to_model_frame(coords: np.ndarray, image_hw: tuple[int, int], preprocessing:
 
 
 def prompt_inputs(metadata: dict[str, Any], image_hw: tuple[int, int], point_coords: Any = None,
-                  point_labels: Any = None, box: Any = None, mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  point_labels: Any = None, box: Any = None,
+                  mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The decoder's prompt inputs for prompts in the pixels of an ``image_hw`` image.
 
     The SAM convention: box corners are points labelled 2 and 3; a padding point
@@ -233,7 +234,8 @@ def _read_image(path: str) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError:
-        raise SystemExit("reading image files needs Pillow (pip install pillow); or pass an H x W x 3 uint8 .npy") from None
+        raise SystemExit("reading image files needs Pillow (pip install pillow), or pass an H x W x 3 uint8 .npy") \
+            from None
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 

@@ -46,7 +46,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tenso
     n, qh, qw, kh = rel_h.shape
     kw = rel_w.shape[-1]
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"q, k, v must be (batch, tokens, dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q, k, v must be (batch, tokens, dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     if rel_w.shape[:3] != (n, qh, qw) or q.shape[:2] != (n, qh * qw) or k.shape[:2] != (n, kh * kw) \
             or v.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
