@@ -38,6 +38,7 @@ setup(
     ],
     extras_require={
         "zoo": ZOO,
+        "pictures": ["matplotlib"],
         "test": ZOO + ["pytest>=8", "matplotlib"],
     },
     entry_points={

@@ -130,21 +130,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-fidelity", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/latest.json")
+    parser.add_argument("--everything", action="store_true", help="segment-everything cases (benchmarks/everything.py)")
+    parser.add_argument("--points-per-side", type=int, default=32, help="--everything: side of the dense grid")
+    parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/latest.json, "
+                        "or everything.json with --everything)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = [c for c in CASES if not args.case or c.name in args.case]
+    suite, run, show, note = CASES, lambda c: run_case(c, args.repeats, not args.no_fidelity), table, "latencies"
+    if args.everything:
+        import everything
+
+        suite, show, note = everything.CASES, everything.table, everything.TIMING_NOTE
+        run = lambda c: everything.run_case(c, args.repeats, args.points_per_side)  # noqa: E731
+    cases = [c for c in suite if not args.case or c.name in args.case]
     if not cases:
-        parser.error(f"no case matches {args.case}; cases: {[c.name for c in CASES]}")
+        parser.error(f"no case matches {args.case}; cases: {[c.name for c in suite]}")
     rows = []
     for case in cases:
         print(f"running {case.name} ...", file=sys.stderr, flush=True)
-        rows.append(run_case(case, args.repeats, not args.no_fidelity))
-    print(table(rows))
+        rows.append(run(case))
+    print(show(rows))
     env = environment()
     print(f"\ntorch {env['torch']}, {env['torch_threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
-          f"{env['cpu_count']} CPUs; latencies are medians of {args.repeats} interleaved runs")
-    out = Path(args.out)
+          f"{env['cpu_count']} CPUs; {note} are medians of {args.repeats} interleaved runs")
+    out = Path(args.out or f"benchmarks/results/{'everything' if args.everything else 'latest'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "repeats": args.repeats, "rows": rows}, indent=2))
     print(f"wrote {out}")

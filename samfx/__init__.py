@@ -17,13 +17,14 @@ from pathlib import Path
 
 __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
-from . import adapters, data, fidelity, models, passes, stats  # noqa: E402
+from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .emit.onnx import export_onnx  # noqa: E402
 from .models import CheckpointError  # noqa: E402
 from .passes import PassConfig, PassError, SplitQKVConfig  # noqa: E402
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
 from .report import OptimizeReport  # noqa: E402
+from .segment_everything import EverythingConfig, EverythingResult, everything  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "CapturedModel",
     "CheckpointError",
     "Component",
+    "EverythingConfig",
+    "EverythingResult",
     "OptimizeReport",
     "PassConfig",
     "PassError",
@@ -40,13 +43,16 @@ __all__ = [
     "capture",
     "data",
     "export_onnx",
+    "everything",
     "fidelity",
     "load",
+    "masks",
     "models",
     "optimize",
     "passes",
     "report_of",
     "resolve_passes",
     "save",
+    "segment_everything",
     "stats",
 ]

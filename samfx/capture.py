@@ -138,19 +138,17 @@ class Component:
         self._replaced.add(target)
 
     def recompile(self) -> None:
-        """Lint the graphs and regenerate the code ``forward`` runs."""
-        for graph in self.graphs.values():
+        """Lint the graphs and regenerate the code ``forward`` runs.
+
+        Code is generated here, not on first call, so that ``torch.compile``
+        tracing the captured ``forward`` never meets code generation.
+        """
+        self._compiled = {}
+        for key, graph in self.graphs.items():
             graph.lint()
-        self._compiled.clear()
+            self._compiled[key] = _compile_graph(graph, f"{self.role}{list(key) if key else ''}")
 
     # -- execution ------------------------------------------------------------
-    def code(self, key: GraphKey) -> Callable[..., Any]:
-        fn = self._compiled.get(key)
-        if fn is None:
-            fn = _compile_graph(self.graphs[key], f"{self.role}{list(key) if key else ''}")
-            self._compiled[key] = fn
-        return fn
-
     def key_for(self, bound: inspect.BoundArguments) -> GraphKey:
         """The graph key of a call: static argument values, then shape conditions."""
         key = []
@@ -234,7 +232,7 @@ def _captured_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             f"captured {component.role} has no graph for {dict(zip(names, key))}; it was specialised on: {known}"
         )
     bound.apply_defaults()
-    out = component.code(key)(self, *bound.args, **bound.kwargs)
+    out = component._compiled[key](self, *bound.args, **bound.kwargs)
     wrapper = component.spec.recipe.output_wrapper
     return wrapper(out) if wrapper is not None else out
 
@@ -612,6 +610,7 @@ def capture(
         traced.append((root, component))
     # Install only once every component traced, so a failure leaves nothing changed.
     for root, component in traced:
+        component.recompile()
         root.__dict__["_samfx_component"] = component
         root.__class__ = _captured_class(type(root))
         components[component.role] = component

@@ -170,3 +170,18 @@ def test_capturing_a_captured_model_keeps_its_graphs() -> None:
     twice = samfx.capture(once.model)
     assert set(twice.components) == set(once.components)
     assert twice.model is not once.model
+
+
+def test_torch_compile_traces_a_captured_component_without_graph_breaks() -> None:
+    import torch._dynamo
+
+    model = small_model("sam_vit_b")
+    encoder = samfx.capture(model).model.image_encoder
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(encoder, backend="eager")
+    x = image_input(model, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model.image_encoder(x))
+    assert not counters["graph_break"]

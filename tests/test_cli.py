@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from samfx.cli import main
@@ -70,3 +71,41 @@ def test_export_and_run_commands(tmp_path, capsys) -> None:
     mask = np.asarray(Image.open(out))
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
     assert "mask 0 of 1" in capsys.readouterr().out  # the single-mask decoder
+def test_everything_writes_coco_json_and_a_picture(tmp_path, capsys) -> None:
+    from .test_pictures import open_png
+
+    code = main(["everything", "coins", "--model", "sam_vit_b", "--small", "--points-per-side", "4",
+                 "--pred-iou-thresh", "0", "--stability-thresh", "0", "--out", str(tmp_path / "m.json"),
+                 "--png", str(tmp_path / "m.png")])
+    assert code == 0
+    assert "clicks (hierarchical" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["annotations"] and set(saved["annotations"][0]["segmentation"]) == {"size", "counts"}
+    open_png(tmp_path / "m.png")
+
+
+def test_optimize_draws_pictures_and_compare_plots_benchmarks(tmp_path) -> None:
+    from .test_pictures import open_png
+
+    run = tmp_path / "run"
+    assert main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "split_qkv", "--out", str(run),
+                 "--images", "coins", "--quiet", "--pictures"]) == 0
+    open_png(run / "pictures" / "compare_coins.png")
+    # A random-init original cannot be rebuilt from the run directory.
+    with pytest.raises(SystemExit, match="random weights, which cannot be rebuilt"):
+        main(["compare", str(run), "--out", str(tmp_path / "p")])
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [{"case": "a", "encoder_speedup": 1.3, "fidelity": {"mask_iou_mean": 0.97}}]}))
+    assert main(["compare", "--bench", str(bench), "--out", str(tmp_path / "plots")]) == 0
+    open_png(tmp_path / "plots" / "speed_fidelity.png")
+
+
+def test_compare_rebuilds_lite_medsam_and_draws_it(tmp_path, capsys) -> None:
+    from .test_pictures import open_png
+
+    run = tmp_path / "run"
+    assert main(["optimize", "--model", "lite_medsam", "--passes", "split_qkv", "--out", str(run),
+                 "--images", "coins", "--quiet"]) == 0
+    assert main(["compare", str(run), "--out", str(tmp_path / "pictures")]) == 0
+    assert "compare_coins.png" in capsys.readouterr().out
+    open_png(tmp_path / "pictures" / "compare_coins.png")

@@ -215,6 +215,10 @@ class Predictor:
     then ``predict`` per prompt. Coordinates are in the image's own pixels (x, y).
     """
 
+    #: prompt kinds the model was trained with; box-only models (LiteMedSAM) give
+    #: empty masks for single clicks, so segment-everything warns about them.
+    trained_prompts: tuple[str, ...] = ("point", "box")
+
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""
         raise NotImplementedError
@@ -233,6 +237,34 @@ class Predictor:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(masks, scores)``: ``M x H x W`` bools and ``M`` predicted IoUs."""
         raise NotImplementedError
+
+    def predict_points(
+        self, points: np.ndarray | torch.Tensor, multimask_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``N`` single positive clicks through the decoder in one batch.
+
+        This is what segment-everything needs (:mod:`samfx.segment_everything`); any
+        runtime that implements it, with :meth:`set_image` and
+        :meth:`logits_to_image`, can be used there (an ONNX model pair, say).
+
+        Args:
+            points: ``N x 2`` click positions ``(x, y)`` in the pixels of the image
+                given to :meth:`set_image`; each is its own prompt.
+            multimask_output: ask for the decoder's multiple masks per click.
+
+        Returns:
+            ``(low_res_logits, iou_predictions)``: ``N x M x h x w`` mask logits at
+            the decoder's resolution and ``N x M`` predicted IoUs (``M`` masks per
+            click, family-dependent: 3 for SAM with ``multimask_output``, 1 for
+            SAM-HQ, which merges its outputs).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run batched point prompts")
+
+    def logits_to_image(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """Resize ``K x h x w`` low-resolution logits from :meth:`predict_points`
+        to ``K x H x W`` logits over the image of the last :meth:`set_image`, as
+        the family's own predictor does (masks are ``logits > 0``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resize decoder logits")
 
 
 class Adapter:

@@ -247,5 +247,22 @@ class HFSamPredictor(Predictor):
         )[0]
         return masks[0].numpy().astype(bool), out.iou_scores[0, 0].cpu().numpy()
 
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        device = self.image_embedding.device
+        scale = torch.as_tensor(self._scale(), device=device)
+        coords = torch.as_tensor(points, dtype=torch.float32, device=device).reshape(1, -1, 1, 2) * scale
+        labels = torch.ones(coords.shape[:3], dtype=torch.long, device=device)
+        out = self.model(image_embeddings=self.image_embedding, input_points=coords, input_labels=labels,
+                         multimask_output=multimask_output)
+        return out.pred_masks[0], out.iou_scores[0]
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        resized = self.processor.image_processor.post_process_masks(
+            [low_res_logits[:, None]], self._original, self._reshaped, binarize=False
+        )
+        return resized[0][:, 0]
+
 
 register_adapter(HFSamAdapter())

