@@ -48,6 +48,11 @@ CASES = [
     Case("lite_medsam", ("split_qkv",)),
     Case("sam_vit_b", ("split_qkv",), images=("coins",)),
     Case("sam2.1_hiera_b+", ("split_qkv",), images=("coins",)),
+    Case("lite_medsam", ("fuse_attention",)),
+    Case("lite_medsam", ("fuse_attention", "bf16")),
+    Case("sam_vit_b", ("fuse_attention",), images=("coins",)),
+    Case("sam_vit_b", ("fuse_attention", "bf16"), images=("coins",)),
+    Case("sam_vit_h", ("fuse_attention",), images=("coins",)),
 ]
 
 

@@ -21,19 +21,21 @@ from . import adapters, data, fidelity, masks, models, passes, segment_everythin
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .emit.onnx import export_onnx  # noqa: E402
 from .models import CheckpointError  # noqa: E402
-from .passes import PassConfig, PassError, SplitQKVConfig  # noqa: E402
+from .passes import BF16Config, FuseAttentionConfig, PassConfig, PassError, SplitQKVConfig  # noqa: E402
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
 from .report import OptimizeReport  # noqa: E402
 from .segment_everything import EverythingConfig, EverythingResult, everything  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __all__ = [
+    "BF16Config",
     "CaptureError",
     "CapturedModel",
     "CheckpointError",
     "Component",
     "EverythingConfig",
     "EverythingResult",
+    "FuseAttentionConfig",
     "OptimizeReport",
     "PassConfig",
     "PassError",

@@ -76,6 +76,10 @@ def component_macs(model: nn.Module, adapter: Adapter | None = None) -> dict[str
     """Multiply-accumulates of each component for the adapter's example call."""
     from torch.utils.flop_counter import FlopCounterMode  # imports triton: keep it off `import samfx`
 
+    from .kernels.flops import register_flop_formulas
+
+    register_flop_formulas()
+
     adapter = adapter or find_adapter(model)
     macs: dict[str, int] = {}
     for spec in adapter.components(model):

@@ -30,6 +30,7 @@ __all__ = [
     "ShapeCondition",
     "TraceRecipe",
     "class_name",
+    "is_norm",
 ]
 
 
@@ -317,6 +318,21 @@ class Adapter:
         """Describe ``module`` if it is an attention this family knows."""
         return None
 
+    def precision_islands(self, component_root: nn.Module) -> list[str]:
+        """Modules of a component that reduced-precision passes keep in float32:
+        normalisations (their statistics lose most in bfloat16), and what the
+        family adds through :meth:`_precision_island` (heads whose outputs are
+        compared or thresholded, positional encodings)."""
+        return [
+            path
+            for path, module in component_root.named_modules()
+            if path and (is_norm(module) or self._precision_island(path, module))
+        ]
+
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        """Whether the family keeps ``module`` (at ``path`` in its component) in float32."""
+        return False
+
     def predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")
 
@@ -328,3 +344,10 @@ class Adapter:
         masks or the single one, as in the family's predictor.
         """
         raise NotImplementedError(f"adapter {self.name!r} does not describe how to deploy its models")
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's own, or a channels-first ``LayerNorm2d`` as
+    SAM, SAM 2 and their derivatives define it."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+        return True
+    return type(module).__name__.endswith("LayerNorm2d")

@@ -13,7 +13,7 @@ from torch import nn
 from . import register_adapter
 from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
 from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPointEmbedding, SamPromptDecoder
-from .sam import defining_class, projection_width
+from .sam import defining_class, is_score_head, projection_width
 
 __all__ = ["HFPointEmbedding", "HFSamAdapter", "HFSamPredictor"]
 
@@ -139,6 +139,9 @@ class HFSamAdapter(Adapter):
             head_dim = module.internal_dim // module.num_attention_heads
             return AttentionSite(path, "decoder", module.num_attention_heads, head_dim, head_dim, block=parent_path)
         return None
+
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        return is_score_head(path)
 
     def predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)

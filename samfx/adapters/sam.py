@@ -174,6 +174,9 @@ class SamAdapter(Adapter):
             return decoder_attention_site(path, module, parent_path)
         return None
 
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        return is_score_head(path)
+
     def predictor(self, model: nn.Module) -> Predictor:
         from segment_anything import SamPredictor
 
@@ -210,6 +213,11 @@ class SamAdapter(Adapter):
     def _decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
         return decoder(image_embeddings=embeddings[0], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
                        dense_prompt_embeddings=dense, multimask_output=multimask_output)
+
+
+def is_score_head(path: str) -> bool:
+    """The mask decoder's IoU head (SAM, SAM-HQ, SAM 2, HF): its scores rank masks."""
+    return path.rpartition(".")[2] == "iou_prediction_head"
 
 
 class SamHQAdapter(SamAdapter):

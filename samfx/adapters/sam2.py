@@ -12,7 +12,14 @@ from torch import nn
 from . import register_adapter
 from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TraceRecipe, class_name
 from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
-from .sam import UpstreamPredictor, decoder_attention_site, defining_class, projection_width, prompt_encoder_spec
+from .sam import (
+    UpstreamPredictor,
+    decoder_attention_site,
+    defining_class,
+    is_score_head,
+    projection_width,
+    prompt_encoder_spec,
+)
 
 __all__ = ["Sam2Adapter", "Sam2ImageEncoder", "Sam2Predictor"]
 
@@ -101,6 +108,11 @@ class Sam2Adapter(Adapter):
         if defining_class(module, _DECODER_ATTENTION):
             return decoder_attention_site(path, module, parent_path)
         return None
+
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        # The object-score head gates whole masks; the sine encoding needs float32 arguments.
+        return (is_score_head(path) or path.rpartition(".")[2] == "pred_obj_score_head"
+                or defining_class(module, _POSITION_SINE) is not None)
 
     def predictor(self, model: nn.Module) -> Predictor:
         from sam2.sam2_image_predictor import SAM2ImagePredictor

@@ -10,7 +10,7 @@ Installed with samfx, the backend is found by name through the
 For each graph Dynamo captures, the backend runs the rewrites of
 :mod:`samfx.emit.rewrites` (by default every one registered as default: the
 attention rewrite, which turns SAM's attention with its decomposed
-relative-position bias into ``samfx::sdpa_rel_pos`` and plain attention into
+relative-position bias into ``samfx::rel_pos_attention`` and plain attention into
 fused SDPA), counts them in ``torch._dynamo.utils.counters["samfx"]``, and
 lowers the graph with inductor (``compile_fx``). Structural passes (split_qkv,
 prune, ...) change parameters, which a backend must not; run them with

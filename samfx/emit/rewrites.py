@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..kernels import sdpa_rel_pos as _sdpa_rel_pos  # noqa: F401  (registers samfx::sdpa_rel_pos)
+from ..kernels import rel_pos as _rel_pos  # noqa: F401  (registers samfx::rel_pos_attention)
 
 __all__ = ["GraphRewrite", "RewriteContext", "get_rewrite", "list_rewrites", "register_rewrite", "rewrite_attention"]
 
@@ -316,9 +316,9 @@ def _rewrite_softmax_attention(gm: fx.GraphModule, softmax: fx.Node, context: Re
     rel_pos = _rel_pos_terms(scores.terms, shape) if rank == 3 and scores.terms else None
     if rel_pos is not None and not context.differentiable:
         rel_h, rel_w, (n, qh, qw, kh, kw) = rel_pos
-        rows = build("call_method", "reshape", rel_h, n, qh, qw, kh)
-        cols = build("call_method", "reshape", rel_w, n, qh, qw, kw)
-        out = build("call_function", torch.ops.samfx.sdpa_rel_pos.default, q, k, v, rows, cols, scores.scale)
+        rows = build("call_method", "reshape", rel_h, n, qh * qw, kh)
+        cols = build("call_method", "reshape", rel_w, n, qh * qw, kw)
+        out = build("call_function", torch.ops.samfx.rel_pos_attention.default, q, k, v, rows, cols, scores.scale)
     else:
         mask = None
         for term, level in scores.terms:
@@ -334,7 +334,7 @@ def _rewrite_softmax_attention(gm: fx.GraphModule, softmax: fx.Node, context: Re
 
 def _rewrite_sdpa_rel_pos(gm: fx.GraphModule, sdpa: fx.Node, context: RewriteContext) -> bool:
     """SDPA whose mask is SAM's decomposed bias, built in full (Hugging Face's
-    ``SamVisionSdpaAttention``) -> ``samfx::sdpa_rel_pos`` on the two terms."""
+    ``SamVisionSdpaAttention``) -> ``samfx::rel_pos_attention`` on the two terms."""
     if context.differentiable:
         return False
     q, k, v = (_arg(sdpa, i, name) for i, name in enumerate(("query", "key", "value")))
@@ -344,28 +344,27 @@ def _rewrite_sdpa_rel_pos(gm: fx.GraphModule, sdpa: fx.Node, context: RewriteCon
     shapes = [_shape(t) for t in (q, k, v)]
     if mask is None or any(s is None or len(s) != 4 for s in shapes):
         return False
-    (b, heads, length, dim), (_, _, keys, _), (_, _, _, vdim) = shapes
+    (b, heads, length, dim), (_, _, keys, _), _ = shapes
     mask_shape = _shape(mask)
     if mask_shape not in ((b, heads, length, keys), (b * heads, length, keys)) or len(mask.users) != 1:
         return False
     rel_pos = _rel_pos_terms(_split_term(mask, mask_shape), (b * heads, length, keys))
     if rel_pos is None:
         return False
-    rel_h, rel_w, (n, qh, qw, kh, kw) = rel_pos
+    rel_h, rel_w, (_, _, _, kh, kw) = rel_pos
     scale = _arg(sdpa, 6, "scale")
     build = _Builder(gm.graph, sdpa)
-    flat = [build("call_method", "reshape", t, b * heads, *t_shape[2:]) for t, t_shape in zip((q, k, v), shapes)]
-    rows = build("call_method", "reshape", rel_h, n, qh, qw, kh)
-    cols = build("call_method", "reshape", rel_w, n, qh, qw, kw)
-    out = build("call_function", torch.ops.samfx.sdpa_rel_pos.default, *flat, rows, cols,
+    rows = build("call_method", "reshape", rel_h, b, heads, length, kh)
+    cols = build("call_method", "reshape", rel_w, b, heads, length, kw)
+    out = build("call_function", torch.ops.samfx.rel_pos_attention.default, q, k, v, rows, cols,
                 dim ** -0.5 if scale is None else float(scale))
-    sdpa.replace_all_uses_with(build("call_method", "reshape", out, b, heads, length, vdim))
+    sdpa.replace_all_uses_with(out)
     return True
 
 
 @register_rewrite("attention")
 def rewrite_attention(gm: fx.GraphModule, context: RewriteContext) -> int:
-    """softmax(scale * q @ k^T + bias) @ v -> fused SDPA; SAM's decomposed rel-pos bias -> samfx::sdpa_rel_pos."""
+    """softmax(scale * q @ k^T + bias) @ v -> fused SDPA; SAM's decomposed rel-pos bias -> samfx::rel_pos_attention."""
     count = 0
     for node in list(gm.graph.nodes):
         if _is(node, *_SOFTMAX):

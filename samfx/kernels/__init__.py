@@ -1,4 +1,22 @@
-"""Custom ops with plain-PyTorch references; passes call them, never the reverse.
+"""Custom ops that passes and the compile backend rewrite graphs to, each with a
+plain-PyTorch reference; passes call them, never the reverse.
 
-Each op module registers its ops under ``torch.ops.samfx`` when imported.
+Importing this package registers the ops with ``torch.library`` (so that
+``torch.compile`` and ``torch.export`` see through them); Triton kernels load
+only when an op first runs on a GPU. How each op reaches ONNX:
+:mod:`samfx.kernels.onnx_translations`.
+
+Example::
+
+    >>> import torch
+    >>> from samfx.kernels import rel_pos_attention, rel_pos_attention_reference
+    >>> q, k, v = (torch.randn(2, 16, 8) for _ in range(3))
+    >>> rel_h, rel_w = torch.randn(2, 16, 4), torch.randn(2, 16, 4)
+    >>> out = rel_pos_attention(q, k, v, rel_h, rel_w, 8 ** -0.5)
+    >>> torch.allclose(out, rel_pos_attention_reference(q, k, v, rel_h, rel_w, 8 ** -0.5), atol=1e-6)
+    True
 """
+
+from .rel_pos import rel_pos_attention, rel_pos_attention_reference
+
+__all__ = ["rel_pos_attention", "rel_pos_attention_reference"]

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv']
+    ['split_qkv', 'fuse_attention', 'bf16']
 """
 
 from .base import (
@@ -19,8 +19,12 @@ from .base import (
     register_pass,
 )
 from .split_qkv import SplitQKVConfig, split_qkv
+from .fuse_attention import FuseAttentionConfig, fuse_attention
+from .bf16 import BF16Config, bf16
 
 __all__ = [
+    "BF16Config",
+    "FuseAttentionConfig",
     "PassConfig",
     "PassContext",
     "PassError",
@@ -31,5 +35,7 @@ __all__ = [
     "get_pass",
     "list_passes",
     "register_pass",
+    "bf16",
+    "fuse_attention",
     "split_qkv",
 ]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samfx.emit.rewrites import RewriteContext, rewrite_attention
-from samfx.kernels.sdpa_rel_pos import reference_sdpa_rel_pos
+from samfx.kernels import rel_pos_attention_reference
 
 
 def _rewrite(fn, *args, differentiable: bool = False):
@@ -61,11 +61,12 @@ def test_decomposed_rel_pos_becomes_samfx_op_unless_gradients_are_needed() -> No
     rel_h, rel_w = torch.randn(4, 3, 4, 3), torch.randn(4, 3, 4, 4)
     with torch.no_grad():
         count, targets, out = _rewrite(_rel_pos, q, k, v, rel_h, rel_w)
-    assert count == 1 and "samfx.sdpa_rel_pos.default" in targets
-    torch.testing.assert_close(out, reference_sdpa_rel_pos(q, k, v, rel_h, rel_w, 0.25), rtol=1e-5, atol=1e-5)
+    assert count == 1 and "samfx.rel_pos_attention.default" in targets
+    expected = rel_pos_attention_reference(q, k, v, rel_h.reshape(4, 12, 3), rel_w.reshape(4, 12, 4), 0.25)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # The samfx op has no backward: a graph that needs one gets SDPA with the bias as its mask.
     count, targets, out = _rewrite(_rel_pos, q, k, v, rel_h, rel_w.requires_grad_(), differentiable=True)
-    assert count == 1 and "samfx.sdpa_rel_pos.default" not in targets
+    assert count == 1 and "samfx.rel_pos_attention.default" not in targets
     out.sum().backward()
     assert rel_w.grad is not None
 
@@ -97,5 +98,5 @@ def test_sam_vit_attention_module_is_rewritten() -> None:
     with torch.no_grad():
         count, targets, out = _rewrite(attention, x)
         expected = attention(x)
-    assert count == 1 and "samfx.sdpa_rel_pos.default" in targets
+    assert count == 1 and "samfx.rel_pos_attention.default" in targets
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
