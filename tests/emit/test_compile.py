@@ -88,7 +88,9 @@ def test_decoder_through_the_predictor_recompiles_once_for_dynamic_prompts() -> 
         np.testing.assert_allclose(new_scores, scores, atol=1e-5)
     # The first call specialises; the second point count makes the graph dynamic, and that one serves the rest.
     assert counters["stats"]["unique_graphs"] == 2
-    assert counters["samfx"]["attention"] == 14  # 7 attentions in each graph, the dynamic one included
+    # The 7 attentions of the static graph; the dynamic graph's have symbolic sizes, which the
+    # rewrite leaves alone (matching them would specialise the graph again).
+    assert counters["samfx"]["attention"] == 7
 
 
 def test_backend_is_registered_by_entry_point() -> None:
