@@ -63,7 +63,9 @@ class OnnxCase:
 ONNX_CASES = [
     OnnxCase("lite_medsam", ()),
     OnnxCase("lite_medsam", ("split_qkv",)),
+    OnnxCase("lite_medsam", ("fuse_attention",)),
     OnnxCase("sam_vit_b", ("split_qkv",), images=("coins",)),
+    OnnxCase("sam_vit_b", ("fuse_attention",), images=("coins",)),
 ]
 
 

@@ -248,10 +248,15 @@ def export_onnx(
         verbose: print the check summary.
 
     Raises:
-        ValueError: a bad opset, or a model that has no prompt decoder (a bare encoder).
+        ValueError: a bad opset, bfloat16 weights (the bf16 pass), or a model that has
+            no prompt decoder (a bare encoder).
     """
     if opset < 17:
         raise ValueError(f"samfx exports with opset 17 or newer (LayerNormalization, Resize with sizes), not {opset}")
+    if any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("the model has bfloat16 weights (the bf16 pass), which ONNX cannot carry: its Conv and most "
+                         "other operators have no bfloat16 type, and onnxruntime's CPU provider no bfloat16 kernels; "
+                         "export the model before the bf16 pass")
     adapter = adapter or find_adapter(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,10 @@ import samfx
 from samfx.emit.onnx import DECODER_INPUTS, DECODER_OUTPUTS, export_onnx
 
 from ..conftest import small_model
-from .conftest import MODEL_CASES, case_id
+from .conftest import ONNX_CASES, case_id, optimized_small
 
 
-@pytest.mark.parametrize("case", MODEL_CASES, ids=case_id)
+@pytest.mark.parametrize("case", ONNX_CASES, ids=case_id)
 def test_exported_pair_matches_eager(exported, case: tuple[str, tuple[str, ...]]) -> None:
     name, passes = case
     export = exported(name, passes)
@@ -82,3 +82,7 @@ def test_bad_requests_are_refused_with_the_reason(tmp_path) -> None:
         export_onnx(small_model("sam_vit_b"), tmp_path, opset=16)
     with pytest.raises(ValueError, match="no prompt decoder"):
         export_onnx(small_model("sam_vit_b").image_encoder, tmp_path)
+    if "bf16" in [info.name for info in samfx.passes.list_passes()]:
+        with pytest.raises(ValueError, match="bfloat16 weights"):
+            export_onnx(optimized_small("sam_vit_b", ("bf16",)), tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written for a refused model
