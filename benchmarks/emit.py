@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import run  # noqa: E402  (benchmarks/run.py, the harness)
 import samfx  # noqa: E402
 from samfx.data import package_images  # noqa: E402
 from samfx.emit.compile import samfx_backend  # noqa: E402
@@ -76,12 +76,8 @@ def _timed(fn) -> float:
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turns so that drifts hit all alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+    """benchmarks/run.py's interleaved medians, by name."""
+    return dict(zip(fns, run._interleaved(list(fns.values()), repeats)))
 
 
 def bench_compile(repeats: int) -> dict:
