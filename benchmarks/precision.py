@@ -26,12 +26,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import samfx  # noqa: E402
-from samfx.data import package_images  # noqa: E402
-from samfx.fidelity import mask_iou  # noqa: E402
 from samfx.passes import BF16Config, FuseAttentionConfig, PassContext, get_pass  # noqa: E402
 
 VARIANTS = {
@@ -68,29 +65,13 @@ def encoder_latency(model: torch.nn.Module, device: str, repeats: int) -> float:
 
 
 def fidelity(original: torch.nn.Module, candidate: torch.nn.Module, trained: bool) -> dict:
-    adapter = samfx.adapters.find_adapter(original)
-    sample = package_images(["coins"])[0]
-    ref, new = adapter.predictor(original), adapter.predictor(candidate)
-    with torch.inference_mode():
-        ref.set_image(sample.image)
-        new.set_image(sample.image)
-        a, b = ref.image_embedding.double().flatten(), new.image_embedding.double().flatten()
-        row = {"cosine": float(a @ b / (a.norm() * b.norm()))}
-        if not trained:
-            return row
-        every, boxes, truth = [], [], []
-        for prompt in sample.prompts:
-            masks_ref, _ = ref.predict(**prompt.as_kwargs())
-            masks_new, _ = new.predict(**prompt.as_kwargs())
-            ious = [mask_iou(x, y) for x, y in zip(masks_ref, masks_new)]
-            every += ious
-            if prompt.kind == "box":
-                boxes += ious
-                truth.append((mask_iou(masks_ref[0], sample.objects[prompt.object_index]),
-                               mask_iou(masks_new[0], sample.objects[prompt.object_index])))
-    truth_ref, truth_new = np.mean(truth, axis=0)
-    return {**row, "iou_all": float(np.mean(every)), "iou_box": float(np.mean(boxes)),
-            "iou_box_min": float(np.min(boxes)), "gt_miou": [float(truth_ref), float(truth_new)]}
+    if not trained:  # random weights: masks mean nothing, one image's embedding is enough
+        report = samfx.fidelity.compare(original, candidate, ["coins"], max_prompts_per_image=1)
+        return {"cosine": report.embedding_cosine_min}
+    report = samfx.fidelity.compare(original, candidate, ["coins"])
+    return {"cosine": report.embedding_cosine_min, "iou_all": report.mask_iou_mean,
+            "iou_box": report.box_mask_iou_mean, "iou_box_min": report.box_mask_iou_min,
+            "gt_miou": [report.gt_miou_original, report.gt_miou_optimized]}
 
 
 def run(models: list[str], variants: list[str], device: str, repeats: int) -> list[dict]:

@@ -21,7 +21,15 @@ from . import adapters, data, fidelity, masks, models, passes, segment_everythin
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .emit.onnx import export_onnx  # noqa: E402
 from .models import CheckpointError  # noqa: E402
-from .passes import BF16Config, FuseAttentionConfig, PassConfig, PassError, SplitQKVConfig  # noqa: E402
+from .passes import (  # noqa: E402
+    BF16Config,
+    FuseAttentionConfig,
+    HyperConfig,
+    PassConfig,
+    PassError,
+    SplitQKVConfig,
+    TokenClusterConfig,
+)
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
 from .report import OptimizeReport  # noqa: E402
 from .segment_everything import EverythingConfig, EverythingResult, everything  # noqa: E402
@@ -36,10 +44,12 @@ __all__ = [
     "EverythingConfig",
     "EverythingResult",
     "FuseAttentionConfig",
+    "HyperConfig",
     "OptimizeReport",
     "PassConfig",
     "PassError",
     "SplitQKVConfig",
+    "TokenClusterConfig",
     "__version__",
     "adapters",
     "capture",

@@ -105,6 +105,28 @@ class Component:
             for node in graph.nodes:
                 yield key, node
 
+    def trace_submodule(self, path: str, module: nn.Module) -> fx.Graph:
+        """Trace ``module``, meant to be installed at ``path``, with this
+        component's recipe; call targets and module stacks are given from the
+        component's root, so the nodes can be copied into its graphs.
+
+        Passes that change what a block computes in ways its graph does not
+        expose (sizes baked into upstream code) trace a changed copy of the block.
+        """
+        recipe = self.spec.recipe
+        try:
+            with _patched(module, recipe):
+                graph = _RecipeTracer(recipe, None, {}).trace(module)
+        except Exception as err:  # torch.fx and upstream code raise many types; name the module
+            raise CaptureError(f"cannot trace {type(module).__name__} for {path}: {type(err).__name__}: {err}") from err
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                node.target = f"{path}.{node.target}"
+            stack = node.meta.get("nn_module_stack", {})
+            node.meta["nn_module_stack"] = {path: (path, type(module)),
+                                            **{f"{path}.{k}": (f"{path}.{v[0]}", v[1]) for k, v in stack.items()}}
+        return graph
+
     # -- edits ----------------------------------------------------------------
     def set_submodule(self, target: str, module: nn.Module) -> None:
         """Install ``module`` at ``target`` (creating parents), replacing any."""

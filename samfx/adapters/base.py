@@ -28,6 +28,7 @@ __all__ = [
     "QKVLayout",
     "QKVSite",
     "ShapeCondition",
+    "TokenStage",
     "TraceRecipe",
     "class_name",
     "is_norm",
@@ -209,6 +210,36 @@ class AttentionSite:
     block: str | None = None
 
 
+@dataclass(frozen=True)
+class TokenStage:
+    """Consecutive encoder blocks that all read and write one token map, as
+    token-reducing passes (``token_cluster``) see them.
+
+    Every block takes the ``(B, H, W, C)`` map as its only tensor input and
+    returns a map of the same size; a block that changes the resolution or the
+    width (Hiera's pooling blocks) belongs to no stage.
+
+    Attributes:
+        blocks: paths of the blocks inside the component, in order.
+        indices: each block's position among all the encoder's blocks (what
+            users give as a location).
+        windows: each block's window side (0: attention over the whole map).
+        layout: ``"map"``: blocks pass ``(B, H, W, C)`` maps and read their
+            size from them; windowed blocks split the map with the calls that
+            :meth:`Adapter.window_call` recognises. ``"sequence"``: blocks pass
+            ``(B, H * W, C)`` row-major sequences of a ``size`` their code
+            fixes (TinyViT); :meth:`Adapter.resized_block` makes blocks for
+            another size.
+        size: ``(H, W)`` of a ``"sequence"`` stage.
+    """
+
+    blocks: tuple[str, ...]
+    indices: tuple[int, ...]
+    windows: tuple[int, ...]
+    layout: str = "map"
+    size: tuple[int, int] | None = None
+
+
 class Predictor:
     """Runs a SAM-family model on one image with point and box prompts.
 
@@ -332,6 +363,27 @@ class Adapter:
     def _precision_island(self, path: str, module: nn.Module) -> bool:
         """Whether the family keeps ``module`` (at ``path`` in its component) in float32."""
         return False
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        """Runs of blocks over one token map inside an image encoder (none by default)."""
+        return []
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        """``"partition"`` or ``"unpartition"`` when the graph node ``node`` calls
+        the family's window split or its inverse, with SAM's signatures:
+        ``partition(x, window) -> (windows, (Hp, Wp))`` and
+        ``unpartition(windows, window, (Hp, Wp), (H, W)) -> x``."""
+        return None
+
+    def resized_block(self, component_root: nn.Module, path: str, size: tuple[int, int],
+                      window: tuple[int, int]) -> nn.Module:
+        """A copy of the ``"sequence"``-stage block at ``path`` that runs on a
+        ``size`` map in ``window`` windows, sharing the block's weights.
+
+        Raises:
+            ValueError: the block cannot run that way (the reason is reported).
+        """
+        raise ValueError(f"{self.name} blocks cannot be resized")
 
     def predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")

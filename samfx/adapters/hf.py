@@ -11,9 +11,19 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
+from .base import (
+    PRESENT,
+    Adapter,
+    AttentionSite,
+    ComponentSpec,
+    Predictor,
+    QKVLayout,
+    ShapeCondition,
+    TokenStage,
+    TraceRecipe,
+)
 from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPointEmbedding, SamPromptDecoder
-from .sam import defining_class, is_score_head, projection_width
+from .sam import defining_class, is_score_head, plain_vit_stage, projection_width
 
 __all__ = ["HFPointEmbedding", "HFSamAdapter", "HFSamPredictor"]
 
@@ -142,6 +152,18 @@ class HFSamAdapter(Adapter):
 
     def _precision_island(self, path: str, module: nn.Module) -> bool:
         return is_score_head(path)
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        if not defining_class(component_root, "SamVisionEncoder"):
+            return []
+        return [plain_vit_stage("layers", component_root.layers)]
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        # SamVisionLayer's window methods are captured as opaque method calls.
+        if node.op != "call_module":
+            return None
+        method = getattr(component_root.get_submodule(node.target), "method", None)
+        return {"window_partition": "partition", "window_unpartition": "unpartition"}.get(method)
 
     def predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)

@@ -7,6 +7,8 @@ SAM's modules), so classes are recognised by the suffix of their qualified name.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import sys
 from functools import partial
 from typing import Any, Iterator
@@ -17,13 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe, class_name
+from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TokenStage,
+                   TraceRecipe, class_name)
 from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPointEmbedding, SamPromptDecoder
 
 _VIT = "image_encoder.ImageEncoderViT"
 _VIT_ATTENTION = "image_encoder.Attention"
 _TINYVIT = "tiny_vit_sam.TinyViT"
 _TINYVIT_ATTENTION = "tiny_vit_sam.Attention"
+_TINYVIT_BLOCK = "tiny_vit_sam.TinyViTBlock"
 _DECODER_ATTENTION = "modeling.transformer.Attention"
 _PROMPT_ENCODER = "prompt_encoder.PromptEncoder"
 _MASK_DECODER = "mask_decoder.MaskDecoder"
@@ -50,6 +54,67 @@ def decoder_attention_site(path: str, module: nn.Module, parent_path: str | None
     """SAM's two-way-transformer attention (q/k/v/out projections), shared by SAM 2."""
     head_dim = module.internal_dim // module.num_heads
     return AttentionSite(path, "decoder", module.num_heads, head_dim, head_dim, block=parent_path)
+
+
+def plain_vit_stage(prefix: str, blocks: nn.ModuleList) -> TokenStage:
+    """A plain ViT's blocks (all on one map), each with its ``window_size`` attribute."""
+    return TokenStage(tuple(f"{prefix}.{i}" for i in range(len(blocks))), tuple(range(len(blocks))),
+                      tuple(int(b.window_size) for b in blocks))
+
+
+def tinyvit_stages(encoder: nn.Module) -> list[TokenStage]:
+    """TinyViT's attention stages; blocks are numbered across stages (MBConv stages excluded)."""
+    stages, first = [], 0
+    for i, layer in enumerate(encoder.layers):
+        blocks = [b for b in getattr(layer, "blocks", ()) if defining_class(b, _TINYVIT_BLOCK)]
+        if blocks:
+            stages.append(TokenStage(tuple(f"layers.{i}.blocks.{j}" for j in range(len(blocks))),
+                                     tuple(range(first, first + len(blocks))),
+                                     tuple(int(b.window_size) for b in blocks), "sequence",
+                                     tuple(blocks[0].input_resolution)))
+            first += len(blocks)
+    return stages
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing ``module``'s parameters, buffers and children."""
+    clone = copy.copy(module)
+    clone._parameters, clone._buffers, clone._modules = (dict(module._parameters), dict(module._buffers),
+                                                         dict(module._modules))
+    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    return clone
+
+
+def _offset_biases(attention: nn.Module, window: int, cells: int) -> torch.Tensor:
+    """TinyViT's attention biases for a ``cells x cells`` window whose positions
+    are ``window / cells`` tokens apart: the ``(|dy|, |dx|)`` bias table sampled
+    bilinearly at the scaled offsets, as SAM interpolates its rel-pos tables."""
+    table = attention.attention_biases.detach()[:, attention.attention_bias_idxs[0]]  # offsets from token (0, 0)
+    table = table.reshape(-1, window, window)
+    position = torch.arange(cells, dtype=table.dtype, device=table.device) * window / cells
+    low = position.floor().long().clamp(max=window - 1)
+    high = (low + 1).clamp(max=window - 1)
+    frac = position - low
+    rows = table[:, low] * (1 - frac)[None, :, None] + table[:, high] * frac[None, :, None]
+    return (rows[:, :, low] * (1 - frac) + rows[:, :, high] * frac).reshape(table.shape[0], cells * cells)
+
+
+def resized_tinyvit_block(block: nn.Module, size: tuple[int, int], window: int) -> nn.Module:
+    """A TinyViT block for a ``size`` map in ``window`` windows, sharing the weights
+    except the attention biases, which are resampled for the new window."""
+    resized = _shallow_copy(block)
+    resized.input_resolution, resized.window_size = tuple(size), window
+    attention = resized.attn = _shallow_copy(block.attn)
+    biases = _offset_biases(block.attn, block.window_size, window)
+    cells = list(itertools.product(range(window), range(window)))
+    idxs = torch.tensor([[abs(a[0] - b[0]) * window + abs(a[1] - b[1]) for b in cells] for a in cells])
+    attention.attention_biases = nn.Parameter(biases.to(block.attn.attention_biases.dtype),
+                                              requires_grad=block.attn.attention_biases.requires_grad)
+    attention.register_buffer("attention_bias_idxs", idxs.to(block.attn.attention_bias_idxs.device), persistent=False)
+    if "ab" in block.attn._buffers:
+        attention.register_buffer("ab", attention.attention_biases.detach()[:, attention.attention_bias_idxs],
+                                  persistent=False)
+    return resized
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -176,6 +241,28 @@ class SamAdapter(Adapter):
 
     def _precision_island(self, path: str, module: nn.Module) -> bool:
         return is_score_head(path)
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        if defining_class(component_root, _VIT):
+            return [plain_vit_stage("blocks", component_root.blocks)]
+        if defining_class(component_root, _TINYVIT):
+            return tinyvit_stages(component_root)
+        return []
+
+    def resized_block(self, component_root: nn.Module, path: str, size: tuple[int, int],
+                      window: tuple[int, int]) -> nn.Module:
+        block = component_root.get_submodule(path)
+        if not defining_class(block, _TINYVIT_BLOCK):
+            return super().resized_block(component_root, path, size, window)
+        if window[0] != window[1]:
+            raise ValueError(f"TinyViT blocks attend in square windows, not {window[0]}x{window[1]}")
+        return resized_tinyvit_block(block, size, window[0])
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        if node.op != "call_function" or not defining_class(component_root, _VIT):
+            return None
+        partition, unpartition = _module_functions(component_root, ("window_partition", "window_unpartition"))
+        return "partition" if node.target is partition else "unpartition" if node.target is unpartition else None
 
     def predictor(self, model: nn.Module) -> Predictor:
         from segment_anything import SamPredictor

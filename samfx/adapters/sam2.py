@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TraceRecipe, class_name
+from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TokenStage, TraceRecipe,
+                   class_name)
 from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import (
     UpstreamPredictor,
@@ -113,6 +114,27 @@ class Sam2Adapter(Adapter):
         # The object-score head gates whole masks; the sine encoding needs float32 arguments.
         return (is_score_head(path) or path.rpartition(".")[2] == "pred_obj_score_head"
                 or defining_class(module, _POSITION_SINE) is not None)
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        trunk = getattr(component_root, "trunk", None)
+        if trunk is None or not defining_class(trunk, _HIERA):
+            return []
+        stages, start = [], 0
+        for end in trunk.stage_ends:
+            # A stage's first block pools q (and widens) when the resolution changes.
+            members = [i for i in range(start, end + 1)
+                       if not trunk.blocks[i].q_stride and trunk.blocks[i].dim == trunk.blocks[i].dim_out]
+            if members:
+                stages.append(TokenStage(tuple(f"trunk.blocks.{i}" for i in members), tuple(members),
+                                         tuple(int(trunk.blocks[i].window_size) for i in members)))
+            start = end + 1
+        return stages
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        if node.op != "call_function":
+            return None
+        hieradet = sys.modules["sam2.modeling.backbones.hieradet"]
+        return {hieradet.window_partition: "partition", hieradet.window_unpartition: "unpartition"}.get(node.target)
 
     def predictor(self, model: nn.Module) -> Predictor:
         from sam2.sam2_image_predictor import SAM2ImagePredictor

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv', 'fuse_attention', 'bf16']
+    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster']
 """
 
 from .base import (
@@ -21,10 +21,13 @@ from .base import (
 from .split_qkv import SplitQKVConfig, split_qkv
 from .fuse_attention import FuseAttentionConfig, fuse_attention
 from .bf16 import BF16Config, bf16
+from .hyper import HyperConfig, hyper
+from .token_cluster import TokenClusterConfig, token_cluster
 
 __all__ = [
     "BF16Config",
     "FuseAttentionConfig",
+    "HyperConfig",
     "PassConfig",
     "PassContext",
     "PassError",
@@ -32,10 +35,13 @@ __all__ = [
     "PassReport",
     "PassResult",
     "SplitQKVConfig",
+    "TokenClusterConfig",
     "get_pass",
+    "hyper",
     "list_passes",
     "register_pass",
     "bf16",
     "fuse_attention",
     "split_qkv",
+    "token_cluster",
 ]
