@@ -64,6 +64,8 @@ ONNX_CASES = [
     OnnxCase("lite_medsam", ()),
     OnnxCase("lite_medsam", ("split_qkv",)),
     OnnxCase("lite_medsam", ("fuse_attention",)),
+    OnnxCase("lite_medsam", ("hyper",)),
+    OnnxCase("lite_medsam", ("token_cluster",)),
     OnnxCase("sam_vit_b", ("split_qkv",), images=("coins",)),
     OnnxCase("sam_vit_b", ("fuse_attention",), images=("coins",)),
 ]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import PRESENT, ComponentSpec, TraceRecipe, class_name

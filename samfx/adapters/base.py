@@ -397,6 +397,7 @@ class Adapter:
         """
         raise NotImplementedError(f"adapter {self.name!r} does not describe how to deploy its models")
 
+
 def is_norm(module: nn.Module) -> bool:
     """A normalisation layer: torch's own, or a channels-first ``LayerNorm2d`` as
     SAM, SAM 2 and their derivatives define it."""

@@ -253,7 +253,8 @@ def export_onnx(
     """
     if opset < 17:
         raise ValueError(f"samfx exports with opset 17 or newer (LayerNormalization, Resize with sizes), not {opset}")
-    if any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers())):
+    # Parameters only: hyper's lattice codes keep bfloat16 row parameters in buffers, cast in the graph.
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
         raise ValueError("the model has bfloat16 weights (the bf16 pass), which ONNX cannot carry: its Conv and most "
                          "other operators have no bfloat16 type, and onnxruntime's CPU provider no bfloat16 kernels; "
                          "export the model before the bf16 pass")

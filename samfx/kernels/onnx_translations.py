@@ -31,11 +31,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from onnxscript import opset18 as op
 
+from ..codecs.lattice import decode_rows
+from . import hyper  # noqa: F401  (registers torch.ops.samfx.hyper_decode and hyper_linear)
 from . import rel_pos  # noqa: F401  (registers torch.ops.samfx.rel_pos_attention)
 
-__all__ = ["DECOMPOSITIONS", "TRANSLATIONS", "rel_pos_attention"]
+__all__ = ["DECOMPOSITIONS", "TRANSLATIONS", "hyper_linear", "rel_pos_attention"]
 
 
 def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float):
@@ -55,4 +58,16 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float):
 
 TRANSLATIONS: dict[Any, Callable[..., Any]] = {torch.ops.samfx.rel_pos_attention.default: rel_pos_attention}
 
-DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {}
+def hyper_linear(x: torch.Tensor, codes: torch.Tensor, row_params: torch.Tensor, bias: torch.Tensor | None,
+                 cols: int, bits: int, nx: int, i0: int, j0: int) -> torch.Tensor:
+    """``samfx::hyper_linear`` as its reference: the lattice decode written in the
+    graph over the codes (the file keeps the codes, not the dense weight), then a
+    linear layer."""
+    weight = decode_rows(codes, row_params, cols, bits, nx, i0, j0).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
+    torch.ops.samfx.hyper_decode.default: decode_rows,
+    torch.ops.samfx.hyper_linear.default: hyper_linear,
+}
