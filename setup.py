@@ -45,5 +45,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["samfx=samfx.cli:main"],
+        # torch.compile(model, backend="samfx") finds the backend without an import.
+        "torch_dynamo_backends": ["samfx=samfx.emit.compile:samfx_backend"],
     },
 )

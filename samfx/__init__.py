@@ -20,6 +20,7 @@ __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .distillation import DistillReport, distill  # noqa: E402
+from .emit.onnx import export_onnx  # noqa: E402
 from .models import CheckpointError  # noqa: E402
 from .passes import (  # noqa: E402
     BF16Config,
@@ -58,6 +59,7 @@ __all__ = [
     "capture",
     "data",
     "distill",
+    "export_onnx",
     "everything",
     "fidelity",
     "load",

@@ -4,6 +4,8 @@
     samfx passes                                    list the passes
     samfx optimize --model lite_medsam --passes split_qkv --out runs/demo
     samfx optimize --checkpoint sam_vit_b.pth --passes split_qkv --out runs/b
+    samfx export-onnx --model lite_medsam --passes split_qkv --out runs/onnx
+    samfx run-onnx photo.jpg --model-dir runs/onnx --point 120,80 --out mask.png
     samfx everything photo.jpg --model sam_vit_b --checkpoint sam_vit_b.pth --out masks.json --png masks.png
     samfx compare runs/demo --out runs/demo/pictures       # original vs optimized masks, as PNGs
     samfx compare --bench benchmarks/results/latest.json --out plots   # speed against fidelity
@@ -186,6 +188,31 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import models, optimize
+    from .emit.onnx import export_onnx
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
+    passes = [p for p in args.passes.split(",") if p]
+    if passes:
+        model = optimize(model, passes, progress=not args.quiet, model_name=args.model)
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    export_onnx(model, args.out, multimask_output=not args.single_mask, opset=args.opset, external_data=external,
+                verbose=True)
+    print(f"\nwrote {args.out}/encoder.onnx, decoder.onnx, samfx_onnx.json and samfx_runtime.py")
+    return 0
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    from .emit import runtime
+
+    return runtime.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samfx", description="Optimize Segment Anything models with graph passes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--pictures", action="store_true",
                      help="also write PNGs of the original's and the optimized model's masks to OUT/pictures")
     opt.set_defaults(run=_optimize)
+    exp = sub.add_parser("export-onnx",
+                         help="export encoder.onnx + decoder.onnx (SAM convention), checked in onnxruntime")
+    exp.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
+    exp.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
+    exp.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
+    exp.add_argument("--passes", default="", help="comma-separated passes to run first (default: none)")
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--single-mask", action="store_true", help="decoder returns the single-mask output")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer, default 18)")
+    exp.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                     help="weights in a separate file (auto: above the 2 GB protobuf limit)")
+    exp.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    exp.add_argument("--quiet", action="store_true", help="no progress bars")
+    exp.set_defaults(run=_export_onnx)
+    from .emit import runtime
+
+    run = sub.add_parser("run-onnx", help="segment an image with an exported pair (onnxruntime and numpy only)")
+    runtime.add_arguments(run)
+    run.set_defaults(run=_run_onnx)
 
     every = sub.add_parser("everything", help="segment everything in an image (TinySAM's hierarchical strategy)")
     every.add_argument("image", help="an image file, or a package image name (coins, astronaut, ...)")

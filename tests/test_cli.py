@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from samfx.cli import main
+from samfx.data import package_images
 
 
 def test_models_lists_the_zoo(capsys) -> None:
@@ -54,6 +57,20 @@ def test_console_script_is_installed() -> None:
     assert "split_qkv" in result.stdout
 
 
+def test_export_and_run_commands(tmp_path, capsys) -> None:
+    model_dir = tmp_path / "onnx"
+    assert main(["export-onnx", "--model", "sam_vit_b", "--small", "--single-mask", "--quiet",
+                 "--out", str(model_dir)]) == 0
+    assert "mask IoU 1.0000" in capsys.readouterr().out  # the check summary is printed
+    image = package_images(["coins"])[0].image
+    Image.fromarray(image).save(tmp_path / "coins.png")
+    out = tmp_path / "mask.png"
+    code = main(["run-onnx", str(tmp_path / "coins.png"), "--model-dir", str(model_dir),
+                 "--point", "100,120", "--negative", "20,20", "--out", str(out)])
+    assert code == 0
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
+    assert "mask 0 of 1" in capsys.readouterr().out  # the single-mask decoder
 def test_everything_writes_coco_json_and_a_picture(tmp_path, capsys) -> None:
     from .test_pictures import open_png
 

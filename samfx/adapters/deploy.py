@@ -1,0 +1,167 @@
+"""What a family needs to be deployed outside PyTorch: the encoder and prompt
+decoder as export-friendly modules in the SAM convention, and how its predictor
+prepares images and prompts.
+
+The SAM convention (``segment_anything/utils/onnx.py``, samexporter, anylabeling)
+gives the prompt decoder fixed inputs: the image embeddings, ``point_coords``
+``(1, N, 2)`` in the encoder-input frame, ``point_labels`` ``(1, N)`` (1 foreground,
+0 background, 2 and 3 the top-left and bottom-right corners of a box, -1 a
+padding point), ``mask_input`` ``(1, 1, 4h, 4w)`` and ``has_mask_input`` ``(1,)``.
+Prompts are embedded with the same weights and formulas as the family's prompt
+encoder, written without in-place writes or data-dependent indexing, and the
+family's own (captured, possibly optimized) mask decoder does the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Deployment", "EncoderOutputs", "Preprocessing", "SamPointEmbedding", "SamPromptDecoder"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the family's predictor turns an ``H x W x 3`` uint8 image into the
+    encoder input, prompts into the encoder frame, and low-res masks back.
+
+    Attributes:
+        size: side of the square encoder input.
+        resize: ``longest_side`` (aspect kept, padded bottom/right with zeros
+            after normalisation) or ``stretch`` (both sides to ``size``).
+        resample_uint8: resampling on the 8-bit image, rounded back to 8 bits
+            (PIL, torchvision on uint8), rather than on float pixels.
+        antialias: downscaling widens the bilinear filter (PIL, torchvision);
+            without it, plain bilinear interpolation (``F.interpolate``).
+        mean, std: normalisation, in 0-255 pixel units.
+        pad_point: when the predictor appends a padding point (label -1):
+            ``if_no_box`` (SAM, Hugging Face) or ``always`` (SAM 2).
+        upscale_masks: low-res masks are first resized to ``size`` x ``size``
+            (then cropped to the resized image for ``longest_side``) before the
+            resize to the image; otherwise they go to the image size directly.
+    """
+
+    size: int
+    resize: str
+    resample_uint8: bool
+    antialias: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad_point: str = "if_no_box"
+    upscale_masks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("longest_side", "stretch"):
+            raise ValueError(f"unknown resize {self.resize!r}")
+        if self.pad_point not in ("if_no_box", "always"):
+            raise ValueError(f"unknown pad_point {self.pad_point!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Deployment:
+    """A family's model as the two exported graphs see it.
+
+    Attributes:
+        encoder: ``(image) -> tuple of embeddings`` (the normalised, padded
+            ``(B, 3, size, size)`` image).
+        embedding_names: names of the encoder outputs, which are also the first
+            inputs of ``decoder``.
+        decoder: ``(*embeddings, point_coords, point_labels, mask_input,
+            has_mask_input) -> (low_res_logits, iou_predictions)``.
+        preprocessing: how images, prompts and masks are prepared.
+        mask_input_size: side of ``mask_input``.
+        low_res_clamp: the predictor clamps the low-res logits it hands back for
+            the next call (SAM 2); the full-size masks are made before clamping.
+        prepare: runs before tracing (e.g. fills caches upstream code fills lazily).
+    """
+
+    encoder: nn.Module
+    embedding_names: tuple[str, ...]
+    decoder: nn.Module
+    preprocessing: Preprocessing
+    mask_input_size: int
+    low_res_clamp: float | None = None
+    prepare: Callable[[], None] | None = None
+
+
+class EncoderOutputs(nn.Module):
+    """An image encoder whose output is picked apart by ``select`` into the
+    tuple of embeddings the decoder takes."""
+
+    def __init__(self, encoder: nn.Module, select: Callable[[Any], tuple[torch.Tensor, ...]]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self._select = select
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._select(self.encoder(image))
+
+
+class SamPointEmbedding(nn.Module):
+    """SAM-convention prompt embedding with the weights of a ``segment_anything``-style
+    ``PromptEncoder`` (SAM, SAM-HQ, LiteMedSAM, MobileSAM and SAM 2 share it).
+
+    Points: the random-Fourier encoding of the pixel centre, replaced by the
+    not-a-point embedding for padding points, plus the learned embedding of the
+    label (box corners are points labelled 2 and 3). Mask: the embedded mask or
+    the no-mask embedding. Families with other attribute names override the
+    ``fourier``, ``label_embeddings``, ``mask_embedding`` and ``dense_pe`` hooks.
+    """
+
+    def __init__(self, prompt_encoder: nn.Module, frame_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.register_buffer("frame", torch.tensor([float(frame_hw[1]), float(frame_hw[0])]), persistent=False)
+
+    def fourier(self, coords: torch.Tensor) -> torch.Tensor:
+        """Positional encoding of coordinates normalised to [0, 1]."""
+        return self.prompt_encoder.pe_layer._pe_encoding(coords)
+
+    def label_embeddings(self) -> nn.ModuleList:
+        return self.prompt_encoder.point_embeddings
+
+    def mask_embedding(self, mask_input: torch.Tensor) -> torch.Tensor:
+        return self.prompt_encoder.mask_downscaling(mask_input)
+
+    def dense_pe(self) -> torch.Tensor:
+        return self.prompt_encoder.get_dense_pe()
+
+    def sparse(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        embedding = self.fourier((point_coords + 0.5) / self.frame)
+        labels = point_labels.unsqueeze(-1)
+        embedding = embedding * (labels != -1) + self.prompt_encoder.not_a_point_embed.weight * (labels == -1)
+        for index, learned in enumerate(self.label_embeddings()):
+            embedding = embedding + learned.weight * (labels == index)
+        return embedding
+
+    def dense(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return has_mask_input * self.mask_embedding(mask_input) + (1 - has_mask_input) * no_mask
+
+
+class SamPromptDecoder(nn.Module):
+    """SAM-convention decoder: a prompt embedding module (``sparse``, ``dense``,
+    ``dense_pe`` as :class:`SamPointEmbedding`) and the family's mask decoder,
+    called by ``call(mask_decoder, embeddings, dense_pe, sparse, dense) ->
+    (low_res_logits, iou_predictions)``."""
+
+    def __init__(self, points: nn.Module, mask_decoder: nn.Module,
+                 call: Callable[..., tuple[torch.Tensor, torch.Tensor]], embeddings: int) -> None:
+        super().__init__()
+        self.points = points
+        self.mask_decoder = mask_decoder
+        self._call = call
+        self.embeddings = embeddings
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = inputs[: self.embeddings]
+        point_coords, point_labels, mask_input, has_mask_input = inputs[self.embeddings:]
+        sparse = self.points.sparse(point_coords, point_labels)
+        dense = self.points.dense(mask_input, has_mask_input)
+        return self._call(self.mask_decoder, embeddings, self.points.dense_pe(), sparse, dense)
