@@ -20,7 +20,7 @@ __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 from . import adapters, data, fidelity, models, passes, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .models import CheckpointError  # noqa: E402
-from .passes import PassConfig, PassError, SplitQKVConfig  # noqa: E402
+from .passes import PassConfig, PassError, QuantizeConfig, SplitQKVConfig  # noqa: E402
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
 from .report import OptimizeReport  # noqa: E402
 from .serialization import load, save  # noqa: E402
@@ -33,6 +33,7 @@ __all__ = [
     "OptimizeReport",
     "PassConfig",
     "PassError",
+    "QuantizeConfig",
     "SplitQKVConfig",
     "__version__",
     "adapters",

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv']
+    ['quantize', 'split_qkv']
 """
 
 from .base import (
@@ -18,6 +18,7 @@ from .base import (
     list_passes,
     register_pass,
 )
+from .quantize import QuantizeConfig, quantize
 from .split_qkv import SplitQKVConfig, split_qkv
 
 __all__ = [
@@ -27,9 +28,11 @@ __all__ = [
     "PassInfo",
     "PassReport",
     "PassResult",
+    "QuantizeConfig",
     "SplitQKVConfig",
     "get_pass",
     "list_passes",
+    "quantize",
     "register_pass",
     "split_qkv",
 ]
