@@ -397,11 +397,13 @@ def quantized_conv2d(
     if not _exact_on_this_cpu(safe, "quantized_conv2d"):
         return quantized_conv2d_reference(*args)
     codes = _uint8_codes(x.float(), scale, zero_point)
-    return torch.ops.onednn.qconv2d_pointwise(
+    out = torch.ops.onednn.qconv2d_pointwise(
         codes, scale, zero_point, packed, weight_scale, _zeros(weight.shape[0]),
         None if bias is None else bias.float(), stride, padding, dilation, groups,
         1.0, 0, torch.float32, "none", [], "",
     )
+    # oneDNN answers channels-last; the op's contract (and its fake) is a contiguous tensor.
+    return out.contiguous()
 
 
 @quantized_conv2d.register_fake

@@ -168,3 +168,16 @@ def test_flop_formulas_count_int8_ops_like_float() -> None:
         qk.quantized_linear(torch.randn(4, 16), codes, scale, None, torch.tensor(0.1),
                             torch.tensor(0, dtype=torch.uint8))
     assert counter.get_total_flops() == 2 * 4 * 16 * 8
+
+
+def test_ops_pass_opcheck() -> None:
+    """Fake kernels agree with the real ones on shapes, strides and dtypes."""
+    codes, scale = qk.quantize_weight(torch.randn(8, 4, 3, 3), 63)
+    s, z = torch.tensor(0.03), torch.tensor(128, dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.samfx.quantized_conv2d.default,
+                          (torch.randn(1, 4, 9, 9), codes, scale, None, s, z, [1, 1], [1, 1], [1, 1], 1))
+    lcodes, lscale = qk.quantize_weight(torch.randn(8, 16), 63)
+    torch.library.opcheck(torch.ops.samfx.quantized_linear.default, (torch.randn(3, 16), lcodes, lscale, None, s, z))
+    torch.library.opcheck(torch.ops.samfx.dynamic_quantized_linear.default, (torch.randn(3, 16), lcodes, lscale, None))
+    torch.library.opcheck(torch.ops.samfx.quantized_matmul.default,
+                          (torch.randn(2, 3, 16), torch.randn(2, 16, 5), s, z, torch.tensor(0.05), 63))
