@@ -5,7 +5,8 @@ Both models run through their family's predictor (``SamPredictor``,
 what a user would see:
 
 * mask IoU between the original's and the optimized model's masks, per prompt
-  and per output mask (mean and worst);
+  and per output mask (mean and worst), and over box prompts alone (their
+  single mask is what box users see);
 * absolute error of the predicted IoU scores;
 * cosine similarity of the image embeddings;
 * where the image has ground truth (``coins``), box-prompt mIoU of each model
@@ -58,6 +59,7 @@ class FidelityReport:
     embedding_cosine_min: float
     gt_miou_original: float | None = None
     gt_miou_optimized: float | None = None
+    box_mask_iou_mean: float | None = None
     per_image: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +68,8 @@ class FidelityReport:
     def summary(self) -> str:
         text = (f"mask IoU vs original {self.mask_iou_mean:.4f} (worst {self.mask_iou_min:.4f}), "
                 f"IoU-pred error {self.iou_pred_error_mean:.4f}, embedding cosine {self.embedding_cosine_mean:.5f}")
+        if self.box_mask_iou_mean is not None:
+            text += f", box-prompt mask IoU {self.box_mask_iou_mean:.4f}"
         if self.gt_miou_original is not None:
             text += f", GT mIoU {100 * self.gt_miou_original:.1f} -> {100 * self.gt_miou_optimized:.1f}"
         return text
@@ -104,6 +108,7 @@ def compare(
     cosines: list[float] = []
     gt_reference: list[float] = []
     gt_candidate: list[float] = []
+    box_ious: list[float] = []
     per_image = []
     bar = tqdm(total=sum(len(s.prompts[:max_prompts_per_image] if max_prompts_per_image else s.prompts) for s in samples),
                desc="fidelity", unit="prompt", disable=not progress)
@@ -120,6 +125,8 @@ def compare(
                 masks_new, scores_new = candidate.predict(**prompt.as_kwargs())
                 bar.update()
                 image_ious += [mask_iou(a, b) for a, b in zip(masks_ref, masks_new)]
+                if prompt.kind == "box":
+                    box_ious.append(mask_iou(masks_ref[0], masks_new[0]))
                 score_errors += np.abs(np.asarray(scores_ref) - np.asarray(scores_new)).tolist()
                 if sample.has_ground_truth and prompt.kind == "box":
                     truth = sample.objects[prompt.object_index]
@@ -140,6 +147,7 @@ def compare(
         embedding_cosine_min=float(np.min(cosines)),
         gt_miou_original=float(np.mean(gt_reference)) if gt_reference else None,
         gt_miou_optimized=float(np.mean(gt_candidate)) if gt_candidate else None,
+        box_mask_iou_mean=float(np.mean(box_ious)) if box_ious else None,
         per_image=per_image,
     )
 
