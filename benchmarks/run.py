@@ -48,6 +48,8 @@ CASES = [
     Case("lite_medsam", ("split_qkv",)),
     Case("sam_vit_b", ("split_qkv",), images=("coins",)),
     Case("sam2.1_hiera_b+", ("split_qkv",), images=("coins",)),
+    Case("lite_medsam", ("quantize",)),
+    Case("sam_vit_b", ("quantize",), images=("coins",)),
 ]
 
 
