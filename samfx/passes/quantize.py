@@ -145,8 +145,8 @@ def _scalar(value: float, dtype: torch.dtype) -> Tensor:
     return torch.tensor(value, dtype=dtype)
 
 
-class QuantizedLinear(nn.Module):
-    """W8A8 ``Linear``: int8 weight per output channel, uint8 input grid from calibration."""
+class _Int8Linear(nn.Module):
+    """The int8 weight (per output channel), its scales and the float bias of a ``Linear``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -154,15 +154,25 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    def _take_weights(self, linear: nn.Linear, weight_qmax: int) -> None:
+        self.weight, self.weight_scale = qk.quantize_weight(linear.weight, weight_qmax)
+        if linear.bias is not None:
+            self.bias = linear.bias.detach().float().clone()
+
+
+class QuantizedLinear(_Int8Linear):
+    """W8A8 ``Linear``: int8 weight per output channel, uint8 input grid from calibration."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("input_scale", _scalar(1.0, torch.float32))
         self.register_buffer("input_zero_point", _scalar(0, torch.uint8))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_qmax: int, input_grid: tuple[float, int]) -> "QuantizedLinear":
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        module.weight, module.weight_scale = qk.quantize_weight(linear.weight, weight_qmax)
-        if linear.bias is not None:
-            module.bias = linear.bias.detach().float().clone()
+        module._take_weights(linear, weight_qmax)
         module.input_scale = _scalar(input_grid[0], torch.float32)
         module.input_zero_point = _scalar(input_grid[1], torch.uint8)
         return module
@@ -177,22 +187,13 @@ class QuantizedLinear(nn.Module):
                 f"input_scale={float(self.input_scale):.4g}, input_zero_point={int(self.input_zero_point)}")
 
 
-class DynamicQuantizedLinear(nn.Module):
+class DynamicQuantizedLinear(_Int8Linear):
     """W8A8 ``Linear`` with per-token activation scales computed at run time."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_qmax: int) -> "DynamicQuantizedLinear":
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        module.weight, module.weight_scale = qk.quantize_weight(linear.weight, weight_qmax)
-        if linear.bias is not None:
-            module.bias = linear.bias.detach().float().clone()
+        module._take_weights(linear, weight_qmax)
         return module
 
     def forward(self, x: Tensor) -> Tensor:
