@@ -27,6 +27,8 @@ setup(
         "numpy",
         "safetensors>=0.4",
         "torch-pruning>=1.6",
+        # CPU kernels of the hyper pass (JIT-compiled, no C compiler needed)
+        "numba>=0.60",
         "triton; platform_system == 'Linux'",
         "onnx>=1.16",
         "onnxruntime>=1.18",
@@ -38,6 +40,7 @@ setup(
     ],
     extras_require={
         "zoo": ZOO,
+        "pictures": ["matplotlib"],
         "test": ZOO + ["pytest>=8", "matplotlib"],
     },
     entry_points={

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                       # every case, prints a table, writes JSON
     python benchmarks/run.py --case lite_medsam/split_qkv --repeats 5
+    python benchmarks/run.py --token-cluster sam_vit_b --token-cluster sam_vit_h   # tuner, presets, memory
 
 For each case (a zoo model and a pass list) it reports parameters, weight
 bytes, encoder MACs, the latency of the original and the optimized model
@@ -48,6 +49,17 @@ CASES = [
     Case("lite_medsam", ("split_qkv",)),
     Case("sam_vit_b", ("split_qkv",), images=("coins",)),
     Case("sam2.1_hiera_b+", ("split_qkv",), images=("coins",)),
+    Case("lite_medsam", ("fuse_attention",)),
+    Case("lite_medsam", ("fuse_attention", "bf16")),
+    Case("sam_vit_b", ("fuse_attention",), images=("coins",)),
+    Case("sam_vit_b", ("fuse_attention", "bf16"), images=("coins",)),
+    Case("sam_vit_h", ("fuse_attention",), images=("coins",)),
+    # hyper: ratios, errors and Birkhoff's codec side by side are in benchmarks/hyper_codec.py
+    Case("lite_medsam", ("hyper",)),
+    Case("sam_vit_b", ("hyper",), images=("coins",)),
+    Case("sam2.1_hiera_b+", ("hyper",), images=("coins",)),
+    # token_cluster tunes itself (mask IoU >= 0.90 vs the original on coins, astronaut, coffee).
+    Case("sam_vit_b", ("split_qkv", "token_cluster"), images=("coins",)),
     Case("lite_medsam", ("quantize",)),
     Case("sam_vit_b", ("quantize",), images=("coins",)),
 ]
@@ -103,7 +115,8 @@ def run_case(case: Case, repeats: int, fidelity: bool) -> dict:
         # Ground truth only says something about a model with trained weights.
         trained = samfx.models.spec(case.model).pretrained
         row["fidelity"] = {"images": f.images, "prompts": f.prompts, "mask_iou_mean": f.mask_iou_mean,
-                           "mask_iou_min": f.mask_iou_min, "embedding_cosine_min": f.embedding_cosine_min,
+                           "mask_iou_min": f.mask_iou_min, "box_mask_iou_mean": f.box_mask_iou_mean,
+                           "embedding_cosine_min": f.embedding_cosine_min,
                            "iou_pred_error_max": f.iou_pred_error_max,
                            "gt_miou": [f.gt_miou_original, f.gt_miou_optimized] if trained else [None, None]}
     return row
@@ -126,29 +139,156 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# -- token_cluster: the tuner's choice, Expedit-SAM's presets, activation memory ----------------
+
+# ViT-H (location, clusters per window): Expedit-SAM's README table, and its demo's "1.2x" (16, 81)
+# and "1.5x" (6, 81) presets. Locations index SAM's 32 ViT-H blocks.
+EXPEDIT_PRESETS = ((18, 121), (16, 81), (14, 100), (8, 100), (8, 81), (6, 81))
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def token_cluster_suite(name: str, floor: float, images: tuple[str, ...], presets: tuple[tuple[int, int], ...],
+                        repeats: int) -> dict:
+    """Tune ``token_cluster`` for ``floor`` on ``images``, then measure the chosen
+    setting, the presets and split_qkv + the chosen setting against the original.
+
+    Encoder latency is bracketed: every optimized run sits between two runs of
+    the original in the same process, and its speed-up is the mean of the two
+    over its own time (median over ``repeats`` brackets). Fidelity uses the same
+    images and prompts as the tuner (points and boxes).
+    """
+    from samfx.fidelity import CachedPredictor, compare
+    from samfx.passes.token_cluster import tune
+    from samfx.stats import activation_peak_bytes
+
+    torch.manual_seed(0)
+    model = samfx.models.build(name)
+    adapter = samfx.adapters.find_adapter(model)
+    reference = CachedPredictor(adapter.predictor(model))
+    timer = adapter.predictor(model)
+    image = package_images(["coins"])[0].image
+    start = time.perf_counter()
+    result = tune(model, samfx.TokenClusterConfig(floor=floor, images=images))
+    tune_s = time.perf_counter() - start
+    print(f"{name}: tuner ({tune_s:.0f} s) for mask IoU >= {floor} on {', '.join(images)}\n{result.table()}",
+          file=sys.stderr, flush=True)
+    settings: list[tuple[str, list]] = []
+    if result.chosen is not None:
+        chosen = samfx.TokenClusterConfig(location=result.chosen.location, clusters=result.chosen.clusters)
+        settings += [("tuned", [chosen]), ("split_qkv+tuned", ["split_qkv", chosen])]
+    settings += [(f"L{location}/{clusters}", [samfx.TokenClusterConfig(location=location, clusters=clusters)])
+                 for location, clusters in presets]
+    original_peak = activation_peak_bytes(model, adapter)
+    with torch.inference_mode():
+        timer.set_image(image)  # warm-up
+        previous = _seconds(lambda: timer.set_image(image))
+    rows = []
+    for label, passes in settings:
+        print(f"{name}: {label} ...", file=sys.stderr, flush=True)
+        optimized = samfx.optimize(model, passes, model_name=name)
+        report = optimized.samfx_report
+        fidelity = compare(reference, optimized, images, adapter=adapter)
+        candidate = adapter.predictor(optimized)
+        speedups, optimized_s = [], []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                optimized_s.append(_seconds(lambda: candidate.set_image(image)))
+                after = _seconds(lambda: timer.set_image(image))
+                speedups.append((previous + after) / 2 / optimized_s[-1])
+                previous = after
+        cluster = next(p for p in report.passes if p.name == "token_cluster")
+        rows.append({
+            "model": name, "setting": label, "passes": [p.config for p in report.passes],
+            "clustered": cluster.summary,
+            "encoder_macs": [report.before.macs["image_encoder"], report.after.macs["image_encoder"]],
+            "encoder_optimized_s": statistics.median(optimized_s), "encoder_speedup": statistics.median(speedups),
+            "activation_peak_bytes": [original_peak, activation_peak_bytes(optimized, adapter)],
+            "fidelity": {"images": fidelity.images, "prompts": fidelity.prompts,
+                         "mask_iou_mean": fidelity.mask_iou_mean, "mask_iou_min": fidelity.mask_iou_min,
+                         "embedding_cosine_mean": fidelity.embedding_cosine_mean,
+                         "iou_pred_error_max": fidelity.iou_pred_error_max},
+        })
+        del optimized, candidate
+    return {"model": name, "floor": floor, "images": list(images), "tune_s": tune_s, "tuning": result.to_dict(),
+            "original_encoder_s": previous, "rows": rows}
+
+
+def token_cluster_table(suites: list[dict]) -> str:
+    head = (f"{'model':<11}{'setting':<17}{'clusters':<44}{'MACs x':>7}{'enc s':>8}{'enc x':>7}"
+            f"{'peak MiB':>15}{'mIoU vs orig':>13}{'worst':>7}{'cos':>8}")
+    lines = [head, "-" * len(head)]
+    for suite in suites:
+        for r in suite["rows"]:
+            macs, peak, f = r["encoder_macs"], r["activation_peak_bytes"], r["fidelity"]
+            lines.append(
+                f"{r['model']:<11}{r['setting']:<17}{r['clustered'].removeprefix('image_encoder: ')[:43]:<44}"
+                f"{macs[0] / macs[1]:>7.2f}{r['encoder_optimized_s']:>8.2f}{r['encoder_speedup']:>6.2f}x"
+                f"{peak[0] / 2**20:>7.0f}->{peak[1] / 2**20:<6.0f}{f['mask_iou_mean']:>13.4f}{f['mask_iou_min']:>7.3f}"
+                f"{f['embedding_cosine_mean']:>8.4f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", action="append", help="run only these cases (model/passes), repeatable")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--no-fidelity", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/latest.json")
+    parser.add_argument("--everything", action="store_true", help="segment-everything cases (benchmarks/everything.py)")
+    parser.add_argument("--points-per-side", type=int, default=32, help="--everything: side of the dense grid")
+    parser.add_argument("--out", default=None, help="JSON results (default: benchmarks/results/latest.json, "
+                        "or everything.json with --everything)")
+    parser.add_argument("--token-cluster", action="append", metavar="MODEL",
+                        help="run the token_cluster suite (tuner, presets, memory) on a zoo model, repeatable")
+    parser.add_argument("--floor", type=float, default=0.90, help="token_cluster: mask IoU floor for the tuner")
+    parser.add_argument("--tune-images", default="coins,astronaut,coffee",
+                        help="token_cluster: package images the tuner and the fidelity use")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = [c for c in CASES if not args.case or c.name in args.case]
+    if args.token_cluster:
+        return _token_cluster_main(args)
+    suite, run, show, note = CASES, lambda c: run_case(c, args.repeats, not args.no_fidelity), table, "latencies"
+    if args.everything:
+        import everything
+
+        suite, show, note = everything.CASES, everything.table, everything.TIMING_NOTE
+        run = lambda c: everything.run_case(c, args.repeats, args.points_per_side)  # noqa: E731
+    cases = [c for c in suite if not args.case or c.name in args.case]
     if not cases:
-        parser.error(f"no case matches {args.case}; cases: {[c.name for c in CASES]}")
+        parser.error(f"no case matches {args.case}; cases: {[c.name for c in suite]}")
     rows = []
     for case in cases:
         print(f"running {case.name} ...", file=sys.stderr, flush=True)
-        rows.append(run_case(case, args.repeats, not args.no_fidelity))
-    print(table(rows))
+        rows.append(run(case))
+    print(show(rows))
     env = environment()
     print(f"\ntorch {env['torch']}, {env['torch_threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
-          f"{env['cpu_count']} CPUs; latencies are medians of {args.repeats} interleaved runs")
-    out = Path(args.out)
+          f"{env['cpu_count']} CPUs; {note} are medians of {args.repeats} interleaved runs")
+    out = Path(args.out or f"benchmarks/results/{'everything' if args.everything else 'latest'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"environment": env, "repeats": args.repeats, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+
+def _token_cluster_main(args: argparse.Namespace) -> int:
+    images = tuple(i for i in args.tune_images.split(",") if i)
+    suites = [token_cluster_suite(name, args.floor, images, EXPEDIT_PRESETS if name.endswith("vit_h") else (),
+                                  args.repeats) for name in args.token_cluster]
+    print(token_cluster_table(suites))
+    env = environment()
+    print(f"\ntorch {env['torch']}, {env['torch_threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
+          f"{env['cpu_count']} CPUs; speed-ups are medians of {args.repeats} runs, each between two runs of the "
+          "original; fidelity and peak activation memory (fake tensors) are against the original")
+    out = Path(args.out or "benchmarks/results/token_cluster.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": env, "repeats": args.repeats, "token_cluster": suites}, indent=2))
     print(f"wrote {out}")
     return 0
 

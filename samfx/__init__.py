@@ -17,35 +17,54 @@ from pathlib import Path
 
 __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
-from . import adapters, data, fidelity, models, passes, stats  # noqa: E402
+from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .models import CheckpointError  # noqa: E402
-from .passes import PassConfig, PassError, QuantizeConfig, SplitQKVConfig  # noqa: E402
+from .passes import (  # noqa: E402
+    BF16Config,
+    FuseAttentionConfig,
+    HyperConfig,
+    PassConfig,
+    PassError,
+    QuantizeConfig,
+    SplitQKVConfig,
+    TokenClusterConfig,
+)
 from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
 from .report import OptimizeReport  # noqa: E402
+from .segment_everything import EverythingConfig, EverythingResult, everything  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
 __all__ = [
+    "BF16Config",
     "CaptureError",
     "CapturedModel",
     "CheckpointError",
     "Component",
+    "EverythingConfig",
+    "EverythingResult",
+    "FuseAttentionConfig",
+    "HyperConfig",
     "OptimizeReport",
     "PassConfig",
     "PassError",
     "QuantizeConfig",
     "SplitQKVConfig",
+    "TokenClusterConfig",
     "__version__",
     "adapters",
     "capture",
     "data",
+    "everything",
     "fidelity",
     "load",
+    "masks",
     "models",
     "optimize",
     "passes",
     "report_of",
     "resolve_passes",
     "save",
+    "segment_everything",
     "stats",
 ]

@@ -32,12 +32,12 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import PRESENT, ComponentSpec, TraceRecipe, class_name
 
-__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "input_check"]
+__all__ = ["CaptureError", "CapturedModel", "Component", "OpaqueMethodCall", "capture", "fake_run", "input_check"]
 
 
 class CaptureError(RuntimeError):
@@ -97,14 +97,35 @@ class Component:
             args = self.example_args(key)
             if args is None:
                 raise CaptureError(f"{self.role}: the adapter gave no example inputs to propagate shapes with")
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                fake = fx.node.map_aggregate(args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-                _ShapeRecorder(self.root, graph).run(*fake)
+            with fake_run(self.root) as fakes:
+                _ShapeRecorder(self.root, graph).run(*fakes(args))
 
     def nodes(self) -> Iterator[tuple[GraphKey, fx.Node]]:
         for key, graph in self.graphs.items():
             for node in graph.nodes:
                 yield key, node
+
+    def trace_submodule(self, path: str, module: nn.Module) -> fx.Graph:
+        """Trace ``module``, meant to be installed at ``path``, with this
+        component's recipe; call targets and module stacks are given from the
+        component's root, so the nodes can be copied into its graphs.
+
+        Passes that change what a block computes in ways its graph does not
+        expose (sizes baked into upstream code) trace a changed copy of the block.
+        """
+        recipe = self.spec.recipe
+        try:
+            with _patched(module, recipe):
+                graph = _RecipeTracer(recipe, None, {}).trace(module)
+        except Exception as err:  # torch.fx and upstream code raise many types; name the module
+            raise CaptureError(f"cannot trace {type(module).__name__} for {path}: {type(err).__name__}: {err}") from err
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                node.target = f"{path}.{node.target}"
+            stack = node.meta.get("nn_module_stack", {})
+            node.meta["nn_module_stack"] = {path: (path, type(module)),
+                                            **{f"{path}.{k}": (f"{path}.{v[0]}", v[1]) for k, v in stack.items()}}
+        return graph
 
     # -- edits ----------------------------------------------------------------
     def set_submodule(self, target: str, module: nn.Module) -> None:
@@ -139,19 +160,17 @@ class Component:
         self._replaced.add(target)
 
     def recompile(self) -> None:
-        """Lint the graphs and regenerate the code ``forward`` runs."""
-        for graph in self.graphs.values():
+        """Lint the graphs and regenerate the code ``forward`` runs.
+
+        Code is generated here, not on first call, so that ``torch.compile``
+        tracing the captured ``forward`` never meets code generation.
+        """
+        self._compiled = {}
+        for key, graph in self.graphs.items():
             graph.lint()
-        self._compiled.clear()
+            self._compiled[key] = _compile_graph(graph, f"{self.role}{list(key) if key else ''}")
 
     # -- execution ------------------------------------------------------------
-    def code(self, key: GraphKey) -> Callable[..., Any]:
-        fn = self._compiled.get(key)
-        if fn is None:
-            fn = _compile_graph(self.graphs[key], f"{self.role}{list(key) if key else ''}")
-            self._compiled[key] = fn
-        return fn
-
     def key_for(self, bound: inspect.BoundArguments) -> GraphKey:
         """The graph key of a call: static argument values, then shape conditions."""
         key = []
@@ -167,6 +186,33 @@ class Component:
 
     def key_names(self) -> tuple[str, ...]:
         return self.static_names + tuple(c.function for c in self.spec.recipe.shape_conditions)
+
+
+@contextlib.contextmanager
+def fake_run(root: nn.Module) -> Iterator[Callable[[Any], Any]]:
+    """Fake-tensor mode for running ``root`` without computing anything.
+
+    Yields a function that turns (nested) arguments into fake tensors. Upstream
+    modules memoise tensors in plain dict attributes (SAM 2's sine position
+    encoding keeps one per feature size); entries added during the run are
+    dropped afterwards, so no fake tensor stays behind in the model.
+    """
+    caches = [
+        (value, dict(value))
+        for module in root.modules()
+        for name, value in vars(module).items()
+        if not name.startswith("_") and isinstance(value, dict)
+    ]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield lambda args: fx.node.map_aggregate(
+                args, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+            )
+    finally:
+        for cache, saved in caches:
+            if cache.keys() != saved.keys():
+                cache.clear()
+                cache.update(saved)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -208,7 +254,7 @@ def _captured_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             f"captured {component.role} has no graph for {dict(zip(names, key))}; it was specialised on: {known}"
         )
     bound.apply_defaults()
-    out = component.code(key)(self, *bound.args, **bound.kwargs)
+    out = component._compiled[key](self, *bound.args, **bound.kwargs)
     wrapper = component.spec.recipe.output_wrapper
     return wrapper(out) if wrapper is not None else out
 
@@ -375,9 +421,8 @@ def _observe_input_ranks(root: nn.Module, example: dict[str, Any] | None) -> dic
 
     handles = [m.register_forward_pre_hook(record) for m in root.modules()]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            fake = fx.node.map_aggregate(example, lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-            root(**fake)
+        with fake_run(root) as fakes, torch.no_grad():
+            root(**fakes(example))
     except Exception:
         # Data-dependent shapes (boolean masks in prompt code) stop a fake run;
         # the ranks recorded up to there are still right, and tracing reports
@@ -587,6 +632,7 @@ def capture(
         traced.append((root, component))
     # Install only once every component traced, so a failure leaves nothing changed.
     for root, component in traced:
+        component.recompile()
         root.__dict__["_samfx_component"] = component
         root.__class__ = _captured_class(type(root))
         components[component.role] = component

@@ -4,6 +4,9 @@
     samfx passes                                    list the passes
     samfx optimize --model lite_medsam --passes split_qkv --out runs/demo
     samfx optimize --checkpoint sam_vit_b.pth --passes split_qkv --out runs/b
+    samfx everything photo.jpg --model sam_vit_b --checkpoint sam_vit_b.pth --out masks.json --png masks.png
+    samfx compare runs/demo --out runs/demo/pictures       # original vs optimized masks, as PNGs
+    samfx compare --bench benchmarks/results/latest.json --out plots   # speed against fidelity
 """
 
 from __future__ import annotations
@@ -62,6 +65,124 @@ def _optimize(args: argparse.Namespace) -> int:
     report.save(out / "report.json")
     print(report.table())
     print(f"\nwrote {out / 'model.safetensors'}, {out / 'samfx.json'} and {out / 'report.json'}")
+    if args.pictures:
+        from .pictures import compare_pictures
+
+        shown = images or [i for i in args.images.split(",") if i]
+        paths = compare_pictures(model, optimized, out / "pictures", shown, fidelity=report.fidelity)
+        print(f"wrote {len(paths)} pictures to {out / 'pictures'}")
+    return 0
+
+
+def _read_image(source: str):
+    """An RGB uint8 array from a file, or a package image by name."""
+    import numpy as np
+
+    from .data import available_images, package_images
+
+    if source in available_images() and not Path(source).exists():
+        return package_images([source])[0].image
+    path = Path(source)
+    if not path.is_file():
+        raise SystemExit(f"samfx: error: {source} is neither an image file nor a package image "
+                         f"({', '.join(available_images())})")
+    from skimage import io
+
+    try:
+        image = io.imread(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"samfx: error: cannot read {path} as an image: {err}") from err
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise SystemExit(f"samfx: error: {path} is not an RGB image (shape {image.shape})")
+    if image.dtype != np.uint8:
+        image = (255 * (image.astype(np.float64) / max(float(image.max()), 1e-12))).astype(np.uint8)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def _everything(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import load, models
+    from .segment_everything import EverythingConfig, MaskGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if bool(args.model) == bool(args.saved):
+        raise SystemExit("samfx everything: give --model NAME (optionally with --checkpoint) or --saved DIR")
+    model = load(args.saved) if args.saved else models.build(args.model, small=args.small, checkpoint=args.checkpoint)
+    image = _read_image(args.image)
+    try:
+        config = EverythingConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                                  pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_thresh,
+                                  high_score_thresh=args.high_score_thresh, box_nms_thresh=args.nms_thresh,
+                                  crop_n_layers=args.crop_layers)
+    except ValueError as err:
+        raise SystemExit(f"samfx everything: {err}") from err
+    result = MaskGenerator(model, config).generate(image, args.strategy)
+    print(result.summary())
+    for ann in result.annotations()[:10]:
+        x, y, w, h = ann["bbox"]
+        print(f"  area {ann['area']:>8}  box {x:>6.0f} {y:>6.0f} {w:>6.0f} {h:>6.0f}  "
+              f"predicted IoU {ann['predicted_iou']:.3f}  stability {ann['stability_score']:.3f}")
+    if len(result) > 10:
+        print(f"  ... {len(result) - 10} more")
+    if args.out:
+        print(f"wrote {result.save(args.out)}")
+    if args.png:
+        from .pictures import draw_everything
+
+        print(f"wrote {draw_everything(image, result, args.png)}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .fidelity import FidelityReport
+
+    if not args.run_dir and not args.bench:
+        raise SystemExit("samfx compare: give a saved run directory, --bench FILE, or both")
+    out = Path(args.out)
+    if args.bench:
+        from .pictures import speed_fidelity_plot
+
+        rows = []
+        for bench in args.bench:
+            try:
+                rows += json.loads(Path(bench).read_text())["rows"]
+            except (OSError, ValueError, KeyError) as err:
+                raise SystemExit(f"samfx compare: {bench} is not a benchmark result file: {err}") from err
+        try:
+            print(f"wrote {speed_fidelity_plot(rows, out / 'speed_fidelity.png')}")
+        except ValueError as err:
+            raise SystemExit(f"samfx compare: {err}") from err
+    if args.run_dir:
+        from . import load, models
+        from .pictures import compare_pictures
+        from .serialization import read_recipe
+
+        base = read_recipe(args.run_dir).get("base")
+        if not base:
+            raise SystemExit(f"samfx compare: {args.run_dir} was optimized from a model outside the zoo; "
+                             "draw its pictures from Python with samfx.pictures.compare_pictures")
+        if not args.checkpoint and not models.spec(base["name"]).pretrained:
+            raise SystemExit(f"samfx compare: {args.run_dir} was optimized from {base['name']} with random weights, "
+                             "which cannot be rebuilt; give the --checkpoint it was optimized from, or draw the "
+                             "pictures while optimizing (samfx optimize --pictures)")
+        original = models.build(base["name"], small=base["small"], checkpoint=args.checkpoint)
+        optimized = load(args.run_dir, base=original)  # load optimizes a copy: the original stays as it is
+        fidelity = None
+        report_file = Path(args.run_dir) / "report.json"
+        if report_file.is_file():
+            saved = json.loads(report_file.read_text()).get("fidelity")
+            fidelity = FidelityReport(**saved) if saved else None
+        names = [i for i in args.images.split(",") if i] if args.images else (fidelity.images if fidelity else None)
+        paths = compare_pictures(original, optimized, out, names or ["coins"], fidelity=fidelity,
+                                 everything=args.everything)
+        for path in paths:
+            print(f"wrote {path}")
     return 0
 
 
@@ -80,7 +201,37 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-fidelity", action="store_true", help="skip the fidelity check")
     opt.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
+    opt.add_argument("--pictures", action="store_true",
+                     help="also write PNGs of the original's and the optimized model's masks to OUT/pictures")
     opt.set_defaults(run=_optimize)
+
+    every = sub.add_parser("everything", help="segment everything in an image (TinySAM's hierarchical strategy)")
+    every.add_argument("image", help="an image file, or a package image name (coins, astronaut, ...)")
+    every.add_argument("--model", help="zoo name (see `samfx models`)")
+    every.add_argument("--checkpoint", help="official weights for --model")
+    every.add_argument("--small", action="store_true", help="the reduced test configuration of --model")
+    every.add_argument("--saved", help="a directory written by `samfx optimize` (instead of --model)")
+    every.add_argument("--strategy", choices=("hierarchical", "grid"), default="hierarchical")
+    every.add_argument("--points-per-side", type=int, default=32)
+    every.add_argument("--points-per-batch", type=int, default=64)
+    every.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    every.add_argument("--stability-thresh", type=float, default=0.95)
+    every.add_argument("--high-score-thresh", type=float, default=8.5, help="hierarchical: logit of covered pixels")
+    every.add_argument("--nms-thresh", type=float, default=0.7)
+    every.add_argument("--crop-layers", type=int, default=0)
+    every.add_argument("--out", help="write the masks as COCO-style JSON (compressed RLE)")
+    every.add_argument("--png", help="write a picture of the masks")
+    every.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    every.set_defaults(run=_everything)
+
+    comp = sub.add_parser("compare", help="pictures: original vs optimized masks, speed against fidelity")
+    comp.add_argument("run_dir", nargs="?", metavar="RUN", help="a directory written by `samfx optimize`")
+    comp.add_argument("--checkpoint", help="the weights the run was optimized from (random-init zoo models)")
+    comp.add_argument("--images", help="package images to draw (default: the report's)")
+    comp.add_argument("--everything", action="store_true", help="add both models' segment-everything masks")
+    comp.add_argument("--bench", action="append", help="benchmark JSON to plot speed against fidelity (repeatable)")
+    comp.add_argument("--out", required=True, help="output directory for the PNGs")
+    comp.set_defaults(run=_compare)
     return parser
 
 

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["DEFAULT_IMAGES", "ImageSample", "Prompt", "available_images", "package_images"]
+__all__ = ["DEFAULT_IMAGES", "ImageSample", "Prompt", "available_images", "calibration_sample", "package_images"]
 
 DEFAULT_IMAGES = ("coins", "astronaut", "coffee")
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field")
@@ -138,3 +138,15 @@ def _sample(name: str, objects_per_photo: int) -> ImageSample:
 def package_images(names: list[str] | tuple[str, ...] = DEFAULT_IMAGES, objects_per_photo: int = 4) -> list[ImageSample]:
     """Load bundled images with their objects and prompts (deterministic)."""
     return [_sample(name, objects_per_photo) for name in names]
+
+
+def calibration_sample(image: np.ndarray, name: str = "calibration", objects: int = 4) -> ImageSample:
+    """Prompts for a user's own ``H x W x 3`` uint8 image, placed like those of the
+    package photos (the largest compact regions; not ground truth)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"a calibration image is H x W x 3 uint8, got {image.dtype} {image.shape}")
+    image = _rgb(image)
+    masks = _photo_regions(image, objects)
+    if not masks:
+        raise ValueError(f"{name}: found no compact region to prompt in the image")
+    return ImageSample(name, image, masks, False, _prompts(masks))

@@ -66,3 +66,25 @@ def test_attention_site_details_for_sam_vit() -> None:
     sites = find_adapter(model).attention_sites(model.image_encoder)
     assert [s.window_size for s in sites] == [4, 0]  # block 1 is global
     assert all(s.rel_pos and s.num_heads == 2 and s.head_dim == 32 for s in sites)
+
+
+@pytest.mark.parametrize("name", ["sam_vit_b", "sam_hq_vit_b", "sam2.1_hiera_t", "hf_sam_vit_b", "lite_medsam",
+                                  "mobile_sam"])
+def test_batched_clicks_match_one_prompt_at_a_time(name: str) -> None:
+    import numpy as np
+    import torch
+
+    from samfx.data import package_images
+
+    image = package_images(["coins"])[0].image
+    model = small_model(name)
+    predictor = find_adapter(model).predictor(model)
+    predictor.set_image(image)
+    clicks = np.array([[50.0, 60.0], [200.0, 150.0], [380.0, 300.0]], np.float32)
+    with torch.inference_mode():
+        low_res, iou = predictor.predict_points(clicks)
+        logits = predictor.logits_to_image(low_res.flatten(0, 1)).reshape(*iou.shape, *image.shape[:2])
+    for index, click in enumerate(clicks):
+        masks, scores = predictor.predict(point_coords=click[None], point_labels=np.array([1]), multimask_output=True)
+        assert np.allclose(scores, iou[index].numpy(), atol=1e-5)
+        assert (masks == (logits[index] > 0).numpy()).all()

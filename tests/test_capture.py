@@ -71,6 +71,19 @@ def test_capture_never_touches_the_input_model() -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+def test_fake_runs_leave_no_fake_tensor_in_module_caches() -> None:
+    # SAM 2's sine position encoding memoises one tensor per feature size in a dict.
+    model = small_model("sam2.1_hiera_t")
+    samfx.stats.model_stats(model)
+    optimized = samfx.optimize(model, ["split_qkv"])
+    for m in (model, optimized):
+        cached = [v for mod in m.modules() for v in getattr(mod, "cache", {}).values()]
+        assert not any(isinstance(v, torch._subclasses.FakeTensor) for v in cached)
+    with torch.no_grad():
+        positions = optimized.image_encoder(image_input(model))["vision_pos_enc"]
+    assert not any(isinstance(p, torch._subclasses.FakeTensor) for p in positions)
+
+
 def test_captured_component_keeps_its_class_and_attributes() -> None:
     model = small_model("sam_vit_b")
     captured = samfx.capture(model).model
@@ -157,3 +170,18 @@ def test_capturing_a_captured_model_keeps_its_graphs() -> None:
     twice = samfx.capture(once.model)
     assert set(twice.components) == set(once.components)
     assert twice.model is not once.model
+
+
+def test_torch_compile_traces_a_captured_component_without_graph_breaks() -> None:
+    import torch._dynamo
+
+    model = small_model("sam_vit_b")
+    encoder = samfx.capture(model).model.image_encoder
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(encoder, backend="eager")
+    x = image_input(model, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model.image_encoder(x))
+    assert not counters["graph_break"]

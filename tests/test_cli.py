@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from samfx.cli import main
 
 
@@ -50,3 +52,43 @@ def test_bad_checkpoint_exits_with_a_message(tmp_path, capsys) -> None:
 def test_console_script_is_installed() -> None:
     result = subprocess.run([sys.executable, "-m", "samfx.cli", "passes"], capture_output=True, text=True, check=True)
     assert "split_qkv" in result.stdout
+
+
+def test_everything_writes_coco_json_and_a_picture(tmp_path, capsys) -> None:
+    from .test_pictures import open_png
+
+    code = main(["everything", "coins", "--model", "sam_vit_b", "--small", "--points-per-side", "4",
+                 "--pred-iou-thresh", "0", "--stability-thresh", "0", "--out", str(tmp_path / "m.json"),
+                 "--png", str(tmp_path / "m.png")])
+    assert code == 0
+    assert "clicks (hierarchical" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["annotations"] and set(saved["annotations"][0]["segmentation"]) == {"size", "counts"}
+    open_png(tmp_path / "m.png")
+
+
+def test_optimize_draws_pictures_and_compare_plots_benchmarks(tmp_path) -> None:
+    from .test_pictures import open_png
+
+    run = tmp_path / "run"
+    assert main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "split_qkv", "--out", str(run),
+                 "--images", "coins", "--quiet", "--pictures"]) == 0
+    open_png(run / "pictures" / "compare_coins.png")
+    # A random-init original cannot be rebuilt from the run directory.
+    with pytest.raises(SystemExit, match="random weights, which cannot be rebuilt"):
+        main(["compare", str(run), "--out", str(tmp_path / "p")])
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": [{"case": "a", "encoder_speedup": 1.3, "fidelity": {"mask_iou_mean": 0.97}}]}))
+    assert main(["compare", "--bench", str(bench), "--out", str(tmp_path / "plots")]) == 0
+    open_png(tmp_path / "plots" / "speed_fidelity.png")
+
+
+def test_compare_rebuilds_lite_medsam_and_draws_it(tmp_path, capsys) -> None:
+    from .test_pictures import open_png
+
+    run = tmp_path / "run"
+    assert main(["optimize", "--model", "lite_medsam", "--passes", "split_qkv", "--out", str(run),
+                 "--images", "coins", "--quiet"]) == 0
+    assert main(["compare", str(run), "--out", str(tmp_path / "pictures")]) == 0
+    assert "compare_coins.png" in capsys.readouterr().out
+    open_png(tmp_path / "pictures" / "compare_coins.png")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, QKVSite, ShapeCondition, TraceRecipe, class_name
+from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, QKVSite, ShapeCondition,
+                   TokenStage, TraceRecipe, class_name)
 
 __all__ = [
     "PRESENT",
@@ -25,6 +26,7 @@ __all__ = [
     "QKVLayout",
     "QKVSite",
     "ShapeCondition",
+    "TokenStage",
     "TraceRecipe",
     "UnsupportedModelError",
     "class_name",

@@ -25,8 +25,10 @@ __all__ = [
     "QKVLayout",
     "QKVSite",
     "ShapeCondition",
+    "TokenStage",
     "TraceRecipe",
     "class_name",
+    "is_norm",
 ]
 
 
@@ -205,12 +207,46 @@ class AttentionSite:
     block: str | None = None
 
 
+@dataclass(frozen=True)
+class TokenStage:
+    """Consecutive encoder blocks that all read and write one token map, as
+    token-reducing passes (``token_cluster``) see them.
+
+    Every block takes the ``(B, H, W, C)`` map as its only tensor input and
+    returns a map of the same size; a block that changes the resolution or the
+    width (Hiera's pooling blocks) belongs to no stage.
+
+    Attributes:
+        blocks: paths of the blocks inside the component, in order.
+        indices: each block's position among all the encoder's blocks (what
+            users give as a location).
+        windows: each block's window side (0: attention over the whole map).
+        layout: ``"map"``: blocks pass ``(B, H, W, C)`` maps and read their
+            size from them; windowed blocks split the map with the calls that
+            :meth:`Adapter.window_call` recognises. ``"sequence"``: blocks pass
+            ``(B, H * W, C)`` row-major sequences of a ``size`` their code
+            fixes (TinyViT); :meth:`Adapter.resized_block` makes blocks for
+            another size.
+        size: ``(H, W)`` of a ``"sequence"`` stage.
+    """
+
+    blocks: tuple[str, ...]
+    indices: tuple[int, ...]
+    windows: tuple[int, ...]
+    layout: str = "map"
+    size: tuple[int, int] | None = None
+
+
 class Predictor:
     """Runs a SAM-family model on one image with point and box prompts.
 
     The interface follows ``segment_anything.SamPredictor``: ``set_image`` once,
     then ``predict`` per prompt. Coordinates are in the image's own pixels (x, y).
     """
+
+    #: prompt kinds the model was trained with; box-only models (LiteMedSAM) give
+    #: empty masks for single clicks, so segment-everything warns about them.
+    trained_prompts: tuple[str, ...] = ("point", "box")
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""
@@ -230,6 +266,34 @@ class Predictor:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(masks, scores)``: ``M x H x W`` bools and ``M`` predicted IoUs."""
         raise NotImplementedError
+
+    def predict_points(
+        self, points: np.ndarray | torch.Tensor, multimask_output: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``N`` single positive clicks through the decoder in one batch.
+
+        This is what segment-everything needs (:mod:`samfx.segment_everything`); any
+        runtime that implements it, with :meth:`set_image` and
+        :meth:`logits_to_image`, can be used there (an ONNX model pair, say).
+
+        Args:
+            points: ``N x 2`` click positions ``(x, y)`` in the pixels of the image
+                given to :meth:`set_image`; each is its own prompt.
+            multimask_output: ask for the decoder's multiple masks per click.
+
+        Returns:
+            ``(low_res_logits, iou_predictions)``: ``N x M x h x w`` mask logits at
+            the decoder's resolution and ``N x M`` predicted IoUs (``M`` masks per
+            click, family-dependent: 3 for SAM with ``multimask_output``, 1 for
+            SAM-HQ, which merges its outputs).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot run batched point prompts")
+
+    def logits_to_image(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """Resize ``K x h x w`` low-resolution logits from :meth:`predict_points`
+        to ``K x H x W`` logits over the image of the last :meth:`set_image`, as
+        the family's own predictor does (masks are ``logits > 0``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resize decoder logits")
 
 
 class Adapter:
@@ -282,5 +346,49 @@ class Adapter:
         """Describe ``module`` if it is an attention this family knows."""
         return None
 
+    def precision_islands(self, component_root: nn.Module) -> list[str]:
+        """Modules of a component that reduced-precision passes keep in float32:
+        normalisations (their statistics lose most in bfloat16), and what the
+        family adds through :meth:`_precision_island` (heads whose outputs are
+        compared or thresholded, positional encodings)."""
+        return [
+            path
+            for path, module in component_root.named_modules()
+            if path and (is_norm(module) or self._precision_island(path, module))
+        ]
+
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        """Whether the family keeps ``module`` (at ``path`` in its component) in float32."""
+        return False
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        """Runs of blocks over one token map inside an image encoder (none by default)."""
+        return []
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        """``"partition"`` or ``"unpartition"`` when the graph node ``node`` calls
+        the family's window split or its inverse, with SAM's signatures:
+        ``partition(x, window) -> (windows, (Hp, Wp))`` and
+        ``unpartition(windows, window, (Hp, Wp), (H, W)) -> x``."""
+        return None
+
+    def resized_block(self, component_root: nn.Module, path: str, size: tuple[int, int],
+                      window: tuple[int, int]) -> nn.Module:
+        """A copy of the ``"sequence"``-stage block at ``path`` that runs on a
+        ``size`` map in ``window`` windows, sharing the block's weights.
+
+        Raises:
+            ValueError: the block cannot run that way (the reason is reported).
+        """
+        raise ValueError(f"{self.name} blocks cannot be resized")
+
     def predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's own, or a channels-first ``LayerNorm2d`` as
+    SAM, SAM 2 and their derivatives define it."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+        return True
+    return type(module).__name__.endswith("LayerNorm2d")

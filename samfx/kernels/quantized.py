@@ -458,7 +458,7 @@ _flops_registered = False
 def register_flop_formulas() -> None:
     """Count the int8 ops' multiply-adds in ``torch.utils.flop_counter`` (as
     their float counterparts would be), so MACs stay honest after quantization.
-    Called by :func:`samfx.stats.component_macs`; ``flop_counter`` imports
+    Called by :func:`samfx.kernels.flops.register_flop_formulas`; ``flop_counter`` imports
     Triton, so this is not done at import."""
     global _flops_registered
     if _flops_registered:

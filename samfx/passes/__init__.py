@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['quantize', 'split_qkv']
+    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster', 'quantize']
 """
 
 from .base import (
@@ -18,10 +18,17 @@ from .base import (
     list_passes,
     register_pass,
 )
-from .quantize import QuantizeConfig, quantize
 from .split_qkv import SplitQKVConfig, split_qkv
+from .fuse_attention import FuseAttentionConfig, fuse_attention
+from .bf16 import BF16Config, bf16
+from .hyper import HyperConfig, hyper
+from .token_cluster import TokenClusterConfig, token_cluster
+from .quantize import QuantizeConfig, quantize
 
 __all__ = [
+    "BF16Config",
+    "FuseAttentionConfig",
+    "HyperConfig",
     "PassConfig",
     "PassContext",
     "PassError",
@@ -30,9 +37,14 @@ __all__ = [
     "PassResult",
     "QuantizeConfig",
     "SplitQKVConfig",
+    "TokenClusterConfig",
     "get_pass",
+    "hyper",
     "list_passes",
     "quantize",
     "register_pass",
+    "bf16",
+    "fuse_attention",
     "split_qkv",
+    "token_cluster",
 ]

@@ -1,0 +1,209 @@
+"""hyper against Birkhoff's codec and round-to-nearest integers, side by side in one run.
+
+    python benchmarks/hyper_codec.py                                # LiteMedSAM, SAM ViT-B, SAM 2.1 Hiera-B+
+    python benchmarks/hyper_codec.py --model sam_vit_h --time-only  # compression time alone
+
+Per zoo model it reports, for the whole checkpoint (every tensor of the state
+dict, against the fp32 safetensors file):
+
+* ``hyper``: ``samfx.optimize(model, ["hyper"])`` then ``samfx.save``;
+* ``hyper (Birkhoff's error)``: the same with each tensor's target set to the
+  error Birkhoff's codec reaches on it, i.e. the ratio at no worse per-tensor error;
+* ``Birkhoff``: samfx's faithful reimplementation of Birkhoff's codec and file
+  layout (:mod:`samfx.codecs.birkhoff`), with Birkhoff's published ratio beside it;
+
+and per tensor that hyper codes, the relative error ``|W' - W| / |W|`` (and the
+mean absolute error, Birkhoff's criterion), including round-to-nearest
+per-channel int6/int8 and hyper tuned to the same bits per weight.
+Times are wall-clock seconds of the coding itself on this machine, with the
+threads given (``OMP_WAIT_POLICY=PASSIVE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import samfx  # noqa: E402
+from samfx.codecs import birkhoff, rtn  # noqa: E402
+from samfx.codecs.lattice import CODES, encode  # noqa: E402
+from samfx.report import environment  # noqa: E402
+
+#: Birkhoff's README (ratio vs safetensors, seconds on its GPU); LiteMedSAM: measured-anchors.md (2-core CPU).
+PUBLISHED = {"sam_vit_b": (4.31, 15.81), "sam_vit_l": (4.68, 41.67), "sam_vit_h": (4.75, 95.33),
+             "sam2.1_hiera_b+": (5.17, 20.83), "lite_medsam": (4.04, 111.0)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _mae(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean())
+
+
+def _dense_size(model: nn.Module, folder: Path) -> int:
+    from safetensors.torch import save_file
+
+    path = folder / "dense.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path.stat().st_size
+
+
+def _saved_size(model: nn.Module, folder: Path) -> tuple[int, float]:
+    start = time.perf_counter()
+    samfx.save(model, folder)
+    elapsed = time.perf_counter() - start
+    return sum(f.stat().st_size for f in folder.iterdir()), elapsed
+
+
+def _at_bits(weight: torch.Tensor, bits: float) -> torch.Tensor:
+    """hyper tuned to ``bits`` per weight in the file (entropy coding plus row
+    parameters): the step halves per extra bit, so two encodes land close."""
+    target = 0.02
+    for _ in range(3):
+        code = encode(weight, target)
+        stored = 8 * (len(CODES.encode(code.codes, code.meta())) + code.row_params.numel() * 2) / weight.numel()
+        target *= 2 ** (stored - bits)
+    return encode(weight, target).decode()
+
+
+def run_model(name: str, threads: int, time_only: bool) -> dict:
+    torch.manual_seed(0)
+    model = samfx.models.build(name)
+    start = time.perf_counter()
+    optimized = samfx.optimize(model, ["hyper"], model_name=name)
+    total = time.perf_counter() - start
+    report = optimized.samfx_report
+    row: dict = {"model": name, "params": report.before.params, "threads": threads,
+                 "hyper_pass_s": report.passes[0].time_s, "optimize_s": total,
+                 "resident_ratio": report.before.weight_bytes / report.after.weight_bytes,
+                 "hyper_summary": report.passes[0].summary}
+    if time_only:
+        return row
+    coded = report.passes[0].details["tensors"]
+    originals = dict(model.named_parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        dense = _dense_size(model, folder)
+        size, save_s = _saved_size(optimized, folder / "hyper")
+        row.update(dense_bytes=dense, hyper_bytes=size, hyper_ratio=dense / size, hyper_save_s=save_s)
+
+        # Birkhoff's codec on every parameter, as its compress_params does
+        linear_weights = {f"{p}.weight" for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+        start = time.perf_counter()
+        codes = {key: birkhoff.encode(value, key in linear_weights) for key, value in originals.items()}
+        row["birkhoff_s"] = time.perf_counter() - start
+        buffers = {k: v for k, v in model.state_dict().items() if k not in originals}
+        codes.update({k: birkhoff.BirkhoffCode(v.float() if v.is_floating_point() else v) for k, v in buffers.items()})
+        row["birkhoff_bytes"] = birkhoff.file_size(codes, str(folder / "birkhoff.safetensors"))
+        row["birkhoff_ratio"] = dense / row["birkhoff_bytes"]
+        row["birkhoff_published"] = PUBLISHED.get(name)
+
+        # per coded tensor: every method's error
+        tensors = {}
+        for path in coded:
+            key = f"{path}.weight" if f"{path}.weight" in originals else path
+            weight = originals[key].detach().float()
+            theirs = codes[key].decode()
+            ours = optimized.get_submodule(path).decode()
+            tensors[path] = {
+                "numel": weight.numel(),
+                "hyper": (_rel(ours, weight), _mae(ours, weight)),
+                "birkhoff": (_rel(theirs, weight), _mae(theirs, weight), codes[key].bits / 2),
+                **{f"rtn{b}": (_rel(q, weight), _mae(q, weight), bpw) for b in (6, 8)
+                   for q, bpw in [rtn.quantize(weight, b)]},
+                **{f"hyper@{b}": (_rel(q, weight), _mae(q, weight)) for b in (6, 8)
+                   for q in [_at_bits(weight, b).reshape(weight.shape)]},
+            }
+        row["tensors"] = tensors
+
+        # hyper with each tensor's target at Birkhoff's error on it
+        overrides = tuple((path, min(0.5, 0.97 * t["birkhoff"][0])) for path, t in tensors.items())
+        start = time.perf_counter()
+        matched = samfx.optimize(model, [samfx.HyperConfig(overrides=overrides)], model_name=name)
+        row["matched_s"] = time.perf_counter() - start
+        size, _ = _saved_size(matched, folder / "matched")
+        row.update(matched_bytes=size, matched_ratio=dense / size,
+                   matched_resident_ratio=matched.samfx_report.before.weight_bytes / matched.samfx_report.after.weight_bytes)
+        worse = []
+        for path, t in tensors.items():
+            module = matched.get_submodule(path)
+            weight = originals[f"{path}.weight" if f"{path}.weight" in originals else path].detach().float()
+            # a tensor Birkhoff keeps raw (error 0) stays uncoded here too
+            decoded = module.decode() if hasattr(module, "decode") else weight
+            t["matched"] = (_rel(decoded, weight), _mae(decoded, weight))
+            if t["matched"][0] > t["birkhoff"][0]:
+                worse.append(path)
+        row["matched_worse_than_birkhoff"] = worse
+    return row
+
+
+def _weighted(tensors: dict, method: str, index: int = 0) -> float:
+    """RMS over tensors of one error measure, weighted by size."""
+    total = sum(t["numel"] for t in tensors.values())
+    return math.sqrt(sum(t[method][index] ** 2 * t["numel"] for t in tensors.values()) / total)
+
+
+def table(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        published = r.get("birkhoff_published")
+        lines.append(f"\n{r['model']}: {r['params'] / 1e6:.1f} M parameters, hyper pass {r['hyper_pass_s']:.1f} s "
+                     f"(optimize {r['optimize_s']:.1f} s, {r['threads']} threads), resident weights "
+                     f"{r['resident_ratio']:.2f}x smaller; {r['hyper_summary']}")
+        if "tensors" not in r:
+            continue
+        t = r["tensors"]
+        better = sum(v["hyper"][0] <= v["birkhoff"][0] for v in t.values())
+        lines.append(f"  {'checkpoint':<28}{'ratio':>8}{'time s':>9}")
+        lines.append(f"  {'hyper (rel_error 0.02)':<28}{r['hyper_ratio']:>7.2f}x{r['hyper_pass_s']:>9.1f}")
+        lines.append(f"  {'hyper (Birkhoff error)':<28}{r['matched_ratio']:>7.2f}x{r['matched_s']:>9.1f}   "
+                     f"tensors worse than Birkhoff: {len(r['matched_worse_than_birkhoff'])}/{len(t)}")
+        lines.append(f"  {'Birkhoff (reimplemented)':<28}{r['birkhoff_ratio']:>7.2f}x{r['birkhoff_s']:>9.1f}"
+                     + (f"   published: {published[0]:.2f}x in {published[1]:.0f} s" if published else ""))
+        lines.append(f"  {'per-tensor error over ' + str(len(t)) + ' tensors':<28}{'RMS rel':>9}{'RMS MAE':>10}{'bits/w':>8}")
+        bits = {"birkhoff": sum(v["birkhoff"][2] * v["numel"] for v in t.values()) / sum(v["numel"] for v in t.values())}
+        for method, label, b in [("hyper", "hyper 0.02", None), ("matched", "hyper (Birkhoff error)", None),
+                                 ("birkhoff", "Birkhoff", bits["birkhoff"]), ("hyper@6", "hyper at 6 bits", 6),
+                                 ("rtn6", "RTN int6 per channel", 6.0), ("hyper@8", "hyper at 8 bits", 8),
+                                 ("rtn8", "RTN int8 per channel", 8.0)]:
+            lines.append(f"  {label:<28}{_weighted(t, method):>9.4f}{_weighted(t, method, 1):>10.2e}"
+                         + (f"{b:>8.2f}" if b is not None else f"{'':>8}"))
+        lines.append(f"  hyper 0.02 no worse than Birkhoff on {better}/{len(t)} tensors")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", help="zoo models (repeatable)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--time-only", action="store_true", help="only the compression time")
+    parser.add_argument("--out", default="benchmarks/results/hyper_codec.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.model or ["lite_medsam", "sam_vit_b", "sam2.1_hiera_b+"]:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows.append(run_model(name, args.threads, args.time_only))
+        print(table(rows[-1:]), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
