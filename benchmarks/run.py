@@ -87,6 +87,8 @@ CASES = [
          calibration=DEFAULT_TRAINING_IMAGES),
     # Pruning time on the largest encoder (magnitude, data-free).
     Case("sam_vit_h", (PruneConfig(mlp=0.5, head_dims=0.5, embed=0.5),), images=(), label="prune-50", latency=False),
+    Case("lite_medsam", ("quantize",)),
+    Case("sam_vit_b", ("quantize",), images=("coins",)),
 ]
 
 

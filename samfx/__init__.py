@@ -29,6 +29,7 @@ from .passes import (  # noqa: E402
     PassConfig,
     PassError,
     PruneConfig,
+    QuantizeConfig,
     SplitQKVConfig,
     TokenClusterConfig,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "PassConfig",
     "PassError",
     "PruneConfig",
+    "QuantizeConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
     "__version__",

@@ -24,6 +24,7 @@ def test_identical_models_agree_exactly() -> None:
     model = small_model("sam_vit_b")
     report = compare(model, small_model("sam_vit_b"), images=["astronaut"])
     assert report.mask_iou_min == 1.0 and report.iou_pred_error_max == 0.0
+    assert report.box_mask_iou_mean == 1.0
     assert abs(report.embedding_cosine_min - 1.0) < 1e-9
     assert report.gt_miou_original is None  # the astronaut has no ground truth
 

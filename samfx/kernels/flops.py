@@ -26,16 +26,17 @@ def attention_flops(q_shape: Any, k_shape: Any, v_shape: Any) -> int:
 
 
 def register_flop_formulas() -> None:
-    """Count samfx's ops (``rel_pos_attention``, ``hyper_linear``) and the CPU
+    """Count samfx's ops (``rel_pos_attention``, ``hyper_linear``, the int8 ops) and the CPU
     flash-attention kernel."""
     global _registered
     if _registered:
         return
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    from . import hyper, rel_pos  # noqa: F401  (the ops must exist)
+    from . import hyper, quantized, rel_pos  # noqa: F401  (the ops must exist)
 
     hyper.register_flop_formula()
+    quantized.register_flop_formulas()
 
     def formula(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
         return attention_flops(q_shape, k_shape, v_shape)

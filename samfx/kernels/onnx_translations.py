@@ -37,6 +37,7 @@ from onnxscript import opset18 as op
 from ..codecs.lattice import decode_rows
 from . import hyper  # noqa: F401  (registers torch.ops.samfx.hyper_decode and hyper_linear)
 from . import rel_pos  # noqa: F401  (registers torch.ops.samfx.rel_pos_attention)
+from .quantized_onnx import TRANSLATIONS as _QUANTIZED
 
 __all__ = ["DECOMPOSITIONS", "TRANSLATIONS", "hyper_linear", "rel_pos_attention"]
 
@@ -56,7 +57,8 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float):
     return op.Reshape(out, op.Concat(op.Shape(q, end=-1), op.Shape(v, start=-1), axis=0))
 
 
-TRANSLATIONS: dict[Any, Callable[..., Any]] = {torch.ops.samfx.rel_pos_attention.default: rel_pos_attention}
+TRANSLATIONS: dict[Any, Callable[..., Any]] = {torch.ops.samfx.rel_pos_attention.default: rel_pos_attention, **_QUANTIZED}
+
 
 def hyper_linear(x: torch.Tensor, codes: torch.Tensor, row_params: torch.Tensor, bias: torch.Tensor | None,
                  cols: int, bits: int, nx: int, i0: int, j0: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster', 'prune']
+    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster', 'prune', 'quantize']
 """
 
 from .base import (
@@ -24,6 +24,7 @@ from .bf16 import BF16Config, bf16
 from .hyper import HyperConfig, hyper
 from .token_cluster import TokenClusterConfig, token_cluster
 from .prune import PruneConfig, prune
+from .quantize import QuantizeConfig, quantize
 
 __all__ = [
     "BF16Config",
@@ -36,12 +37,14 @@ __all__ = [
     "PassReport",
     "PassResult",
     "PruneConfig",
+    "QuantizeConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
     "get_pass",
     "hyper",
     "list_passes",
     "prune",
+    "quantize",
     "register_pass",
     "bf16",
     "fuse_attention",

@@ -1,0 +1,144 @@
+"""The quantize pass against fp32 and onnxruntime's ``quantize_dynamic``, side by side.
+
+    python benchmarks/quantize.py --model lite_medsam
+    python benchmarks/quantize.py --model sam_vit_b --images coins --repeats 2
+
+For one zoo model it builds five image encoders and times them interleaved in
+one process (one image, the predictor's input size):
+
+* ``torch fp32``: the original, eager;
+* ``torch int8``: after ``samfx.optimize(model, [QuantizeConfig(...)])``, eager,
+  on oneDNN int8 kernels;
+* ``ort fp32``: the original exported to ONNX, onnxruntime CPU;
+* ``ort quantize_dynamic``: that file through
+  ``onnxruntime.quantization.quantize_dynamic`` (QUInt8 weights, the SAM
+  community's default);
+* ``ort samfx int8``: the quantized model exported as QDQ with the same
+  calibrated grids (:mod:`samfx.emit.quantized_onnx`).
+
+Fidelity of each against the original goes through the family's predictor on
+package images (the onnxruntime encoders are plugged in front of the original's
+prompt encoder and decoder): box-prompt mask IoU, mean mask IoU over all
+prompts, embedding cosine and, on ``coins``, ground-truth mIoU. Only the
+encoder is swapped for the onnxruntime rows; ``torch int8`` also has its
+decoder quantized. Thread settings are fixed and recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import samfx  # noqa: E402
+from samfx.report import environment  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run import _interleaved  # noqa: E402
+
+
+class OrtEncoder(nn.Module):
+    """An onnxruntime session standing in for a model's image encoder."""
+
+    def __init__(self, session, img_size: int) -> None:
+        super().__init__()
+        self.session, self.img_size = session, img_size
+        self.input = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().numpy()})[0])
+
+
+def _with_encoder(model: nn.Module, encoder: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` whose image encoder is ``encoder`` (``model`` is untouched)."""
+    variant = copy.copy(model)
+    variant._modules = dict(model._modules)
+    variant._modules["image_encoder"] = encoder
+    return variant
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="lite_medsam")
+    parser.add_argument("--images", nargs="+", default=["coins", "astronaut", "coffee"])
+    parser.add_argument("--attention-matmuls", action="store_true", help="quantize attention products too")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from samfx.emit.quantized_onnx import export, session
+
+    torch.manual_seed(0)
+    model = samfx.models.build(args.model)
+    config = samfx.QuantizeConfig(attention_matmuls=args.attention_matmuls)
+    start = time.perf_counter()
+    quantized = samfx.optimize(model, [config], model_name=args.model)
+    optimize_s = time.perf_counter() - start
+    size = int(model.image_encoder.img_size)
+    x = torch.randn(1, 3, size, size)
+    tmp = Path(tempfile.mkdtemp(prefix="samfx-quantize-"))
+    fp32_path = export(model.image_encoder, (x,), tmp / "fp32.onnx")
+    dynamic_path = tmp / "dynamic.onnx"
+    quantize_dynamic(str(fp32_path), str(dynamic_path), weight_type=QuantType.QUInt8)
+    int8_path = export(quantized.image_encoder, (x,), tmp / "int8.onnx")
+    encoders = {
+        "torch fp32": model.image_encoder,
+        "torch int8 (samfx)": quantized.image_encoder,
+        "ort fp32": OrtEncoder(session(fp32_path, args.threads), size),
+        "ort quantize_dynamic": OrtEncoder(session(dynamic_path, args.threads), size),
+        "ort int8 (samfx QDQ)": OrtEncoder(session(int8_path, args.threads), size),
+    }
+    with torch.inference_mode():
+        times = _interleaved([lambda e=e: e(x) for e in encoders.values()], args.repeats)
+    models = {"torch fp32": model, "torch int8 (samfx)": quantized}
+    for name in ("ort fp32", "ort quantize_dynamic", "ort int8 (samfx QDQ)"):
+        models[name] = _with_encoder(model, encoders[name])
+    rows = []
+    for (name, encoder_s), variant in zip(zip(encoders, times), models.values()):
+        fidelity = samfx.fidelity.compare(model, variant, images=args.images)
+        rows.append({"encoder": name, "encoder_s": encoder_s, "speedup_vs_torch_fp32": times[0] / encoder_s,
+                     "speedup_vs_ort_fp32": times[2] / encoder_s, "file_mb": None,
+                     **{k: getattr(fidelity, k) for k in ("box_mask_iou_mean", "mask_iou_mean", "mask_iou_min",
+                                                          "embedding_cosine_mean", "gt_miou_original",
+                                                          "gt_miou_optimized")}})
+    for row, path in zip(rows[2:], (fp32_path, dynamic_path, int8_path)):
+        row["file_mb"] = Path(path).stat().st_size / 1e6
+    head = (f"{'encoder':<24}{'enc s':>8}{'x torch':>9}{'x ort':>8}{'box IoU':>9}{'mIoU':>8}{'cosine':>9}"
+            f"{'GT mIoU':>9}{'MB':>7}")
+    print(f"{args.model}, quantize {config.to_dict()}")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        gt = f"{100 * r['gt_miou_optimized']:>9.1f}" if r["gt_miou_optimized"] is not None else f"{'-':>9}"
+        mb = f"{r['file_mb']:>7.1f}" if r["file_mb"] else f"{'-':>7}"
+        print(f"{r['encoder']:<24}{r['encoder_s']:>8.3f}{r['speedup_vs_torch_fp32']:>8.2f}x"
+              f"{r['speedup_vs_ort_fp32']:>7.2f}x{r['box_mask_iou_mean'] or 1.0:>9.4f}{r['mask_iou_mean']:>8.4f}"
+              f"{r['embedding_cosine_mean']:>9.5f}{gt}{mb}")
+    env = {**environment(), "onnxruntime": ort.__version__, "ort_intra_op_threads": args.threads}
+    print(f"\ntorch {env['torch']}, onnxruntime {env['onnxruntime']}, {args.threads} threads, "
+          f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, {env['cpu_count']} CPUs; medians of {args.repeats} "
+          f"interleaved runs; images {args.images}; optimize took {optimize_s:.0f} s")
+    out = Path(args.out or f"benchmarks/results/quantize-{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": env, "model": args.model, "config": config.to_dict(),
+                               "repeats": args.repeats, "images": args.images, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
