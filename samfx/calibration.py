@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -32,21 +31,15 @@ from torch import nn
 
 from .adapters import Adapter, find_adapter
 from .adapters.base import Predictor
-from .data import Prompt, package_images
+from .data import Prompt, load_images
 
-__all__ = ["DEFAULT_CALIBRATION_IMAGES", "CalibrationSet", "image_digest"]
+__all__ = ["DEFAULT_CALIBRATION_IMAGES", "CalibrationSet"]
 
 #: Package photos for calibration: those that fidelity reports do not use.
 DEFAULT_CALIBRATION_IMAGES = ("chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field")
 
 #: A box is grown or shrunk on each side by up to this fraction of its size.
 _BOX_JITTER = 0.08
-
-
-def image_digest(image: np.ndarray) -> str:
-    """A short SHA-256 of an image's pixels and shape (names user images in recipes)."""
-    digest = hashlib.sha256(str(image.shape).encode() + np.ascontiguousarray(image).tobytes())
-    return "sha256:" + digest.hexdigest()[:16]
 
 
 @dataclass
@@ -78,7 +71,7 @@ class CalibrationSet:
         for that click, each side moved by up to 8% of the box size (a
         square around the click when the mask is empty).
         """
-        arrays, names = _load(images)
+        arrays, names = load_images(images, "calibration")
         predictor = predictor or (adapter or find_adapter(model)).predictor(model)
         prompts, masks = [], []
         for index, image in enumerate(arrays):
@@ -123,23 +116,6 @@ class CalibrationSet:
             "seed": self.seed,
             "prompts": [[{"kind": p.kind, "coords": list(p.coords)} for p in prompts] for prompts in self.prompts],
         }
-
-
-def _load(images: Sequence[str | np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-    if not len(images):
-        raise ValueError("calibration needs at least one image")
-    arrays, names = [], []
-    for item in images:
-        if isinstance(item, str):
-            arrays.append(package_images([item])[0].image)
-            names.append(item)
-        else:
-            image = np.asarray(item)
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"calibration images must be H x W x 3 uint8 arrays, got {image.dtype} {image.shape}")
-            arrays.append(image)
-            names.append(image_digest(image))
-    return arrays, names
 
 
 def _sample_prompts(

@@ -21,12 +21,23 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_IMAGES", "ImageSample", "Prompt", "available_images", "calibration_sample", "package_images"]
+__all__ = [
+    "DEFAULT_IMAGES",
+    "ImageSample",
+    "Prompt",
+    "available_images",
+    "calibration_sample",
+    "image_digest",
+    "load_images",
+    "package_images",
+]
 
 DEFAULT_IMAGES = ("coins", "astronaut", "coffee")
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field")
@@ -138,6 +149,34 @@ def _sample(name: str, objects_per_photo: int) -> ImageSample:
 def package_images(names: list[str] | tuple[str, ...] = DEFAULT_IMAGES, objects_per_photo: int = 4) -> list[ImageSample]:
     """Load bundled images with their objects and prompts (deterministic)."""
     return [_sample(name, objects_per_photo) for name in names]
+
+
+def image_digest(image: np.ndarray) -> str:
+    """A short SHA-256 of an image's pixels and shape (names user images in recipes)."""
+    digest = hashlib.sha256(str(image.shape).encode() + np.ascontiguousarray(image).tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def load_images(items: Sequence[str | np.ndarray], purpose: str) -> tuple[list[np.ndarray], list[str]]:
+    """Package image names or ``H x W x 3`` uint8 arrays, as arrays with their
+    names (the package name, or :func:`image_digest` for an array).
+
+    ``purpose`` names what the images are for in errors (``"calibration"``).
+    """
+    if not len(items):
+        raise ValueError(f"{purpose} needs at least one image")
+    arrays, names = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            arrays.append(package_images([item])[0].image)
+            names.append(item)
+            continue
+        image = np.asarray(item)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"{purpose} image {i} must be an H x W x 3 uint8 array, got {image.dtype} {image.shape}")
+        arrays.append(image)
+        names.append(image_digest(image))
+    return arrays, names
 
 
 def calibration_sample(image: np.ndarray, name: str = "calibration", objects: int = 4) -> ImageSample:

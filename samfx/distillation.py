@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import Adapter, find_adapter
-from .data import DEFAULT_IMAGES, available_images, package_images
+from .data import DEFAULT_IMAGES, available_images, load_images
 
 __all__ = ["DEFAULT_TRAINING_IMAGES", "DistillReport", "distill"]
 
@@ -58,7 +58,7 @@ class DistillReport:
     Attributes:
         steps: optimisation steps done so far (including resumed ones).
         target_steps: the ``steps`` asked for.
-        images: names (or ``"array <i>"``) of the training images.
+        images: names (package names, or digests of arrays) of the training images.
         time_s: wall time of this call.
         resumed_from: the step the call started at (0 unless resumed).
         losses: the loss of every step so far.
@@ -99,23 +99,6 @@ def _augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     mean = pixels.mean()
     pixels = (pixels - mean) * rng.uniform(0.8, 1.2) + mean * rng.uniform(0.8, 1.2)
     return np.ascontiguousarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def _images(images: Sequence[str | np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-    arrays, names = [], []
-    for i, item in enumerate(images):
-        if isinstance(item, str):
-            arrays.append(package_images([item])[0].image)
-            names.append(item)
-        else:
-            array = np.asarray(item)
-            if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-                raise ValueError(f"training image {i} must be an H x W x 3 uint8 array, got {array.dtype} {array.shape}")
-            arrays.append(array)
-            names.append(f"array {i}")
-    if not arrays:
-        raise ValueError("distill needs at least one training image")
-    return arrays, names
 
 
 def _encoder(model: nn.Module, adapter: Adapter) -> nn.Module:
@@ -195,7 +178,7 @@ def distill(
                          "are not of the same family")
     if steps < 1 or batch_size < 1 or save_every < 1:
         raise ValueError("steps, batch_size and save_every must be positive")
-    arrays, names = _images(images)
+    arrays, names = load_images(images, "distillation")
     student_encoder, teacher_encoder = _encoder(student, adapter), _encoder(teacher, adapter)
     preprocess = adapter.predictor(teacher).encoder_input
     params = [p for p in student_encoder.parameters()]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from samfx.data import available_images, package_images
+from samfx.data import available_images, image_digest, load_images, package_images
 
 
 def test_coins_have_24_clean_ground_truth_objects() -> None:
@@ -40,3 +41,15 @@ def test_unknown_image() -> None:
     with pytest.raises(KeyError, match="coins"):
         package_images(["nope"])
     assert "coins" in available_images()
+
+
+def test_load_images_names_package_images_and_digests_arrays() -> None:
+    photo = np.zeros((8, 6, 3), np.uint8)
+    arrays, names = load_images(["coins", photo], "calibration")
+    assert names == ["coins", image_digest(photo)] and names[1].startswith("sha256:")
+    assert arrays[0].shape == package_images(["coins"])[0].image.shape
+    assert image_digest(photo) != image_digest(np.zeros((6, 8, 3), np.uint8))  # the shape counts
+    with pytest.raises(ValueError, match="calibration image 0 must be an H x W x 3 uint8"):
+        load_images([np.zeros((8, 6), np.uint8)], "calibration")
+    with pytest.raises(ValueError, match="distillation needs at least one image"):
+        load_images([], "distillation")
