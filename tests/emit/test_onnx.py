@@ -27,12 +27,17 @@ def test_exported_pair_matches_eager(exported, case: tuple[str, tuple[str, ...]]
     # mask input, on three image sizes, one of them 3x the image.
     assert {case["points"] for case in checks["decoder"]} >= {2, 3, 4}
     assert len({tuple(case["image_hw"]) for case in checks["decoder"]}) == 3
+    # onnxruntime's int8 kernels and oneDNN's may round an activation to neighbouring
+    # steps: a step moves the random small model's near-zero logits across the threshold.
+    # The bar for every pass is a mask IoU of 0.99.
+    min_iou, max_score_diff = (0.99, 1e-2) if "quantize" in passes else (0.999, 1e-4)
     for case in checks["decoder"]:
-        assert case["mask_iou"] >= 0.999, case
-        assert case["iou_max_abs_diff"] < 1e-4, case
+        assert case["mask_iou"] >= min_iou, case
+        assert case["iou_max_abs_diff"] < max_score_diff, case
     meta = json.loads((export.directory / "samfx_onnx.json").read_text())
     assert meta["family"] == samfx.adapters.find_adapter(small_model(name)).name
-    assert [p["pass"] for p in meta["passes"]] == list(passes)
+    resolved, _ = samfx.resolve_passes(passes)  # with the passes they require (prune: split_qkv first)
+    assert [p["pass"] for p in meta["passes"]] == [c.name for c in resolved]
 
 
 def test_decoder_follows_the_sam_convention(exported) -> None:

