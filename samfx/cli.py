@@ -2,7 +2,7 @@
 
     samfx models                                    list the model zoo
     samfx passes                                    list the passes
-    samfx optimize --model lite_medsam --passes split_qkv --out runs/demo
+    samfx optimize --model lite_medsam --passes fuse_attention,hyper --out runs/demo
     samfx optimize --checkpoint sam_vit_b.pth --passes split_qkv --out runs/b
     samfx export-onnx --model lite_medsam --passes split_qkv --out runs/onnx
     samfx run-onnx photo.jpg --model-dir runs/onnx --point 120,80 --out mask.png

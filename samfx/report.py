@@ -97,6 +97,8 @@ class OptimizeReport:
             f = self.fidelity
             lines += ["", f"fidelity on {', '.join(f.images)} ({f.prompts} prompts, points and boxes):",
                       f"  mask IoU vs original   mean {f.mask_iou_mean:.4f}   worst {f.mask_iou_min:.4f}",
+                      *([f"    box prompts only     mean {f.box_mask_iou_mean:.4f}   worst {f.box_mask_iou_min:.4f}"]
+                        if f.box_mask_iou_mean is not None else []),
                       f"  IoU-prediction error   mean {f.iou_pred_error_mean:.4f}   max {f.iou_pred_error_max:.4f}",
                       f"  embedding cosine       mean {f.embedding_cosine_mean:.6f}   min {f.embedding_cosine_min:.6f}"]
             if f.gt_miou_original is not None:

@@ -76,6 +76,13 @@ def test_optimize_returns_a_new_model_and_a_report() -> None:
     assert "split_qkv" in table and "MACs image_encoder" in table
 
 
+def test_report_table_gives_box_prompt_fidelity_apart() -> None:
+    # Box-prompted models (LiteMedSAM) give near-empty click masks: the table shows boxes alone too.
+    optimized = samfx.optimize(small_model("sam_vit_b"), ["split_qkv"], fidelity=["coins"])
+    fidelity = samfx.report_of(optimized).fidelity
+    assert f"box prompts only     mean {fidelity.box_mask_iou_mean:.4f}" in samfx.report_of(optimized).table()
+
+
 def test_failing_pass_leaves_the_input_untouched() -> None:
     @dataclass(frozen=True)
     class BoomConfig(PassConfig):
