@@ -198,9 +198,9 @@ def test_real_weights_fidelity_on_litemedsam(lite_medsam: nn.Module) -> None:
                           fidelity=["coins"]).samfx_report.fidelity
     assert good.gt_miou_original > 0.96 and good.gt_miou_optimized > 0.94
     assert good.embedding_cosine_mean > 0.95 and good.mask_iou_mean > 0.65
-    literal = samfx.optimize(lite_medsam, [TokenClusterConfig(location=7, clusters=121)],
-                             fidelity=["coins"]).samfx_report.fidelity
-    assert literal.embedding_cosine_mean < 0.5 and literal.gt_miou_optimized < 0.8
+    # Expedit-SAM's own temperature loses the embedding here (suite time: one image's cosine).
+    literal = samfx.optimize(lite_medsam, [TokenClusterConfig(location=7, clusters=121)])
+    assert samfx.fidelity.compare(lite_medsam, literal, ["coins"], max_prompts_per_image=1).embedding_cosine_mean < 0.5
 
 
 def test_tinyvit_after_a_block_rewrite_is_a_reported_skip(lite_medsam: nn.Module) -> None:
