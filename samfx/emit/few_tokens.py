@@ -140,18 +140,28 @@ def _profitable(many: int, few: int, width: int) -> bool:
     return few < width and many >= 4 * width
 
 
+def _projected_once(x: fx.Node, scores: fx.Node) -> bool:
+    """The many's projection runs on one row that broadcasts over a batch of
+    prompts (``share_image_side``): it is already paid once, the product
+    through the few would be paid per prompt."""
+    rows, batch = _val(x).shape[0], _val(scores).shape[0]
+    return isinstance(rows, int) and rows == 1 and not (isinstance(batch, int) and batch == 1)
+
+
 def _rewrite_core(graph: fx.Graph, core: _Core) -> int:
     done = 0
     q, k, v = _heads(core.q), _heads(core.k), _heads(core.v)
     n_q, n_k = (_hint(_val(core.scores).shape[i]) for i in (2, 3))
-    if k is not None and _profitable(n_k, n_q, k.width) and _only_user(k.output) is not None:
+    if (k is not None and _profitable(n_k, n_q, k.width) and _only_user(k.output) is not None
+            and not _projected_once(k.x, core.scores)):
         emit = _Emitter(graph, core.scores)
         weight = emit(_aten.view.default, k.weight, [k.heads, k.width, _val(k.weight).shape[1]])
         queries = emit(_aten.matmul.default, core.q, weight)                     # (B, h, Nq, C)
         keys = emit(_aten.transpose.int, emit(_aten.unsqueeze.default, k.x, 1), 2, 3)  # (B, 1, C, Nk)
         core.scores.replace_all_uses_with(emit(_aten.matmul.default, queries, keys))
         done += 1
-    if v is not None and _profitable(n_k, n_q, v.width) and _only_user(v.output) is core.output:
+    if (v is not None and _profitable(n_k, n_q, v.width) and _only_user(v.output) is core.output
+            and not _projected_once(v.x, core.scores)):
         emit = _Emitter(graph, core.output)
         mixed = emit(_aten.matmul.default, core.probs, emit(_aten.unsqueeze.default, v.x, 1))  # (B, h, Nq, C)
         weight = emit(_aten.view.default, v.weight, [v.heads, v.width, _val(v.weight).shape[1]])
@@ -161,7 +171,8 @@ def _rewrite_core(graph: fx.Graph, core: _Core) -> int:
         core.output.replace_all_uses_with(values)
         core = _Core(core.scores, core.probs, values, core.q, core.k, core.v)
         done += 1
-    if q is not None and _profitable(n_q, n_k, q.width) and _only_user(q.output) is core.scores:
+    if (q is not None and _profitable(n_q, n_k, q.width) and _only_user(q.output) is core.scores
+            and not _projected_once(q.x, core.scores)):
         emit = _Emitter(graph, core.scores)
         k_t = core.scores.args[1]
         weight = emit(_aten.view.default, q.weight, [q.heads, q.width, _val(q.weight).shape[1]])

@@ -59,3 +59,19 @@ def test_box_prompts_project_their_tokens_not_the_image_and_keep_their_masks() -
 def test_prompts_with_more_tokens_than_a_head_is_wide_keep_their_projections() -> None:
     _, program, _ = _exported(points=16)
     assert reassociate_few_token_attention(program.graph_module) == 0
+
+
+def test_projections_of_one_image_row_shared_by_the_prompts_stay_once_per_image() -> None:
+    # After share_image_side the transformer meets the image as one row that broadcasts over the
+    # prompts: its first projections are paid once, going through the prompt tokens would repeat them.
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=64, mlp_dim=128, num_heads=2).eval()
+    image, pe = torch.randn(1, 64, 16, 16), torch.randn(1, 64, 16, 16)
+    program = torch.export.export(transformer, (image, pe, torch.randn(3, 7, 64)),
+                                  dynamic_shapes=({}, {}, {0: Dim("n", max=512)}), strict=False)
+    # Layer 0 only its image-to-token output; layer 1 and the final attention as before.
+    assert reassociate_few_token_attention(program.graph_module) == 1 + 4 + 2
+    tokens = torch.randn(24, 7, 64)
+    with torch.inference_mode():
+        for got, want in zip(program.module()(image, pe, tokens), transformer(image, pe, tokens)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
