@@ -62,9 +62,8 @@ def _optimize(args: argparse.Namespace) -> int:
     passes = [p for p in args.passes.split(",") if p]
     optimized = optimize(model, passes, fidelity=images or False, progress=not args.quiet, model_name=name)
     out = Path(args.out)
-    save(optimized, out)
+    save(optimized, out, overwrite=args.overwrite)
     report = optimized.samfx_report
-    report.save(out / "report.json")
     print(report.table())
     print(f"\nwrote {out / 'model.safetensors'}, {out / 'samfx.json'} and {out / 'report.json'}")
     if args.pictures:

@@ -34,6 +34,7 @@ __all__ = [
     "ModelSpec",
     "apply_state_dict",
     "build",
+    "first_nonfinite",
     "identify",
     "list_models",
     "load_checkpoint",
@@ -283,6 +284,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -295,21 +298,55 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            if unsafe is None:
-                raise CheckpointError(f"{path} is truncated or corrupt (not a torch checkpoint)") from err
+            unsafe = _unsafe_globals(path, err)
+            if not unsafe:
+                raise CheckpointError(f"{path} is truncated or corrupt (not a torch checkpoint): "
+                                      f"{str(err).splitlines()[0]}") from err
             raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects ({unsafe.group(1)}), not just tensors, and "
-                "unpickling them could run arbitrary code. Re-save it as a state dict or safetensors."
+                f"refusing to load {path}: it is unsafe, it holds Python objects ({', '.join(unsafe)}), not just "
+                "tensors, and unpickling them could run arbitrary code. Re-save it as a state dict or safetensors."
             ) from err
-        except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-            raise CheckpointError(f"{path} is truncated or corrupt: {str(err).splitlines()[0]}") from err
+        except Exception as err:  # noqa: BLE001 - arbitrary bytes fail anywhere in the unpickler
+            first = (str(err).splitlines() or [""])[0]
+            raise CheckpointError(f"{path} is not a torch checkpoint (truncated or corrupt): "
+                                  f"{type(err).__name__}: {first}") from err
     for key in ("model", "state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    bad = first_nonfinite(state)
+    if bad:
+        checksum = " (safetensors files carry no checksum; this is what a damaged file can show)" \
+            if path.suffix == ".safetensors" else ""
+        raise CheckpointError(f"{path} is corrupt: {bad}{checksum}")
     return dict(state)
+
+
+def _unsafe_globals(path: Path, err: Exception) -> list[str]:
+    """The Python globals a checkpoint needs beyond tensors, which torch's
+    ``weights_only`` unpickler refused (asked of torch, not read from its wording)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to the message
+        found = []
+    return found or re.findall(r"GLOBAL ([\w.]+)", str(err))
+
+
+def first_nonfinite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Describe the first floating tensor of ``state`` holding NaN or infinity, if any.
+
+    Example::
+
+        >>> first_nonfinite({"w": torch.tensor([1.0, float("nan")])})
+        'w holds 1 NaN/infinite values of 2'
+    """
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.device.type != "meta":
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                return f"{key} holds {int((~finite).sum())} NaN/infinite values of {tensor.numel()}"
+    return None
 
 
 def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
