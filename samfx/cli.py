@@ -362,11 +362,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
+    from .adapters import PromptError
     from .capture import CaptureError
     from .models import CheckpointError
     from .passes import PassError
 
-    if isinstance(err, (UsageError, CheckpointError, PassError, CaptureError, KeyError, OSError, ImportError)):
+    if isinstance(err, (UsageError, CheckpointError, PassError, CaptureError, PromptError, KeyError, OSError, ImportError)):
         return True
     # onnxruntime's NoSuchFile, InvalidProtobuf, InvalidArgument, Fail: a bad --model-dir.
     return type(err).__module__.startswith("onnxruntime")

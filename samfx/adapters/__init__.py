@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, QKVSite, ShapeCondition,
-                   TokenStage, TraceRecipe, class_name)
+from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, PromptError, QKVLayout, QKVSite,
+                   ShapeCondition, TokenStage, TraceRecipe, class_name)
 
 __all__ = [
     "PRESENT",
@@ -23,6 +23,7 @@ __all__ = [
     "AttentionSite",
     "ComponentSpec",
     "Predictor",
+    "PromptError",
     "QKVLayout",
     "QKVSite",
     "ShapeCondition",

@@ -259,7 +259,7 @@ class HFSamPredictor(Predictor):
         return self.processor(images=image, return_tensors="pt")["pixel_values"].to(_device(self.model))
 
     @torch.no_grad()
-    def set_image(self, image: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray) -> None:
         inputs = self.processor(images=image, return_tensors="pt")
         self._original = inputs["original_sizes"]
         self._reshaped = inputs["reshaped_input_sizes"]
@@ -277,7 +277,7 @@ class HFSamPredictor(Predictor):
         return np.array([new_w / w, new_h / h], dtype=np.float32)
 
     @torch.no_grad()
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+    def _predict(self, point_coords, point_labels, box, multimask_output):
         device = self.image_embedding.device
         scale = self._scale()
         kwargs: dict[str, Any] = {}

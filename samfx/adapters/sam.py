@@ -427,7 +427,7 @@ class UpstreamPredictor(Predictor):
     def __init__(self, predictor: Any) -> None:
         self._predictor = predictor
 
-    def set_image(self, image: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray) -> None:
         self._predictor.set_image(image)
 
     def encoder_input(self, image: np.ndarray) -> torch.Tensor:
@@ -439,7 +439,7 @@ class UpstreamPredictor(Predictor):
     def image_embedding(self) -> torch.Tensor:
         return self._predictor.features
 
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+    def _predict(self, point_coords, point_labels, box, multimask_output):
         masks, scores, _ = self._predictor.predict(
             point_coords=point_coords, point_labels=point_labels, box=box, multimask_output=multimask_output
         )
@@ -496,7 +496,6 @@ class LiteMedSAMPredictor(Predictor):
         self.model = model
         self.size = int(model.image_encoder.img_size)
         self._embedding: torch.Tensor | None = None
-        self._image_hw: tuple[int, int] = (0, 0)
 
     def encoder_input(self, image: np.ndarray) -> torch.Tensor:
         if image.ndim != 3 or image.shape[2] != 3:
@@ -506,9 +505,8 @@ class LiteMedSAMPredictor(Predictor):
         return F.interpolate(tensor, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def set_image(self, image: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray) -> None:
         self._embedding = self.model.image_encoder(self.encoder_input(image))
-        self._image_hw = image.shape[:2]
 
     @property
     def image_embedding(self) -> torch.Tensor:
@@ -533,7 +531,7 @@ class LiteMedSAMPredictor(Predictor):
         )
 
     @torch.no_grad()
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+    def _predict(self, point_coords, point_labels, box, multimask_output):
         scale = self._scale()
         device = scale.device
         points = None

@@ -263,7 +263,7 @@ class Sam2Predictor(UpstreamPredictor):
     def encoder_input(self, image: np.ndarray) -> torch.Tensor:
         return self._predictor._transforms(image)[None].to(self._predictor.device)
 
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+    def _predict(self, point_coords, point_labels, box, multimask_output):
         masks, scores, _ = self._predictor.predict(
             point_coords=point_coords, point_labels=point_labels, box=box, multimask_output=multimask_output
         )
