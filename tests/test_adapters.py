@@ -123,3 +123,15 @@ def test_prompts_are_checked_for_every_family(family_model) -> None:
         predictor.predict(point_coords=[[5000, 10]], point_labels=[1])
     with pytest.raises(PromptError, match="H x W x 3 uint8"):
         predictor.set_image(image.astype(np.float32))
+
+
+def test_a_bare_image_encoder_has_no_predictor_but_takes_token_cluster() -> None:
+    from samfx.adapters import UnsupportedModelError
+
+    encoder = small_model("sam_vit_b").image_encoder
+    with pytest.raises(UnsupportedModelError, match="bare image_encoder .* has no predictor"):
+        find_adapter(encoder).predictor(encoder)
+    fast = samfx.optimize(encoder, [samfx.TokenClusterConfig(location=1, clusters=4)])
+    assert fast.samfx_report.passes[0].changed
+    with pytest.raises(UnsupportedModelError, match="optimize the whole model"):
+        samfx.optimize(encoder, ["token_cluster"])  # tuning measures masks

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, PromptError, QKVLayout, QKVSite,
-                   ShapeCondition, TokenStage, TraceRecipe, class_name)
+                   ShapeCondition, TokenStage, TraceRecipe, UnsupportedModelError, class_name)
 
 __all__ = [
     "PRESENT",
@@ -38,10 +38,6 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, Adapter] = {}
-
-
-class UnsupportedModelError(TypeError):
-    """No registered adapter recognises the model."""
 
 
 def register_adapter(adapter: Adapter) -> Adapter:

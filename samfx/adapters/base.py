@@ -32,6 +32,7 @@ __all__ = [
     "ShapeCondition",
     "TokenStage",
     "TraceRecipe",
+    "UnsupportedModelError",
     "check_image",
     "check_prompts",
     "class_name",
@@ -245,6 +246,10 @@ class TokenStage:
     windows: tuple[int, ...]
     layout: str = "map"
     size: tuple[int, int] | None = None
+
+
+class UnsupportedModelError(TypeError):
+    """No registered adapter recognises the model, or it lacks what was asked of it."""
 
 
 class PromptError(ValueError):
@@ -488,6 +493,21 @@ class Adapter:
         raise ValueError(f"{self.name} blocks cannot be resized")
 
     def predictor(self, model: nn.Module) -> Predictor:
+        """The family's own way to run ``model`` on an image with prompts.
+
+        Raises:
+            UnsupportedModelError: ``model`` is a bare component (an image
+                encoder alone cannot turn prompts into masks).
+        """
+        roles = [spec.role for spec in self.components(model)]
+        if "mask_decoder" not in roles:
+            raise UnsupportedModelError(
+                f"a bare {' + '.join(roles) or 'component'} of a {self.name} model has no predictor: prompts need "
+                "the whole model (image encoder, prompt encoder and mask decoder); optimize the whole model, or use "
+                "passes and options that need no masks")
+        return self._predictor(model)
+
+    def _predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")
 
     def encoder_features(self, output: Any) -> list[torch.Tensor]:

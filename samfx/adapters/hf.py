@@ -166,7 +166,7 @@ class HFSamAdapter(Adapter):
         method = getattr(component_root.get_submodule(node.target), "method", None)
         return {"window_partition": "partition", "window_unpartition": "unpartition"}.get(method)
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)
 
     def encoder_features(self, output):

