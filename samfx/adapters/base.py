@@ -37,6 +37,7 @@ __all__ = [
     "check_prompts",
     "class_name",
     "is_norm",
+    "query_projection",
 ]
 
 
@@ -548,6 +549,12 @@ class Adapter:
         masks or the single one, as in the family's predictor.
         """
         raise NotImplementedError(f"adapter {self.name!r} does not describe how to deploy its models")
+
+
+def query_projection(attention: nn.Module) -> nn.Module | None:
+    """The query Linear of an attention whose fused q/k/v projection was split
+    (by ``split_qkv``, under the names it was given), or ``None``."""
+    return getattr(attention, getattr(attention, "samfx_qkv_names", ("q",))[0], None)
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import register_adapter
 from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TokenStage,
-                   TraceRecipe, class_name)
+                   TraceRecipe, class_name, query_projection)
 from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPointEmbedding, SamPromptDecoder
 
 _VIT = "image_encoder.ImageEncoderViT"
@@ -48,8 +48,9 @@ def defining_class(module: nn.Module, suffix: str) -> str | None:
 
 def projection_width(attention: nn.Module) -> int:
     """Query width of an encoder attention, fused (``qkv``) or split (``q``)."""
-    if isinstance(getattr(attention, "q", None), nn.Linear):
-        return attention.q.out_features
+    query = query_projection(attention)
+    if query is not None:  # an nn.Linear, or a coded or quantized one: all record their widths
+        return query.out_features
     return attention.qkv.out_features // 3
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import register_adapter
 from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TokenStage, TraceRecipe,
-                   class_name)
+                   class_name, query_projection)
 from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import (
     UpstreamPredictor,
@@ -141,7 +141,7 @@ class Sam2Adapter(Adapter):
     def sync_width_attributes(self, component_root: nn.Module) -> None:
         for module in component_root.modules():
             if defining_class(module, _ATTENTION):
-                module.dim, module.dim_out = module.q.in_features, module.proj.out_features
+                module.dim, module.dim_out = query_projection(module).in_features, module.proj.out_features
             elif defining_class(module, _BLOCK):
                 module.dim, module.dim_out = module.norm1.normalized_shape[0], module.mlp.layers[-1].out_features
             elif defining_class(module, _HIERA):

@@ -135,7 +135,7 @@ class QuantizeConfig(PassConfig):
             raise PassError(f"quantize: min_mask_iou must be in (0, 1], got {self.min_mask_iou}")
         if self.prompts_per_image < 1:
             raise PassError("quantize: prompts_per_image must be at least 1")
-        if self.mode == "w4" and (self.group_size < 2 or self.group_size % 2):
+        if self.group_size < 2 or self.group_size % 2:
             raise PassError(f"quantize: group_size must be an even number >= 2, got {self.group_size}")
 
 

@@ -308,6 +308,7 @@ def _split_site(component: Component, site: QKVSite, names: tuple[str, str, str]
     for graph, plan in plans:
         _apply(graph, plan, targets)  # type: ignore[arg-type]
     component.mark_replaced(site.linear)
+    parent.samfx_qkv_names = names  # adapters find the split projections by it (query_projection)
     return None
 
 
