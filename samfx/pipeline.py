@@ -25,7 +25,7 @@ __all__ = ["history_of", "optimize", "report_of", "resolve_passes", "structure_d
 PassSpec = str | PassConfig
 
 
-def resolve_passes(passes: Iterable[PassSpec]) -> tuple[list[PassConfig], list[str]]:
+def resolve_passes(passes: Iterable[PassSpec] | PassSpec) -> tuple[list[PassConfig], list[str]]:
     """Turn names and configs into configs, add required passes, check order.
 
     Returns:
@@ -71,7 +71,7 @@ def resolve_passes(passes: Iterable[PassSpec]) -> tuple[list[PassConfig], list[s
 
 def optimize(
     model: nn.Module,
-    passes: Sequence[PassSpec] = ("split_qkv",),
+    passes: Sequence[PassSpec] | PassSpec = ("split_qkv",),
     *,
     adapter: Adapter | None = None,
     fidelity: bool | Iterable[str] = False,
