@@ -251,8 +251,11 @@ class Predictor:
     """
 
     #: prompt kinds the model was trained with; box-only models (LiteMedSAM) give
-    #: empty masks for single clicks, so segment-everything warns about them.
+    #: empty masks for single clicks, so segment-everything warns about them and
+    #: fidelity reports lead with the trained kinds.
     trained_prompts: tuple[str, ...] = ("point", "box")
+    #: why other prompt kinds' figures mean little (shown next to them in reports)
+    untrained_prompts_note: str = ""
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""

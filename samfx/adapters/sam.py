@@ -491,6 +491,8 @@ class LiteMedSAMPredictor(Predictor):
     a single click gives an empty mask and a low predicted IoU."""
 
     trained_prompts = ("box",)
+    untrained_prompts_note = ("LiteMedSAM was trained with box prompts only; its clicks give near-empty masks, "
+                              "where a few pixels move the IoU a lot")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
