@@ -281,6 +281,20 @@ class Predictor:
         """Return ``(masks, scores)``: ``M x H x W`` bools and ``M`` predicted IoUs."""
         raise NotImplementedError
 
+    def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``N`` box prompts ``(x0, y0, x1, y1)`` on the current image, each
+        its own prompt asking for one mask, as :meth:`predict` with ``box`` does.
+
+        Returns ``(masks, scores)``: ``N x H x W`` bools and ``N`` predicted
+        IoUs. This default runs the boxes one by one; families whose decoder
+        takes a batch of prompts override it.
+        """
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        outputs = [self.predict(box=box, multimask_output=False) for box in boxes]
+        if not outputs:
+            return np.zeros((0, 0, 0), bool), np.zeros(0, np.float32)
+        return np.stack([m[0] for m, _ in outputs]), np.array([float(s[0]) for _, s in outputs], np.float32)
+
     def predict_points(
         self, points: np.ndarray | torch.Tensor, multimask_output: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
