@@ -46,6 +46,7 @@ __all__ = [
     "calibration_sample",
     "expand_images",
     "image_digest",
+    "image_sample",
     "load_image",
     "load_images",
     "package_images",
@@ -403,6 +404,15 @@ def separate_images(
     if overlap:
         warnings.warn(f"evaluating on calibration images: {', '.join(overlap)}", stacklevel=2)
     return ImageSplit(calib_arrays, calib_names, eval_arrays, eval_names, None, overlap)
+
+
+def image_sample(item: str | np.ndarray, objects: int = 4) -> ImageSample:
+    """A resolved item of :func:`expand_images` with prompts: a package image
+    as :func:`package_images` gives it (``coins`` with ground truth), any other
+    image prompted on its largest compact regions (:func:`calibration_sample`)."""
+    if isinstance(item, str) and item in available_images() and not Path(item).exists():
+        return package_images([item], objects)[0]
+    return calibration_sample(*load_image(item, "evaluation"), objects=objects)
 
 
 def calibration_sample(image: np.ndarray, name: str = "calibration", objects: int = 4) -> ImageSample:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, Predictor, find_adapter
-from .data import ImageSample, available_images, calibration_sample, expand_images, load_image, package_images
+from .data import ImageSample, expand_images, image_sample
 
 __all__ = ["EvalError", "EvalReport", "evaluate", "saved_model_and_original"]
 
@@ -179,9 +179,7 @@ def _sample(item: Any) -> ImageSample:
         return item
     if isinstance(item, AnnotatedImage):
         return item.sample()
-    if isinstance(item, str) and item in available_images() and not Path(item).exists():
-        return package_images([item])[0]
-    return calibration_sample(*load_image(item, "evaluation"))
+    return image_sample(item)
 
 
 def _ids(item: Any, sample: ImageSample) -> list[Any]:

@@ -121,7 +121,8 @@ class OptimizeReport:
             for use in ("calibration", "evaluation"):
                 names = self.images.get(use) or []
                 shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-                lines.append(f"{use + ' images':<22} {shown or 'none'}")
+                default = "none given: data-driven passes use their own defaults" if use == "calibration" else "none"
+                lines.append(f"{use + ' images':<22} {shown or default}")
             if self.images.get("overlap"):
                 lines.append(f"{'evaluated on calibration images':<22} {', '.join(self.images['overlap'])}")
         return "\n".join(lines)
