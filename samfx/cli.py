@@ -54,28 +54,31 @@ def _image_items(text: str) -> list[str]:
 def _optimize_images(args: argparse.Namespace, passes: list) -> tuple[list, list, dict | None, str | None]:
     """Fidelity samples, calibration arrays, the record of which images did what,
     and a line telling the user about a split."""
-    from .data import DEFAULT_IMAGES, expand_images, image_sample, separate_images, split_images
+    from .data import (DEFAULT_IMAGES, ImageSplit, expand_images, image_sample, load_images, separate_images,
+                       split_images)
     from .passes import get_pass
 
-    if args.no_fidelity:
-        return [], [], None, None
-    evaluation = _image_items(args.images)
+    evaluation = [] if args.no_fidelity else _image_items(args.images)
     calibration = _image_items(args.calibration) if args.calibration else []
     data_driven = any(get_pass(config.name).data_driven for config in passes)
-    if calibration:
+    message = None
+    if calibration and evaluation:
         split = separate_images(calibration, evaluation, allow_overlap=args.allow_overlap)
-        message = None
-    elif data_driven and tuple(evaluation) != DEFAULT_IMAGES:
+    elif calibration:
+        split = ImageSplit(*load_images(calibration, "calibration"), [], [])
+    elif data_driven and evaluation and tuple(evaluation) != DEFAULT_IMAGES:
         split = split_images(evaluation, held_out=args.held_out, seed=args.split_seed)
         message = (f"split the {len(split.calibration) + len(split.evaluation)} images (seed {args.split_seed}): "
                    f"{len(split.calibration)} calibrate the passes, {len(split.evaluation)} are held out for fidelity")
-    else:
+    elif evaluation:
         samples = [image_sample(item) for item in expand_images(evaluation, "fidelity")]
         return samples, [], {"calibration": [], "evaluation": [s.name for s in samples], "split_seed": None,
                              "overlap": []}, None
-    samples = [image_sample(image) for image in split.evaluation]
-    for sample, name in zip(samples, split.evaluation_names):
-        sample.name = name
+    else:
+        return [], [], None, None
+    # By name where there is one: a package photo keeps its ground truth, a file its path.
+    samples = [image_sample(image if name.startswith("sha256:") else name)
+               for image, name in zip(split.evaluation, split.evaluation_names)]
     return samples, split.calibration, split.record(), message
 
 
