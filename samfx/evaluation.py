@@ -24,7 +24,7 @@ Example::
     >>> sam = samfx.models.build("lite_medsam")
     >>> report = samfx.evaluate(sam, images=["coins"])
     >>> report.objects, report.trained_prompts, round(report.gt_miou, 2)
-    (24, ['box'], 0.94)
+    (24, ['box'], 0.97)
 """
 
 from __future__ import annotations

@@ -61,10 +61,11 @@ def test_evaluate_against_ground_truth_and_the_original(tmp_path) -> None:
     assert same.vs_original_miou == 1.0 and same.gt_miou == same.gt_miou_original
 
 
-def test_batched_prompts_match_one_by_one(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["sam_vit_b", "lite_medsam"])
+def test_batched_boxes_match_one_by_one(name: str) -> None:
     from samfx.data import package_images
 
-    model = small_model("sam_vit_b")
+    model = small_model(name)
     predictor = samfx.adapters.find_adapter(model).predictor(model)
     sample = package_images(["coins"])[0]
     predictor.set_image(sample.image)
