@@ -46,8 +46,8 @@ def _passes(_: argparse.Namespace) -> int:
     return 0
 
 
-def _image_items(text: str) -> list[str]:
-    """``--images``: comma-separated package image names, image files, directories or glob patterns."""
+def _comma_list(text: str) -> list[str]:
+    """The items of a comma-separated option (``--images``: package names, files, directories, globs)."""
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
@@ -58,8 +58,8 @@ def _optimize_images(args: argparse.Namespace, passes: list) -> tuple[list, list
                        split_images)
     from .passes import get_pass
 
-    evaluation = [] if args.no_fidelity else _image_items(args.images)
-    calibration = _image_items(args.calibration) if args.calibration else []
+    evaluation = [] if args.no_fidelity else _comma_list(args.images)
+    calibration = _comma_list(args.calibration) if args.calibration else []
     data_driven = any(get_pass(config.name).data_driven for config in passes)
     message = None
     if calibration and evaluation:
@@ -113,7 +113,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.pictures:
         from .pictures import compare_pictures
 
-        shown = images or _image_items(args.images)
+        shown = images or _comma_list(args.images)
         paths = compare_pictures(model, optimized, out / "pictures", shown, fidelity=report.fidelity)
         print(f"wrote {len(paths)} pictures to {out / 'pictures'}")
     return 0
@@ -268,9 +268,9 @@ def _eval(args: argparse.Namespace) -> int:
     model, original = build(args.model)
     if args.against:
         original = build(args.against)[0]
-    images = _image_items(args.images) if args.images else None
-    report = evaluate(model, images, annotations=args.annotations, against=original, max_images=args.max_images,
-                      progress=not args.quiet)
+    images = _comma_list(args.images) if args.images else None
+    report = evaluate(model, images, annotations=args.annotations, against=original,
+                      prompts=_comma_list(args.prompts), max_images=args.max_images, progress=not args.quiet)
     if isinstance(args.model, str) and Path(args.model).is_dir():
         report.model = args.model
     print(report.table())
@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default for a saved directory: its original, rebuilt)")
     ev.add_argument("--checkpoint", help="weights for a zoo model (or the original of a saved directory)")
     ev.add_argument("--small", action="store_true", help="the reduced test configuration of a zoo model")
+    ev.add_argument("--prompts", default="box,point", help="prompt kinds per object (default: box,point)")
     ev.add_argument("--max-images", type=int, help="evaluate the first N images only")
     ev.add_argument("--out", help="write the report (per object and in total) as JSON")
     ev.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

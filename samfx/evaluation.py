@@ -62,7 +62,8 @@ class EvalReport:
         source: where the images and annotations came from.
         images: the images' names, in order.
         objects: objects evaluated.
-        trained_prompts: the kinds the model was trained with; ``gt_miou`` and
+        trained_prompts: the kinds evaluated that the model was trained with
+            (all kinds evaluated, if none was); ``gt_miou`` and
             ``vs_original_miou`` are means over objects and these kinds.
         untrained_prompts_note: why the other kinds' figures mean little.
         by_prompt: per kind: ``trained``, ``objects``, ``gt_miou`` (the
@@ -232,6 +233,7 @@ def evaluate(
     annotations: str | Path | None = None,
     against: nn.Module | None = None,
     adapter: Adapter | None = None,
+    prompts: Sequence[str] = PROMPT_KINDS,
     max_images: int | None = None,
     progress: bool = False,
 ) -> EvalReport:
@@ -248,6 +250,7 @@ def evaluate(
             (:func:`samfx.annotations.read_annotations`).
         against: the original model, to measure how closely ``model`` follows it.
         adapter: the family adapter (detected by default).
+        prompts: the prompt kinds to evaluate (``("box",)`` halves the decoder work).
         max_images: evaluate only the first images.
         progress: show a progress bar.
 
@@ -258,6 +261,9 @@ def evaluate(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    kinds = tuple(kind for kind in PROMPT_KINDS if kind in prompts)
+    if not kinds or set(prompts) - set(PROMPT_KINDS):
+        raise EvalError(f"prompts are some of {', '.join(PROMPT_KINDS)}; got {', '.join(prompts) or 'none'}")
     name = getattr(model, "samfx_zoo", {}).get("name") if isinstance(model, nn.Module) else str(model)
     calibrated: list[str] = []
     if not isinstance(model, nn.Module):
@@ -270,7 +276,7 @@ def evaluate(
     adapter = adapter or find_adapter(model)
     predictor = adapter.predictor(model)
     reference = adapter.predictor(against) if against is not None else None
-    trained = [kind for kind in PROMPT_KINDS if kind in predictor.trained_prompts]
+    trained = [kind for kind in kinds if kind in predictor.trained_prompts] or list(kinds)
     items, source = _samples(images, annotations)
     count = min(len(items), max_images) if max_images is not None else len(items)
     per_object: list[dict[str, Any]] = []
@@ -292,17 +298,17 @@ def evaluate(
                 continue
             truth = np.stack([sample.objects[i] for i in objects])
             pixels = truth[0].size
-            prompts = {"box": np.array([boxes[i] for i in objects], np.float32),
-                       "point": np.array([points[i] for i in objects], np.float32)}
+            coords = {"box": np.array([boxes[i] for i in objects], np.float32),
+                      "point": np.array([points[i] for i in objects], np.float32)}
             masks: dict[str, dict[str, np.ndarray]] = {}
             for role, runner in (("model", predictor), ("original", reference)):
                 if runner is None:
                     continue
                 runner.set_image(sample.image)
-                masks[role] = {"box": _box_masks(runner, prompts["box"], pixels),
-                               "point": _point_masks(runner, prompts["point"], pixels)}
+                masks[role] = {kind: (_box_masks if kind == "box" else _point_masks)(runner, coords[kind], pixels)
+                               for kind in kinds}
             rows = [{"image": sample.name, "id": ids[i], "area": int(sample.objects[i].sum())} for i in objects]
-            for kind in PROMPT_KINDS:
+            for kind in kinds:
                 measures = {"vs_original": _ious(masks["model"][kind], masks["original"][kind])
                             if reference is not None else None}
                 if sample.has_ground_truth:
@@ -316,7 +322,7 @@ def evaluate(
             per_image.append({"image": sample.name, "objects": len(rows),
                               "seconds": time.perf_counter() - image_start})
             bar.update()
-    if reference is None and not any("gt_iou" in row["box"] for row in per_object):
+    if reference is None and not any("gt_iou" in row[kinds[0]] for row in per_object):
         raise EvalError("nothing to measure: the images have no ground truth and no original model was given "
                         "(give annotations, or an original to compare against)")
 
@@ -329,7 +335,7 @@ def evaluate(
                         "vs_original_miou": _mean(values(kind, "vs_original")),
                         "vs_original_min": float(np.min(values(kind, "vs_original")))
                         if values(kind, "vs_original") else None}
-                 for kind in PROMPT_KINDS}
+                 for kind in kinds}
     return EvalReport(
         model=name or type(model).__name__,
         original=None if against is None else (getattr(against, "samfx_zoo", {}).get("name")

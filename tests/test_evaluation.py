@@ -84,5 +84,9 @@ def test_images_without_annotations_need_an_original(tmp_path) -> None:
     report = evaluate(model, [str(tmp_path)], against=small_model("sam_vit_b"))
     assert report.images == [str(tmp_path / "shape_0.png")] and report.gt_miou is None
     assert report.vs_original_miou == 1.0
+    boxes = evaluate(model, [str(tmp_path)], against=small_model("sam_vit_b"), prompts=("box",))
+    assert set(boxes.by_prompt) == {"box"} and set(boxes.per_object[0]) == {"image", "id", "area", "box"}
+    with pytest.raises(EvalError, match="prompts are some of box, point; got box, clicks"):
+        evaluate(model, [str(tmp_path)], prompts=("box", "clicks"))
     with pytest.raises(EvalError, match="one folder that holds the annotated image files"):
         evaluate(model, ["coins", "astronaut"], annotations=tmp_path / "coco.json")
