@@ -223,9 +223,11 @@ def _compare(args: argparse.Namespace) -> int:
         if report_file.is_file():
             saved = json.loads(report_file.read_text()).get("fidelity")
             fidelity = FidelityReport(**saved) if saved else None
-        names = [i for i in args.images.split(",") if i] if args.images else (fidelity.images if fidelity else None)
-        paths = compare_pictures(original, optimized, out, names or ["coins"], fidelity=fidelity,
-                                 everything=args.everything)
+        from .data import expand_images, image_sample
+
+        names = _comma_list(args.images) if args.images else (fidelity.images if fidelity else None)
+        samples = [image_sample(item) for item in expand_images(names or ["coins"], "pictures")]
+        paths = compare_pictures(original, optimized, out, samples, fidelity=fidelity, everything=args.everything)
         for path in paths:
             print(f"wrote {path}")
     return 0
@@ -354,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compare", help="pictures: original vs optimized masks, speed against fidelity")
     comp.add_argument("run_dir", nargs="?", metavar="RUN", help="a directory written by `samfx optimize`")
     comp.add_argument("--checkpoint", help="the weights the run was optimized from (random-init zoo models)")
-    comp.add_argument("--images", help="package images to draw (default: the report's)")
+    comp.add_argument("--images", help="images to draw: package names, files, directories or globs "
+                                       "(default: the report's)")
     comp.add_argument("--everything", action="store_true", help="add both models' segment-everything masks")
     comp.add_argument("--bench", action="append", help="benchmark JSON to plot speed against fidelity (repeatable)")
     comp.add_argument("--out", required=True, help="output directory for the PNGs")

@@ -170,3 +170,17 @@ def test_eval_writes_json_per_object_and_in_total(tmp_path, capsys) -> None:
     code = main(["eval", "sam_vit_b", "--small", "--images", str(tmp_path / "nothing" / "*.png")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("samfx: error: evaluation: the pattern") and err.count("\n") == 1
+
+
+def test_optimize_checks_and_draws_a_folder_of_your_images(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    _image_folder(tmp_path / "imgs", count=2)
+    code = main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "split_qkv", "--images",
+                 str(tmp_path / "imgs" / "*.png"), "--out", str(tmp_path / "run"), "--quiet", "--pictures"])
+    assert code == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    files = [str(tmp_path / "imgs" / f"shape_{i}.png") for i in range(2)]
+    assert report["fidelity"]["images"] == files and report["images"]["evaluation"] == files
+    assert report["images"]["calibration"] == [] and report["fidelity"]["mask_iou_min"] == 1.0
+    assert sorted(p.name for p in (tmp_path / "run" / "pictures").iterdir()) == ["compare_shape_0.png",
+                                                                                 "compare_shape_1.png"]
