@@ -183,8 +183,9 @@ def polygon_mask(polygon: Sequence[float], height: int, width: int) -> np.ndarra
                [0, 0, 0, 0, 0, 0, 0]])
     """
     xy = np.asarray(polygon, dtype=np.float64)
-    if xy.ndim != 1 or len(xy) < 6 or len(xy) % 2:
-        raise AnnotationError(f"a polygon is a flat list of at least three x, y pairs, got {len(xy)} numbers")
+    # Two points make a degenerate polygon that pycocotools still rasterises (some COCO files have them).
+    if xy.ndim != 1 or len(xy) < 4 or len(xy) % 2:
+        raise AnnotationError(f"a polygon is a flat list of at least two x, y pairs, got {len(xy)} numbers")
     if not np.isfinite(xy).all():
         raise AnnotationError("a polygon has a coordinate that is not a finite number")
     return rle_decode(_polygon_counts(xy, height, width), (height, width))

@@ -17,6 +17,7 @@ PYCOCOTOOLS_POLYGONS = [
     ([0, 0, 10, 10, 10, 0, 0, 10], 12, 12, "094N2N2N2N10O2N2N2N2g0", 50),  # a bow tie: crosses itself
     ([-3.2, 4.0, 30.5, 2.2, 14.0, 25.7], 16, 18, "44<2N1O1O2N1N2O000000000000000000000", 202),  # beyond the image
     ([4, 2, 14, 2, 14, 12, 4, 12, 4, 2, 8, 6, 10, 6, 10, 8, 8, 8, 8, 6], 16, 16, "R2:6000000JL040L046000000n0", 96),
+    ([2.5, 3.0, 10.2, 8.1], 12, 12, "`4", 0),  # two points, as some COCO files have: a line, empty
 ]
 
 
@@ -35,8 +36,8 @@ def test_polygons_of_one_object_are_united() -> None:
 
 
 def test_bad_segmentations_are_named() -> None:
-    with pytest.raises(AnnotationError, match="at least three x, y pairs"):
-        segmentation_mask([[1, 2, 3, 4]], 8, 8)
+    with pytest.raises(AnnotationError, match="at least two x, y pairs"):
+        segmentation_mask([[1, 2, 3]], 8, 8)
     with pytest.raises(AnnotationError, match=r"RLE of size \[4, 4\] on an image of 8 x 8"):
         segmentation_mask({"size": [4, 4], "counts": [16]}, 8, 8)
     with pytest.raises(AnnotationError, match="malformed RLE"):
