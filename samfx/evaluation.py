@@ -195,7 +195,9 @@ def _batches(count: int, pixels: int) -> Iterator[slice]:
 
 
 def _box_masks(predictor: Predictor, boxes: np.ndarray, pixels: int) -> np.ndarray:
-    return np.concatenate([predictor.predict_boxes(boxes[part])[0] for part in _batches(len(boxes), pixels)])
+    # A runtime's predictor without batched boxes runs them one by one.
+    run = getattr(predictor, "predict_boxes", None) or (lambda b: Predictor.predict_boxes(predictor, b))
+    return np.concatenate([run(boxes[part])[0] for part in _batches(len(boxes), pixels)])
 
 
 def _point_masks(predictor: Predictor, points: np.ndarray, pixels: int) -> np.ndarray:
@@ -204,7 +206,7 @@ def _point_masks(predictor: Predictor, points: np.ndarray, pixels: int) -> np.nd
     for part in _batches(len(points), pixels):
         try:
             low_res, scores = predictor.predict_points(points[part], multimask_output=True)
-        except NotImplementedError:
+        except (NotImplementedError, AttributeError):
             for point in points[part]:
                 masks, scores = predictor.predict(np.asarray([point], np.float32), np.array([1]), None, True)
                 out.append(masks[int(np.argmax(scores))][None])
@@ -227,11 +229,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def evaluate(
-    model: nn.Module | str | Path,
+    model: nn.Module | Predictor | str | Path,
     images: Sequence[str | Path | np.ndarray] | None = None,
     *,
     annotations: str | Path | None = None,
-    against: nn.Module | None = None,
+    against: nn.Module | Predictor | None = None,
     adapter: Adapter | None = None,
     prompts: Sequence[str] = PROMPT_KINDS,
     max_images: int | None = None,
@@ -241,14 +243,17 @@ def evaluate(
     its mask, and measure the masks against ground truth and the original.
 
     Args:
-        model: the model to evaluate, or a directory written by ``samfx
-            optimize`` (its original is then rebuilt to compare against).
+        model: the model to evaluate, a predictor of it (anything with
+            :class:`samfx.adapters.Predictor`'s ``set_image`` and ``predict``,
+            such as an exported model's runtime), or a directory written by
+            ``samfx optimize`` (its original is then rebuilt to compare against).
         images: package names, image files, directories or glob patterns
             (:func:`samfx.data.load_images`); with ``annotations``, at most one
             folder that holds the annotated image files.
         annotations: COCO instance JSON, SA-1B JSON(s) or a MedSAM npz
             (:func:`samfx.annotations.read_annotations`).
-        against: the original model, to measure how closely ``model`` follows it.
+        against: the original model (or a predictor of it), to measure how
+            closely ``model`` follows it.
         adapter: the family adapter (detected by default).
         prompts: the prompt kinds to evaluate (``("box",)`` halves the decoder work).
         max_images: evaluate only the first images.
@@ -264,19 +269,24 @@ def evaluate(
     kinds = tuple(kind for kind in PROMPT_KINDS if kind in prompts)
     if not kinds or set(prompts) - set(PROMPT_KINDS):
         raise EvalError(f"prompts are some of {', '.join(PROMPT_KINDS)}; got {', '.join(prompts) or 'none'}")
-    name = getattr(model, "samfx_zoo", {}).get("name") if isinstance(model, nn.Module) else str(model)
+    name = getattr(model, "samfx_zoo", {}).get("name") if isinstance(model, nn.Module) else None
     calibrated: list[str] = []
-    if not isinstance(model, nn.Module):
+    if isinstance(model, (str, Path)):
+        name = str(model)
         run_dir = Path(model)
         model, original = saved_model_and_original(run_dir)
         against = against if against is not None else original
         report_file = run_dir / "report.json"
         if report_file.is_file():
             calibrated = (json.loads(report_file.read_text()).get("images") or {}).get("calibration") or []
-    adapter = adapter or find_adapter(model)
-    predictor = adapter.predictor(model)
-    reference = adapter.predictor(against) if against is not None else None
-    trained = [kind for kind in kinds if kind in predictor.trained_prompts] or list(kinds)
+
+    def as_predictor(model: Any) -> Any:
+        if model is None or not isinstance(model, nn.Module):
+            return model  # a predictor already (an exported model's runtime, say)
+        return (adapter or find_adapter(model)).predictor(model)
+
+    predictor, reference = as_predictor(model), as_predictor(against)
+    trained = [kind for kind in kinds if kind in getattr(predictor, "trained_prompts", PROMPT_KINDS)] or list(kinds)
     items, source = _samples(images, annotations)
     count = min(len(items), max_images) if max_images is not None else len(items)
     per_object: list[dict[str, Any]] = []
@@ -344,7 +354,7 @@ def evaluate(
         images=names,
         objects=len(per_object),
         trained_prompts=trained,
-        untrained_prompts_note=predictor.untrained_prompts_note,
+        untrained_prompts_note=getattr(predictor, "untrained_prompts_note", ""),
         by_prompt=by_prompt,
         gt_miou=_mean([v for kind in trained for v in values(kind, "gt_iou")]),
         gt_miou_original=_mean([v for kind in trained for v in values(kind, "gt_iou_original")]),
