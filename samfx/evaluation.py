@@ -244,8 +244,8 @@ def evaluate(
 
     Args:
         model: the model to evaluate, a predictor of it (anything with
-            :class:`samfx.adapters.Predictor`'s ``set_image`` and ``predict``,
-            such as an exported model's runtime), or a directory written by
+            :class:`samfx.adapters.Predictor`'s ``set_image`` and ``predict``:
+            a runtime's, say), or a directory written by
             ``samfx optimize`` (its original is then rebuilt to compare against).
         images: package names, image files, directories or glob patterns
             (:func:`samfx.data.load_images`); with ``annotations``, at most one
@@ -282,7 +282,7 @@ def evaluate(
 
     def as_predictor(model: Any) -> Any:
         if model is None or not isinstance(model, nn.Module):
-            return model  # a predictor already (an exported model's runtime, say)
+            return model  # a predictor already (a runtime's, say)
         return (adapter or find_adapter(model)).predictor(model)
 
     predictor, reference = as_predictor(model), as_predictor(against)

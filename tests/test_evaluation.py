@@ -59,7 +59,7 @@ def test_evaluate_against_ground_truth_and_the_original(tmp_path) -> None:
     assert "mIoU vs GT" in report.table()
     same = evaluate(original, annotations=coco, against=small_model("sam_vit_b"))
     assert same.vs_original_miou == 1.0 and same.gt_miou == same.gt_miou_original
-    # A predictor (an exported model's runtime, say) is evaluated the same way.
+    # A predictor (a runtime's, say) is evaluated the same way.
     through = evaluate(samfx.adapters.find_adapter(model).predictor(model), annotations=coco, against=original)
     assert through.per_object == report.per_object
 
