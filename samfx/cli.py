@@ -263,18 +263,17 @@ def _eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     def build(spec: str):
-        if Path(spec).is_dir():
-            return saved_model_and_original(spec, args.checkpoint)
-        return models.build(spec, small=args.small, checkpoint=args.checkpoint), None
+        if Path(spec).is_dir():  # a saved run; as the model, evaluate rebuilds its original
+            return spec
+        return models.build(spec, small=args.small, checkpoint=args.checkpoint)
 
-    model, original = build(args.model)
-    if args.against:
-        original = build(args.against)[0]
+    against = build(args.against) if args.against else None
+    if isinstance(against, str):
+        against = saved_model_and_original(against, args.checkpoint)[0]
     images = _comma_list(args.images) if args.images else None
-    report = evaluate(model, images, annotations=args.annotations, against=original,
-                      prompts=_comma_list(args.prompts), max_images=args.max_images, progress=not args.quiet)
-    if isinstance(args.model, str) and Path(args.model).is_dir():
-        report.model = args.model
+    report = evaluate(build(args.model), images, annotations=args.annotations, against=against,
+                      prompts=_comma_list(args.prompts), checkpoint=args.checkpoint, max_images=args.max_images,
+                      progress=not args.quiet)
     print(report.table())
     if args.out:
         print(f"\nwrote {report.save(args.out)}")

@@ -236,6 +236,7 @@ def evaluate(
     against: nn.Module | Predictor | None = None,
     adapter: Adapter | None = None,
     prompts: Sequence[str] = PROMPT_KINDS,
+    checkpoint: str | None = None,
     max_images: int | None = None,
     progress: bool = False,
 ) -> EvalReport:
@@ -256,6 +257,8 @@ def evaluate(
             closely ``model`` follows it.
         adapter: the family adapter (detected by default).
         prompts: the prompt kinds to evaluate (``("box",)`` halves the decoder work).
+        checkpoint: for a saved directory of a zoo model with random weights,
+            the weights it was optimized from (to rebuild the original).
         max_images: evaluate only the first images.
         progress: show a progress bar.
 
@@ -274,7 +277,7 @@ def evaluate(
     if isinstance(model, (str, Path)):
         name = str(model)
         run_dir = Path(model)
-        model, original = saved_model_and_original(run_dir)
+        model, original = saved_model_and_original(run_dir, checkpoint)
         against = against if against is not None else original
         report_file = run_dir / "report.json"
         if report_file.is_file():

@@ -184,3 +184,18 @@ def test_optimize_checks_and_draws_a_folder_of_your_images(tmp_path, capsys) -> 
     assert report["images"]["calibration"] == [] and report["fidelity"]["mask_iou_min"] == 1.0
     assert sorted(p.name for p in (tmp_path / "run" / "pictures").iterdir()) == ["compare_shape_0.png",
                                                                                  "compare_shape_1.png"]
+
+
+def test_eval_of_a_saved_run_rebuilds_its_original_and_flags_calibration_images(tmp_path, capsys) -> None:
+    _image_folder(tmp_path / "imgs", count=2)
+    calibration = str(tmp_path / "imgs" / "shape_0.png")
+    assert main(["optimize", "--model", "lite_medsam", "--passes", "split_qkv", "--calibration", calibration,
+                 "--no-fidelity", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "run"), "--images", str(tmp_path / "imgs"), "--prompts", "box",
+                 "--out", str(out), "--quiet"]) == 0
+    assert "evaluated images were used to calibrate the model" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["original"] == "lite_medsam" and report["calibration_overlap"] == [calibration]
+    assert report["vs_original_miou"] == 1.0 and report["trained_prompts"] == ["box"]
