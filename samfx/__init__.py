@@ -17,10 +17,11 @@ from pathlib import Path
 
 __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
-from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
+from . import adapters, annotations, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .distillation import DistillReport, distill  # noqa: E402
 from .emit.onnx import export_onnx  # noqa: E402
+from .evaluation import EvalReport, evaluate  # noqa: E402
 from .models import CheckpointError  # noqa: E402
 from .passes import (  # noqa: E402
     BF16Config,
@@ -46,6 +47,7 @@ __all__ = [
     "Component",
     "DistillReport",
     "EverythingConfig",
+    "EvalReport",
     "EverythingResult",
     "FuseAttentionConfig",
     "HyperConfig",
@@ -58,9 +60,11 @@ __all__ = [
     "TokenClusterConfig",
     "__version__",
     "adapters",
+    "annotations",
     "capture",
     "data",
     "distill",
+    "evaluate",
     "export_onnx",
     "everything",
     "fidelity",

@@ -189,3 +189,93 @@ def test_user_errors_end_in_one_line_and_exit_code_2(tmp_path, capsys) -> None:
         assert named in lines[0], (argv, lines[0])
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "o").exists()
+
+
+def test_passes_lists_options_defaults_and_kinds(capsys) -> None:
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "mlp=0.5 (float)" in out and "roles=image_encoder+mask_decoder (str+...)" in out
+    prune = next(line for line in out.splitlines() if line.startswith("prune"))
+    assert "lossy, data-driven" in prune and "requires split_qkv" in prune
+    assert next(line for line in out.splitlines() if line.startswith("split_qkv")).split()[1] == "exact"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("prune:mlpp=0.3", "prune has no option 'mlpp'; its options: mlp, heads,"),
+    ("split_qkv,prune:mlp=lots", "prune: option mlp='lots' is not a float"),
+    ("hyper:tensors=maybe", "hyper: option tensors='maybe' is not a bool"),
+    ("prune:mlp", "prune: option 'mlp' is not KEY=VALUE"),
+])
+def test_bad_pass_options_exit_with_one_line(tmp_path, capsys, spec, message) -> None:
+    code = main(["optimize", "--model", "sam_vit_b", "--small", "--passes", spec, "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("samfx: error: ") and message in err and err.count("\n") == 1
+
+
+def _image_folder(folder, count: int = 4):
+    from .test_evaluation import write_coco_folder
+
+    folder.mkdir()
+    return write_coco_folder(folder, count)
+
+
+def test_optimize_splits_your_images_into_calibration_and_held_out(tmp_path, capsys) -> None:
+    _image_folder(tmp_path / "imgs")
+    code = main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "prune:mlp=0.3:importance=fluctuation",
+                 "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2 calibrate the passes, 2 are held out for fidelity" in out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    used = report["images"]
+    assert len(used["calibration"]) == len(used["evaluation"]) == 2
+    assert not set(used["calibration"]) & set(used["evaluation"])
+    assert report["fidelity"]["images"] == used["evaluation"]
+    code = main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "prune:importance=fluctuation",
+                 "--images", str(tmp_path / "imgs"), "--calibration", str(tmp_path / "imgs" / "shape_1.png"),
+                 "--out", str(tmp_path / "again"), "--quiet"])
+    assert code == 2 and "calibration and evaluation images overlap" in capsys.readouterr().err
+
+
+def test_eval_writes_json_per_object_and_in_total(tmp_path, capsys) -> None:
+    coco = _image_folder(tmp_path / "imgs", count=2)
+    out = tmp_path / "eval.json"
+    code = main(["eval", "sam_vit_b", "--small", "--annotations", str(coco), "--against", "sam_vit_b",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    assert "mIoU vs GT" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["objects"] == 4 and len(report["per_object"]) == 4
+    assert set(report["by_prompt"]) == {"box", "point"} and report["vs_original_miou"] is not None
+    code = main(["eval", "sam_vit_b", "--small", "--images", str(tmp_path / "nothing" / "*.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("samfx: error: evaluation: the pattern") and err.count("\n") == 1
+
+
+def test_optimize_checks_and_draws_a_folder_of_your_images(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    _image_folder(tmp_path / "imgs", count=2)
+    code = main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "split_qkv", "--images",
+                 str(tmp_path / "imgs" / "*.png"), "--out", str(tmp_path / "run"), "--quiet", "--pictures"])
+    assert code == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    files = [str(tmp_path / "imgs" / f"shape_{i}.png") for i in range(2)]
+    assert report["fidelity"]["images"] == files and report["images"]["evaluation"] == files
+    assert report["images"]["calibration"] == [] and report["fidelity"]["mask_iou_min"] == 1.0
+    assert sorted(p.name for p in (tmp_path / "run" / "pictures").iterdir()) == ["compare_shape_0.png",
+                                                                                 "compare_shape_1.png"]
+
+
+def test_eval_of_a_saved_run_rebuilds_its_original_and_flags_calibration_images(tmp_path, capsys) -> None:
+    _image_folder(tmp_path / "imgs", count=2)
+    calibration = str(tmp_path / "imgs" / "shape_0.png")
+    assert main(["optimize", "--model", "lite_medsam", "--passes", "split_qkv", "--calibration", calibration,
+                 "--no-fidelity", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "run"), "--images", str(tmp_path / "imgs"), "--prompts", "box",
+                 "--out", str(out), "--quiet"]) == 0
+    assert "evaluated images were used to calibrate the model" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["original"] == "lite_medsam" and report["calibration_overlap"] == [calibration]
+    assert report["vs_original_miou"] == 1.0 and report["trained_prompts"] == ["box"]

@@ -335,9 +335,12 @@ class Predictor:
     """
 
     #: prompt kinds the model was trained with; box-only models (LiteMedSAM) give
-    #: empty masks for single clicks, so segment-everything warns about them.
+    #: empty masks for single clicks, so segment-everything warns about them and
+    #: fidelity reports lead with the trained kinds.
     trained_prompts: tuple[str, ...] = ("point", "box")
     _image_hw: tuple[int, int] | None = None
+    #: why other prompt kinds' figures mean little (shown next to them in reports)
+    untrained_prompts_note: str = ""
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""
@@ -377,6 +380,20 @@ class Predictor:
     def _predict(self, point_coords: np.ndarray | None, point_labels: np.ndarray | None, box: np.ndarray | None,
                  multimask_output: bool) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``N`` box prompts ``(x0, y0, x1, y1)`` on the current image, each
+        its own prompt asking for one mask, as :meth:`predict` with ``box`` does.
+
+        Returns ``(masks, scores)``: ``N x H x W`` bools and ``N`` predicted
+        IoUs. This default runs the boxes one by one; families whose decoder
+        takes a batch of prompts override it.
+        """
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        outputs = [self.predict(box=box, multimask_output=False) for box in boxes]
+        if not outputs:
+            return np.zeros((0, 0, 0), bool), np.zeros(0, np.float32)
+        return np.stack([m[0] for m, _ in outputs]), np.array([float(s[0]) for _, s in outputs], np.float32)
 
     def predict_points(
         self, points: np.ndarray | torch.Tensor, multimask_output: bool = True

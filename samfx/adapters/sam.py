@@ -467,6 +467,14 @@ class UpstreamPredictor(Predictor):
             **self._decoder_extras(),
         )
 
+    @torch.no_grad()
+    def predict_boxes(self, boxes):
+        predictor = self._predictor
+        boxes = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4), device=predictor.device)
+        masks, scores, _ = predictor.predict_torch(None, None, predictor.transform.apply_boxes_torch(
+            boxes, predictor.original_size), multimask_output=False)
+        return masks[:, 0].cpu().numpy(), scores[:, 0].cpu().numpy()
+
     def _decoder_extras(self) -> dict[str, Any]:
         return {}
 
@@ -492,6 +500,8 @@ class LiteMedSAMPredictor(Predictor):
     a single click gives an empty mask and a low predicted IoU."""
 
     trained_prompts = ("box",)
+    untrained_prompts_note = ("LiteMedSAM was trained with box prompts only; its clicks give near-empty masks, "
+                              "where a few pixels move the IoU a lot")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -545,6 +555,13 @@ class LiteMedSAMPredictor(Predictor):
             boxes = (torch.as_tensor(np.asarray(box, np.float32), device=device).reshape(2, 2) * scale).reshape(1, 4)
         low_res, scores = self._decode(points, boxes, multimask_output)
         return (self.logits_to_image(low_res[0]) > 0).cpu().numpy(), scores[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_boxes(self, boxes):
+        scale = self._scale()
+        boxes = torch.as_tensor(np.asarray(boxes, np.float32), device=scale.device).reshape(-1, 2, 2) * scale
+        low_res, scores = self._decode(None, boxes.reshape(-1, 4), False)
+        return (self.logits_to_image(low_res[:, 0]) > 0).cpu().numpy(), scores[:, 0].cpu().numpy()
 
     @torch.no_grad()
     def predict_points(self, points, multimask_output=True):

@@ -256,6 +256,9 @@ def modules_parent(root: nn.Module, path: str) -> nn.Module | None:
 
 
 class Sam2Predictor(UpstreamPredictor):
+    # SamPredictor's batched boxes do not apply to SAM2ImagePredictor: one by one.
+    predict_boxes = Predictor.predict_boxes
+
     @property
     def image_embedding(self) -> torch.Tensor:
         return self._predictor._features["image_embed"]

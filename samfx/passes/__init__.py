@@ -18,6 +18,7 @@ from .base import (
     list_passes,
     register_pass,
 )
+from .options import PassOption, parse_pass, parse_passes, pass_options
 from .split_qkv import SplitQKVConfig, split_qkv
 from .fuse_attention import FuseAttentionConfig, fuse_attention
 from .bf16 import BF16Config, bf16
@@ -34,6 +35,7 @@ __all__ = [
     "PassContext",
     "PassError",
     "PassInfo",
+    "PassOption",
     "PassReport",
     "PassResult",
     "PruneConfig",
@@ -43,6 +45,9 @@ __all__ = [
     "get_pass",
     "hyper",
     "list_passes",
+    "parse_pass",
+    "parse_passes",
+    "pass_options",
     "prune",
     "quantize",
     "register_pass",

@@ -216,6 +216,7 @@ class PassInfo:
         after: passes that, when present, must come before this one.
         exact: whether the pass promises float-exact outputs.
         doc: one line for ``samfx passes``.
+        data_driven: whether the pass may use calibration images (its options say when).
     """
 
     name: str
@@ -225,6 +226,7 @@ class PassInfo:
     after: tuple[str, ...] = ()
     exact: bool = False
     doc: str = ""
+    data_driven: bool = False
 
 
 _PASSES: dict[str, PassInfo] = {}
@@ -237,6 +239,7 @@ def register_pass(
     requires: tuple[str, ...] = (),
     after: tuple[str, ...] = (),
     exact: bool = False,
+    data_driven: bool = False,
 ) -> Callable[[PassFn], PassFn]:
     """Register a pass entry point under ``name``.
 
@@ -257,7 +260,8 @@ def register_pass(
             raise TypeError(f"{config_cls.__name__} must be a frozen dataclass")
         config_cls.name = name
         doc = (fn.__doc__ or "").strip().splitlines()
-        _PASSES[name] = PassInfo(name, config_cls, fn, tuple(requires), tuple(after), exact, doc[0] if doc else "")
+        _PASSES[name] = PassInfo(name, config_cls, fn, tuple(requires), tuple(after), exact, doc[0] if doc else "",
+                                 data_driven)
         return fn
 
     return decorate

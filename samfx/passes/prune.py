@@ -863,7 +863,7 @@ def _summary(groups: list[_Group], attention: dict[str, Any]) -> dict[str, Any]:
     return kinds
 
 
-@register_pass("prune", PruneConfig, requires=("split_qkv",))
+@register_pass("prune", PruneConfig, requires=("split_qkv",), data_driven=True)
 def prune(captured: CapturedModel, config: PruneConfig, context: PassContext) -> PassResult:
     """Structural pruning of image-encoder widths (DepGraph via torch-pruning; SlimSAM)."""
     skipped: list[str] = []

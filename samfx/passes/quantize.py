@@ -716,7 +716,8 @@ def _replayed_grids(sites: list[_Site], replay: dict[str, Any]) -> set[str]:
     return {name for name, s in recorded.items() if not s["quantized"]}
 
 
-@register_pass("quantize", QuantizeConfig, after=("split_qkv", "prune", "token_cluster", "fuse_attention"))
+@register_pass("quantize", QuantizeConfig, after=("split_qkv", "prune", "token_cluster", "fuse_attention"),
+               data_driven=True)
 def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassContext) -> PassResult:
     """Post-training int8 quantization (W8A8 on int8 kernels; Q-TinySAM) with calibration."""
     sites, skipped, folded = _find_sites(captured, config)
