@@ -156,7 +156,7 @@ def saved_model_and_original(run_dir: str | Path, checkpoint: str | None = None)
 
 
 def _samples(images: Sequence[Any] | None, annotations: str | Path | None) -> tuple[Sequence[Any], str]:
-    """The images to evaluate, each an ``AnnotatedImage``, ``ImageSample`` or
+    """The images to evaluate, each an ``AnnotatedImage`` or an
     image source (loaded lazily), and a description of where they came from."""
     if annotations is not None:
         from .annotations import read_annotations
@@ -176,8 +176,6 @@ def _samples(images: Sequence[Any] | None, annotations: str | Path | None) -> tu
 def _sample(item: Any) -> ImageSample:
     from .annotations import AnnotatedImage
 
-    if isinstance(item, ImageSample):
-        return item
     if isinstance(item, AnnotatedImage):
         return item.sample()
     return image_sample(item)
@@ -205,8 +203,10 @@ def _point_masks(predictor: Predictor, points: np.ndarray, pixels: int) -> np.nd
     out = []
     for part in _batches(len(points), pixels):
         try:
+            if not hasattr(predictor, "predict_points"):
+                raise NotImplementedError
             low_res, scores = predictor.predict_points(points[part], multimask_output=True)
-        except (NotImplementedError, AttributeError):
+        except NotImplementedError:  # one click at a time
             for point in points[part]:
                 masks, scores = predictor.predict(np.asarray([point], np.float32), np.array([1]), None, True)
                 out.append(masks[int(np.argmax(scores))][None])
