@@ -334,6 +334,10 @@ def evaluate(
             per_object += rows
             per_image.append({"image": sample.name, "objects": len(rows),
                               "seconds": time.perf_counter() - image_start})
+            running = {key: [row[kind][key] for row in per_object for kind in trained
+                             if row[kind].get(key) is not None] for key in ("gt_iou", "vs_original")}
+            bar.set_postfix({label: f"{np.mean(running[key]):.3f}" for key, label in
+                             (("gt_iou", "mIoU"), ("vs_original", "vs orig")) if running[key]}, refresh=False)
             bar.update()
     if reference is None and not any("gt_iou" in row[kinds[0]] for row in per_object):
         raise EvalError("nothing to measure: the images have no ground truth and no original model was given "
