@@ -156,7 +156,7 @@ def saved_model_and_original(run_dir: str | Path, checkpoint: str | None = None)
 
 
 def _samples(images: Sequence[Any] | None, annotations: str | Path | None) -> tuple[Sequence[Any], str]:
-    """The images to evaluate, each an ``AnnotatedImage``, ``ImageSample`` or
+    """The images to evaluate, each an ``AnnotatedImage`` or an
     image source (loaded lazily), and a description of where they came from."""
     if annotations is not None:
         from .annotations import read_annotations
@@ -176,8 +176,6 @@ def _samples(images: Sequence[Any] | None, annotations: str | Path | None) -> tu
 def _sample(item: Any) -> ImageSample:
     from .annotations import AnnotatedImage
 
-    if isinstance(item, ImageSample):
-        return item
     if isinstance(item, AnnotatedImage):
         return item.sample()
     return image_sample(item)
@@ -205,8 +203,10 @@ def _point_masks(predictor: Predictor, points: np.ndarray, pixels: int) -> np.nd
     out = []
     for part in _batches(len(points), pixels):
         try:
+            if not hasattr(predictor, "predict_points"):
+                raise NotImplementedError
             low_res, scores = predictor.predict_points(points[part], multimask_output=True)
-        except (NotImplementedError, AttributeError):
+        except NotImplementedError:  # one click at a time
             for point in points[part]:
                 masks, scores = predictor.predict(np.asarray([point], np.float32), np.array([1]), None, True)
                 out.append(masks[int(np.argmax(scores))][None])
@@ -334,6 +334,10 @@ def evaluate(
             per_object += rows
             per_image.append({"image": sample.name, "objects": len(rows),
                               "seconds": time.perf_counter() - image_start})
+            running = {key: [row[kind][key] for row in per_object for kind in trained
+                             if row[kind].get(key) is not None] for key in ("gt_iou", "vs_original")}
+            bar.set_postfix({label: f"{np.mean(running[key]):.3f}" for key, label in
+                             (("gt_iou", "mIoU"), ("vs_original", "vs orig")) if running[key]}, refresh=False)
             bar.update()
     if reference is None and not any("gt_iou" in row[kinds[0]] for row in per_object):
         raise EvalError("nothing to measure: the images have no ground truth and no original model was given "

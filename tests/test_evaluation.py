@@ -64,7 +64,7 @@ def test_evaluate_against_ground_truth_and_the_original(tmp_path) -> None:
     assert through.per_object == report.per_object
 
 
-@pytest.mark.parametrize("name", ["sam_vit_b", "lite_medsam"])
+@pytest.mark.parametrize("name", ["sam_vit_b", "sam_hq_vit_b", "lite_medsam"])
 def test_batched_boxes_match_one_by_one(name: str) -> None:
     from samfx.data import package_images
 
@@ -93,3 +93,11 @@ def test_images_without_annotations_need_an_original(tmp_path) -> None:
         evaluate(model, [str(tmp_path)], prompts=("box", "clicks"))
     with pytest.raises(EvalError, match="one folder that holds the annotated image files"):
         evaluate(model, ["coins", "astronaut"], annotations=tmp_path / "coco.json")
+
+
+@pytest.mark.parametrize("name", ["sam_hq_vit_b", "sam2.1_hiera_t", "hf_sam_vit_b"])
+def test_every_family_is_evaluated_batched_or_one_by_one(tmp_path, name: str) -> None:
+    coco = write_coco_folder(tmp_path, count=1)
+    report = evaluate(small_model(name), annotations=coco, against=small_model(name))
+    assert report.objects == 2 and report.vs_original_miou == 1.0
+    assert all(0 <= row[kind]["gt_iou"] <= 1 for row in report.per_object for kind in ("box", "point"))
