@@ -120,7 +120,7 @@ def draw_case(seed: int) -> tuple[str, list[tuple[str, dict[str, Any] | None]], 
     """``(family, [(pass, options or None for the bare name)], whether some option is bad)``."""
     rng = random.Random(seed)
     family = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()))[0]
-    count = rng.choice([1, 1, 1, 2, 2, 3])
+    count = rng.choice([1, 1, 1, 1, 2, 2, 3])
     names: list[str] = []
     while len(names) < count:
         name = rng.choices(list(PASS_WEIGHTS), weights=list(PASS_WEIGHTS.values()))[0]
@@ -129,7 +129,7 @@ def draw_case(seed: int) -> tuple[str, list[tuple[str, dict[str, Any] | None]], 
         names.append(names[0])  # a duplicate
     passes, any_bad = [], False
     for name in names:
-        bad = rng.random() < 0.4
+        bad = rng.random() < 0.45
         any_bad |= bad
         bare = not bad and name not in SLOW_DEFAULTS and rng.random() < 0.3
         passes.append((name, None if bare else DRAWS[name](rng, bad)))
