@@ -388,8 +388,7 @@ def identify(state: Mapping[str, torch.Tensor]) -> str:
     """The zoo model whose parameter names and shapes match ``state`` exactly.
 
     Raises:
-        CheckpointError: no match, or several (e.g. MobileSAM and LiteMedSAM
-            share every tensor shape when MobileSAM is built small).
+        CheckpointError: no match, or several.
 
     Candidates are built on the meta device where their builders allow it, so
     little is allocated.
