@@ -126,7 +126,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     """Write an optimized model (from :func:`samfx.optimize`) to directory ``path``."""
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
     from .pipeline import report_of
 
     report = report_of(model)

@@ -303,7 +303,7 @@ def _decoder_example(deployment: Deployment, points: int, image_hw: tuple[int, i
 
 def _metadata(model: nn.Module, adapter: Adapter, deployment: Deployment, multimask_output: bool,
               opset: int) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
     report = getattr(model, "samfx_report", None)
     return {
