@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from . import TensorCodec, huffman, register_tensor_codec, unhuffman
-from .lattice_layout import LAYOUTS, code_shape, layout_of, padded_pairs, plane_widths
+from .lattice_layout import LAYOUTS, layout_of, padded_pairs, plane_widths
 
 __all__ = ["A2_RMS", "LatticeCode", "SQRT3_2", "encode", "entropy_bits", "nearest_a2", "pack_codes", "plane_widths",
            "unpack_codes"]

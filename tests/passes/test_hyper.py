@@ -11,7 +11,7 @@ from torch import nn
 
 import samfx
 from samfx.passes import HyperConfig, PassError
-from samfx.passes.hyper import HyperConv, HyperLinear, HyperTensor
+from samfx.modules.hyper import HyperConv, HyperLinear, HyperTensor
 
 from ..conftest import SMALL_FAMILIES, encoder_output, image_input, small_model
 

@@ -13,14 +13,14 @@ import samfx
 from samfx.calibration import CalibrationSet
 from samfx.data import package_images
 from samfx.passes import PassError
-from samfx.passes.quantize import (
+from samfx.modules.quantized import (
     DynamicQuantizedLinear,
-    QuantizeConfig,
     QuantizedConv2d,
     QuantizedLinear,
     QuantizedMatMul,
     WeightOnlyLinear,
 )
+from samfx.passes.quantize import QuantizeConfig
 
 from ..conftest import encoder_output, image_input, small_model
 
