@@ -36,8 +36,8 @@ import torch
 import torch.fx as fx
 
 from ..capture import CapturedModel, Component
+from ..graph import module_paths, op_name
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
-from .fx_ops import op_name
 
 __all__ = ["BF16Config", "bf16"]
 
@@ -69,8 +69,7 @@ def _is_float_tensor(value: Any) -> bool:
 
 
 def _in_island(node: fx.Node, islands: set[str]) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(path in islands for path in stack) or op_name(node) == "softmax"
+    return any(path in islands for path in module_paths(node)) or op_name(node) == "softmax"
 
 
 def _reads_metadata_only(node: fx.Node) -> bool:

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 
 from ..calibration import DEFAULT_CALIBRATION_IMAGES, CalibrationSet
 from ..capture import CapturedModel, Component
+from ..graph import follows_softmax, module_path, op_name
 from ..kernels import quantized as qk
 from ..modules.quantized import (DynamicQuantizedLinear, MatMul, QuantizedConv2d, QuantizedLinear, QuantizedMatMul,
                                  WeightOnlyLinear)
@@ -152,34 +152,6 @@ class _Site:
         return f"{self.role}/{self.path}"
 
 
-_MATMULS = (operator.matmul, torch.matmul, torch.bmm)
-
-
-def _is_matmul(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _MATMULS) or (
-        node.op == "call_method" and node.target in ("matmul", "__matmul__", "bmm")
-    )
-
-
-def _module_of(node: fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
-    return next(reversed(stack)) if stack else None
-
-
-def _after_softmax(node: fx.Node) -> bool:
-    """Whether ``node`` is a softmax, possibly through dropout/identity/dtype casts."""
-    while True:
-        if node.op == "call_function" and node.target in (torch.softmax, nn.functional.softmax):
-            return True
-        if node.op == "call_method" and node.target == "softmax":
-            return True
-        passthrough = (node.op == "call_module" and node.target.rsplit(".", 1)[-1] in ("attn_drop", "dropout")) or (
-            node.op == "call_method" and node.target in ("to", "type_as", "contiguous"))
-        if not passthrough or not isinstance(node.args[0], fx.Node):
-            return False
-        node = node.args[0]
-
-
 def _floating(node: Any) -> bool:
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
@@ -239,8 +211,8 @@ def _matmul_sites(component: Component, role: str, attention_paths: set[str]) ->
     for _, graph in component.graphs.items():
         counters.clear()
         for node in list(graph.nodes):
-            owner = _module_of(node)
-            if not _is_matmul(node) or owner not in attention_paths:
+            owner = module_path(node)
+            if op_name(node) != "matmul" or owner not in attention_paths:
                 continue
             a, b = node.args[:2]
             if not (_floating(a) and _floating(b)) or node.kwargs:
@@ -258,7 +230,7 @@ def _matmul_sites(component: Component, role: str, attention_paths: set[str]) ->
             if not any(s.path == target for s in sites):
                 component.set_submodule(target, MatMul())
                 sites.append(_Site(role, target, "matmul", component.root.get_submodule(target),
-                                   after_softmax=_after_softmax(a)))
+                                   after_softmax=follows_softmax(a, component.root)))
     return sites, skipped
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import CaptureError, CapturedModel, Component, capture
+from ..graph import module_paths
 from ..kernels import token_cluster as ops
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
@@ -154,11 +155,6 @@ class _Unsupported(Exception):
 
 # -- the rewrite ---------------------------------------------------------------------
 
-def _paths(node: fx.Node) -> set[str]:
-    # Repeated calls of one module get keys like "drop_path@1".
-    return {key.split("@")[0] for key in node.meta.get("nn_module_stack", {})}
-
-
 def _tensor(node: fx.Node) -> torch.Tensor | None:
     value = node.meta.get("val")
     return value if isinstance(value, torch.Tensor) else None
@@ -175,7 +171,7 @@ class _Block:
 
 
 def _block(graph: fx.Graph, root: torch.nn.Module, adapter: Any, path: str, window: int, rank: int) -> _Block:
-    nodes = [n for n in graph.nodes if path in _paths(n)]
+    nodes = [n for n in graph.nodes if path in module_paths(n)]
     if not nodes:
         raise _Unsupported(f"block {path} is not in the graph")
     members = set(nodes)
@@ -325,7 +321,7 @@ def _rewrite_graph(graph: fx.Graph, component: Component, adapter: Any, stage: A
     rebuilt = 0
     for index, block in enumerate(blocks):
         nxt = blocks[index + 1].path if index + 1 < len(blocks) else None
-        outside = [u for u in block.output.users if nxt not in _paths(u)]
+        outside = [u for u in block.output.users if nxt not in module_paths(u)]
         if not outside:
             continue
         with graph.inserting_before(block.output.next):
@@ -476,7 +472,7 @@ def _block_of(paths: Sequence[str]) -> Any:
     wanted = set(paths)
 
     def group(node: fx.Node) -> str:
-        return next(iter(_paths(node) & wanted), "")
+        return next(iter(set(module_paths(node)) & wanted), "")
 
     return group
 

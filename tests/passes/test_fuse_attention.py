@@ -11,7 +11,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import samfx
 from samfx.passes import FuseAttentionConfig, PassContext, PassError, fuse_attention
-from samfx.passes.fuse_attention import NoMatch, fuse_graph_attention, match_attention
+from samfx.graph import NoMatch, fuse_graph_attention, match_attention
 
 from ..conftest import SMALL_FAMILIES, small_model
 
