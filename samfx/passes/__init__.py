@@ -11,12 +11,14 @@ from .base import (
     PassConfig,
     PassContext,
     PassError,
+    PassFailed,
     PassInfo,
     PassReport,
     PassResult,
     get_pass,
     list_passes,
     register_pass,
+    unregister_pass,
 )
 from .split_qkv import SplitQKVConfig, split_qkv
 from .fuse_attention import FuseAttentionConfig, fuse_attention
@@ -33,6 +35,7 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassError",
+    "PassFailed",
     "PassInfo",
     "PassReport",
     "PassResult",
@@ -46,6 +49,7 @@ __all__ = [
     "prune",
     "quantize",
     "register_pass",
+    "unregister_pass",
     "bf16",
     "fuse_attention",
     "split_qkv",

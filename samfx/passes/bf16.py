@@ -200,4 +200,4 @@ def bf16(captured: CapturedModel, config: BF16Config, context: PassContext) -> P
             continue
         done.append(role)
     summary = f"{', '.join(done)} in {config.dtype} with float32 islands" if done else "nothing cast"
-    return PassResult(captured, PassReport("bf16", config.to_dict(), bool(done), summary, details, skipped))
+    return PassResult(captured, PassReport(bool(done), summary, details, skipped))

@@ -121,5 +121,5 @@ def fuse_attention(captured: CapturedModel, config: FuseAttentionConfig, context
     summary = "; ".join(
         f"{role}: " + ", ".join(f"{n} {kind}" for kind, n in tally.items()) for role, tally in counts.items() if tally
     ) or "no attention found"
-    report = PassReport("fuse_attention", config.to_dict(), changed, summary, {"attentions": counts}, skipped)
+    report = PassReport(changed, summary, {"attentions": counts}, skipped)
     return PassResult(captured, report)

@@ -247,4 +247,4 @@ def hyper(captured: CapturedModel, config: HyperConfig, context: PassContext) ->
                    f"{details['runtime_bits_per_weight']:.2f} in memory, error {details['rms_rel_error']:.4f}")
     else:
         summary = "nothing to code"
-    return PassResult(captured, PassReport("hyper", config.to_dict(), count > 0, summary, details, skipped, replay))
+    return PassResult(captured, PassReport(count > 0, summary, details, skipped, replay))

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.base import AttentionSite
-from ..capture import CapturedModel, Component, _compile_graph, literal_source, module_caches_kept
+from ..capture import CaptureError, CapturedModel, Component, _compile_graph, literal_source, meta_args, on_meta
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
 __all__ = ["IMPORTANCES", "PruneConfig", "prune"]
@@ -170,37 +170,6 @@ class _Group:
 
 
 @contextlib.contextmanager
-def _on_meta(root: nn.Module) -> Iterator[dict[int, str]]:
-    """Parameters and buffers of ``root`` on the meta device for the duration
-    (torch-pruning traces by running the model; on meta that costs nothing).
-
-    Yields a map from the meta parameters' ids to their names.
-    """
-    saved: list[tuple[dict[str, Any], str, Any]] = []
-    names: dict[int, str] = {}
-    modes = {m: m.training for m in root.modules()}
-    with module_caches_kept(root):  # sine position encodings memoise per size: no meta tensor may stay
-        try:
-            for path, module in root.named_modules():
-                for store in (module._parameters, module._buffers):
-                    for name, tensor in list(store.items()):
-                        if tensor is None:
-                            continue
-                        saved.append((store, name, tensor))
-                        meta = torch.empty_like(tensor, device="meta")
-                        if store is module._parameters:
-                            meta = nn.Parameter(meta, requires_grad=True)
-                            names[id(meta)] = f"{path}.{name}" if path else name
-                        store[name] = meta
-            yield names
-        finally:
-            for store, name, tensor in saved:
-                store[name] = tensor
-            for module, mode in modes.items():  # torch-pruning calls eval(); set flags back without train() hooks
-                module.training = mode
-
-
-@contextlib.contextmanager
 def _index_maps_frozen() -> Iterator[None]:
     """torch-pruning recomputes every index map of the graph on each group query
     (0.7 s per query on SAM ViT-H); shapes do not change between queries here."""
@@ -253,10 +222,6 @@ def _cut_relative_positions(graph: fx.Graph, tables: set[str]) -> fx.Graph:
     return graph
 
 
-def _meta_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return fx.node.map_aggregate(args, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v)
-
-
 def _grad_outputs(out: Any) -> list[torch.Tensor]:
     """Every tensor a component returns (nested in tuples, lists, dicts) that
     depends on parameters: torch-pruning marks these channels as the output."""
@@ -288,7 +253,7 @@ class _Analysis:
         forward = _compile_graph(graph, f"{component.role}[prune]")
         declared = captured.adapter.parameter_channel_dims(root)
         self.param_dims: dict[str, int] = {}
-        with _on_meta(root) as param_names, warnings.catch_warnings():
+        with on_meta(root) as param_names, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch-pruning warns about every op it treats as element-wise
             unwrapped = []
             layer_params = {id(p) for m in root.modules() if self._prunable_layer(m) for p in m.parameters(recurse=False)}
@@ -312,7 +277,7 @@ class _Analysis:
 
             self.dg = tp.DependencyGraph().build_dependency(
                 root,
-                example_inputs=_meta_args(component.example_args(key)),
+                example_inputs=meta_args(component.example_args(key)),
                 forward_fn=lambda model, inputs: forward(model, *inputs),
                 output_transform=outputs,
                 unwrapped_parameters=unwrapped,
@@ -372,7 +337,7 @@ class _Analysis:
 def _calibration_inputs(captured: CapturedModel, component: Component, config: PruneConfig,
                         context: PassContext, why: str) -> list[torch.Tensor]:
     """Encoder inputs made from the calibration images by the family's predictor."""
-    images = list(context.calibration_images[: config.calibration_images])
+    images = context.calibration_set()[: config.calibration_images]
     if not images:
         raise PassError(f"prune: {why} needs calibration images "
                         "(optimize(..., calibration_images=[...]) or --images); importance='magnitude' needs none")
@@ -673,17 +638,12 @@ def _pin_attention_scale(component: Component, site: AttentionSite) -> int:
 
 
 def _check_runs(component: Component) -> None:
-    """Run every graph of the component on the meta device: a width the pass did
-    not reconcile fails here (the pipeline then discards its private copy)."""
-    for key in component.graphs:
-        args = component.example_args(key)
-        if args is None:
-            continue
-        try:
-            with _on_meta(component.root), torch.no_grad():
-                _compile_graph(component.graphs[key], f"{component.role}[check]")(component.root, *_meta_args(args))
-        except Exception as err:
-            raise PassError(f"prune: the pruned {component.role} is inconsistent: {type(err).__name__}: {err}") from err
+    """Every graph of the component still runs (on the meta device): a width the
+    pass did not reconcile fails here (the pipeline then discards its private copy)."""
+    try:
+        component.check()
+    except CaptureError as err:
+        raise PassError(f"prune: the pruned {component.role} is inconsistent: {err}") from err
 
 
 def _width_attributes(root: nn.Module) -> dict[tuple[str, str], Any]:
@@ -901,4 +861,4 @@ def prune(captured: CapturedModel, config: PruneConfig, context: PassContext) ->
         summaries.append(f"{role}: " + (", ".join(parts) if parts else f"{len(edits)} edits replayed"))
     changed = bool(replay)
     summary = "; ".join(summaries) + f" ({config.importance})" if changed else "nothing pruned"
-    return PassResult(captured, PassReport("prune", config.to_dict(), changed, summary, details, skipped, replay))
+    return PassResult(captured, PassReport(changed, summary, details, skipped, replay))

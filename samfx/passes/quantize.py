@@ -516,7 +516,7 @@ def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassConte
             raise PassError(f"quantize: calibration prompts the model through its predictor; this "
                             f"{captured.adapter.name} model has only {sorted(captured.components)}. "
                             "Use mode='w8a8_dynamic', 'w8' or 'w4', which need no calibration.")
-        images = context.calibration_images or list(config.images)
+        images = context.calibration_set(config.images)
         detach = _observe(sites, context.seed) if needs_grids else (lambda: None)
         try:
             with torch.no_grad():
@@ -561,7 +561,7 @@ def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassConte
     summary = f"{config.mode}: {summary}" if total else "nothing quantized"
     if kept:
         summary += f"; {len(kept)} kept in float"
-    report = PassReport("quantize", config.to_dict(), total > 0, summary, details, skipped, replay)
+    report = PassReport(total > 0, summary, details, skipped, replay)
     return PassResult(captured, report)
 
 

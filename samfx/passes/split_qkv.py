@@ -316,5 +316,5 @@ def split_qkv(captured: CapturedModel, config: SplitQKVConfig, context: PassCont
         summary = "; ".join(f"{role}: {n} fused qkv -> q, k, v" for role, n in split.items())
     else:
         summary = "no fused qkv projection found" if not skipped else "nothing split"
-    report = PassReport("split_qkv", config.to_dict(), total > 0, summary, {"split": split}, skipped)
+    report = PassReport(total > 0, summary, {"split": split}, skipped)
     return PassResult(captured, report)

@@ -633,7 +633,7 @@ def token_cluster(captured: CapturedModel, config: TokenClusterConfig, context: 
             reason = (f"no setting tried reached a mask IoU of {config.floor} against the unclustered model "
                       f"(best {max(c.mask_iou for c in curve):.4f})" if curve else
                       f"no setting could be tried: {result.candidates[0].note if result.candidates else 'none'}")
-            report = PassReport("token_cluster", config.to_dict(), False, "nothing clustered", {"tuning": tuning},
+            report = PassReport(False, "nothing clustered", {"tuning": tuning},
                                 [reason])
             return PassResult(captured, report)
         location, clusters = result.chosen.location, result.chosen.clusters
@@ -646,5 +646,5 @@ def token_cluster(captured: CapturedModel, config: TokenClusterConfig, context: 
     changed = any(role != "tuning" for role in details)
     summary = _summary({r: d for r, d in details.items() if r != "tuning"}, setting) if changed else "nothing clustered"
     replay = {"location": setting.location, "clusters": list(setting.grid)} if changed else {}
-    report = PassReport("token_cluster", config.to_dict(), changed, summary, details, skipped, replay)
+    report = PassReport(changed, summary, details, skipped, replay)
     return PassResult(captured, report)
