@@ -1,7 +1,7 @@
 """hyper against Birkhoff's codec and round-to-nearest integers, side by side in one run.
 
-    python benchmarks/hyper_codec.py                                # LiteMedSAM, SAM ViT-B, SAM 2.1 Hiera-B+
-    python benchmarks/hyper_codec.py --model sam_vit_h --time-only  # compression time alone
+    python -m benchmarks hyper_codec                                # LiteMedSAM, SAM ViT-B, SAM 2.1 Hiera-B+
+    python -m benchmarks hyper_codec --model sam_vit_h --time-only  # compression time alone
 
 Per zoo model it reports, for the whole checkpoint (every tensor of the state
 dict, against the fp32 safetensors file):
