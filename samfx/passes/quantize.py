@@ -41,10 +41,10 @@ model without data.
 Example::
 
     >>> import samfx
-    >>> sam = samfx.models.build("lite_medsam")
-    >>> q = samfx.optimize(sam, [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=2)])
+    >>> sam = samfx.models.build("sam_vit_b", small=True)
+    >>> q = samfx.optimize(sam, [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)])
     >>> q.samfx_report.passes[0].details["quantized"]["image_encoder"]["linear"]
-    40
+    8
 """
 
 from __future__ import annotations
