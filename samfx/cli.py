@@ -9,14 +9,62 @@
     samfx everything photo.jpg --model sam_vit_b --checkpoint sam_vit_b.pth --out masks.json --png masks.png
     samfx compare runs/demo --out runs/demo/pictures       # original vs optimized masks, as PNGs
     samfx compare --bench benchmarks/results/latest.json --out plots   # speed against fidelity
+    samfx optimize --model lite_medsam --passes "split_qkv,prune:mlp=0.3:importance=fluctuation" \
+        --images scans/ --out runs/p          # your images: part calibrates, the rest is held out
+    samfx eval runs/p --images scans/ --annotations scans/coco.json --out runs/p/eval.json
+
+A user error (a bad option, file or value) ends in one line ``samfx: error: ...``
+and exit code 2, never a traceback; output paths are checked before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+
+class UsageError(Exception):
+    """A user error the command line reports in one line (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, samfx's prefix, for every subcommand
+        raise UsageError(message)
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be a whole number >= 0 (0: torch's choice), got {text!r}")
+    return value
+
+
+def _check_out_file(path: str | None) -> None:
+    """An output file's directory must exist and be writable; the path must not be a directory."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {path}: {parent} does not exist or is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: {parent} is not writable")
+
+
+def _check_out_dir(path: str, overwrite: bool = True) -> None:
+    from .serialization import check_output_dir
+
+    check_output_dir(path, overwrite=overwrite)
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -33,19 +81,59 @@ def _passes(_: argparse.Namespace) -> int:
     from . import passes
 
     for info in passes.list_passes():
-        flags = ["exact" if info.exact else "lossy"]
+        flags = ["exact" if info.exact else "lossy, data-driven" if info.data_driven else "lossy"]
         if info.requires:
             flags.append("requires " + ", ".join(info.requires))
-        print(f"{info.name:<16}{'; '.join(flags):<28}{info.doc}")
+        print(f"{info.name:<16}{'; '.join(flags):<32}{info.doc}")
+        for option in passes.pass_options(info.name):
+            print(f"{'':<18}{option}")
+    print('\noptions: --passes "split_qkv,prune:mlp=0.3:importance=fluctuation"; tuple items joined by +')
     return 0
+
+
+def _comma_list(text: str) -> list[str]:
+    """The items of a comma-separated option (``--images``: package names, files, directories, globs)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _optimize_images(args: argparse.Namespace, passes: list) -> tuple[list, list, dict | None, str | None]:
+    """Fidelity samples, calibration arrays, the record of which images did what,
+    and a line telling the user about a split."""
+    from .data import (DEFAULT_IMAGES, ImageSplit, expand_images, image_sample, load_images, separate_images,
+                       split_images)
+    from .passes import get_pass
+
+    evaluation = [] if args.no_fidelity else _comma_list(args.images)
+    calibration = _comma_list(args.calibration) if args.calibration else []
+    data_driven = any(get_pass(config.name).data_driven for config in passes)
+    message = None
+    if calibration and evaluation:
+        split = separate_images(calibration, evaluation, allow_overlap=args.allow_overlap)
+    elif calibration:
+        split = ImageSplit(*load_images(calibration, "calibration"), [], [])
+    elif data_driven and evaluation and tuple(evaluation) != DEFAULT_IMAGES:
+        split = split_images(evaluation, held_out=args.held_out, seed=args.split_seed)
+        message = (f"split the {len(split.calibration) + len(split.evaluation)} images (seed {args.split_seed}): "
+                   f"{len(split.calibration)} calibrate the passes, {len(split.evaluation)} are held out for fidelity")
+    elif evaluation:
+        samples = [image_sample(item) for item in expand_images(evaluation, "fidelity")]
+        return samples, [], {"calibration": [], "evaluation": [s.name for s in samples], "split_seed": None,
+                             "overlap": []}, None
+    else:
+        return [], [], None, None
+    # By name where there is one: a package photo keeps its ground truth, a file its path.
+    samples = [image_sample(image if name.startswith("sha256:") else name)
+               for image, name in zip(split.evaluation, split.evaluation_names)]
+    return samples, split.calibration, split.record(), message
 
 
 def _optimize(args: argparse.Namespace) -> int:
     import torch
 
     from . import models, optimize, save
-    from .data import available_images
+    from .passes import parse_passes
 
+    _check_out_dir(args.out, overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.model and not args.checkpoint:
@@ -54,23 +142,23 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.checkpoint and not name:
         name = models.identify(models.load_checkpoint(args.checkpoint))
         print(f"checkpoint fits the zoo architecture {name}")
-    images = [] if args.no_fidelity else [i for i in args.images.split(",") if i]
-    unknown = sorted(set(images) - set(available_images()))
-    if unknown:
-        raise SystemExit(f"samfx optimize: unknown images {unknown}; available: {', '.join(available_images())}")
+    passes = parse_passes(args.passes)
+    images, calibration, record, message = _optimize_images(args, passes)
+    if message:
+        print(message)
     model = models.build(name, small=args.small, checkpoint=args.checkpoint)
-    passes = [p for p in args.passes.split(",") if p]
-    optimized = optimize(model, passes, fidelity=images or False, progress=not args.quiet, model_name=name)
+    optimized = optimize(model, passes, fidelity=images or False, calibration_images=calibration,
+                         progress=not args.quiet, model_name=name)
     out = Path(args.out)
-    save(optimized, out)
+    optimized.samfx_report.images = record
+    save(optimized, out, overwrite=args.overwrite)
     report = optimized.samfx_report
-    report.save(out / "report.json")
     print(report.table())
     print(f"\nwrote {out / 'model.safetensors'}, {out / 'samfx.json'} and {out / 'report.json'}")
     if args.pictures:
         from .pictures import compare_pictures
 
-        shown = images or [i for i in args.images.split(",") if i]
+        shown = images or _comma_list(args.images)
         paths = compare_pictures(model, optimized, out / "pictures", shown, fidelity=report.fidelity)
         print(f"wrote {len(paths)} pictures to {out / 'pictures'}")
     return 0
@@ -109,6 +197,8 @@ def _everything(args: argparse.Namespace) -> int:
     from . import load, models
     from .segment_everything import EverythingConfig, MaskGenerator
 
+    _check_out_file(args.out)
+    _check_out_file(args.png)
     if args.threads:
         torch.set_num_threads(args.threads)
     if bool(args.model) == bool(args.saved):
@@ -146,6 +236,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     if not args.run_dir and not args.bench:
         raise SystemExit("samfx compare: give a saved run directory, --bench FILE, or both")
+    _check_out_dir(args.out)
     out = Path(args.out)
     if args.bench:
         from .pictures import speed_fidelity_plot
@@ -180,9 +271,11 @@ def _compare(args: argparse.Namespace) -> int:
         if report_file.is_file():
             saved = json.loads(report_file.read_text()).get("fidelity")
             fidelity = FidelityReport(**saved) if saved else None
-        names = [i for i in args.images.split(",") if i] if args.images else (fidelity.images if fidelity else None)
-        paths = compare_pictures(original, optimized, out, names or ["coins"], fidelity=fidelity,
-                                 everything=args.everything)
+        from .data import expand_images, image_sample
+
+        names = _comma_list(args.images) if args.images else (fidelity.images if fidelity else None)
+        samples = [image_sample(item) for item in expand_images(names or ["coins"], "pictures")]
+        paths = compare_pictures(original, optimized, out, samples, fidelity=fidelity, everything=args.everything)
         for path in paths:
             print(f"wrote {path}")
     return 0
@@ -193,11 +286,13 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     from . import models, optimize
     from .emit.onnx import export_onnx
+    from .passes import parse_passes
 
+    _check_out_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
-    passes = [p for p in args.passes.split(",") if p]
+    passes = parse_passes(args.passes)
     if passes:
         model = optimize(model, passes, progress=not args.quiet, model_name=args.model)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
@@ -207,14 +302,45 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import models
+    from .evaluation import evaluate, saved_model_and_original
+
+    _check_out_file(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def build(spec: str):
+        if Path(spec).is_dir():  # a saved run; as the model, evaluate rebuilds its original
+            return spec
+        return models.build(spec, small=args.small, checkpoint=args.checkpoint)
+
+    against = build(args.against) if args.against else None
+    if isinstance(against, str):
+        against = saved_model_and_original(against, args.checkpoint)[0]
+    images = _comma_list(args.images) if args.images else None
+    report = evaluate(build(args.model), images, annotations=args.annotations, against=against,
+                      prompts=_comma_list(args.prompts), checkpoint=args.checkpoint, max_images=args.max_images,
+                      progress=not args.quiet)
+    print(report.table())
+    if args.out:
+        print(f"\nwrote {report.save(args.out)}")
+    return 0
+
+
 def _run_onnx(args: argparse.Namespace) -> int:
     from .emit import runtime
 
+    if args.threads < 0:
+        raise UsageError(f"--threads must be a whole number >= 0, got {args.threads}")
+    _check_out_file(args.out)
     return runtime.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samfx", description="Optimize Segment Anything models with graph passes.")
+    parser = _Parser(prog="samfx", description="Optimize Segment Anything models with graph passes.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the model zoo").set_defaults(run=_models)
     sub.add_parser("passes", help="list the passes").set_defaults(run=_passes)
@@ -222,11 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--model", help="zoo name (see `samfx models`)")
     opt.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     opt.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
-    opt.add_argument("--passes", default="split_qkv", help="comma-separated passes (default: split_qkv)")
-    opt.add_argument("--out", required=True, help="output directory")
-    opt.add_argument("--images", default="coins,astronaut,coffee", help="package images for the fidelity check")
+    opt.add_argument("--passes", default="split_qkv",
+                     help='comma-separated passes with options, e.g. "split_qkv,prune:mlp=0.3" (see `samfx passes`)')
+    opt.add_argument("--out", required=True, help="output directory (an earlier samfx save there is replaced)")
+    opt.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a samfx save")
+    opt.add_argument("--images", default="coins,astronaut,coffee",
+                     help="images for the fidelity check: package names, files, directories or globs, comma-separated;"
+                          " with a data-driven pass and no --calibration, your images are split into calibration and"
+                          " held-out fidelity parts")
+    opt.add_argument("--calibration", help="calibration images for data-driven passes (may not overlap --images)")
+    opt.add_argument("--allow-overlap", action="store_true",
+                     help="evaluate on calibration images anyway (warned and recorded in the report)")
+    opt.add_argument("--held-out", type=float, default=0.5, help="fraction of split images held out (default 0.5)")
+    opt.add_argument("--split-seed", type=int, default=0, help="seed of the calibration/held-out split")
     opt.add_argument("--no-fidelity", action="store_true", help="skip the fidelity check")
-    opt.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    opt.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     opt.add_argument("--pictures", action="store_true",
                      help="also write PNGs of the original's and the optimized model's masks to OUT/pictures")
@@ -236,13 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
     exp.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     exp.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
-    exp.add_argument("--passes", default="", help="comma-separated passes to run first (default: none)")
+    exp.add_argument("--passes", default="", help="passes with options to run first (default: none)")
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--single-mask", action="store_true", help="decoder returns the single-mask output")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer, default 18)")
     exp.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                      help="weights in a separate file (auto: above the 2 GB protobuf limit)")
-    exp.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    exp.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
     exp.set_defaults(run=_export_onnx)
     from .emit import runtime
@@ -267,32 +403,88 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument("--crop-layers", type=int, default=0)
     every.add_argument("--out", help="write the masks as COCO-style JSON (compressed RLE)")
     every.add_argument("--png", help="write a picture of the masks")
-    every.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    every.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     every.set_defaults(run=_everything)
 
     comp = sub.add_parser("compare", help="pictures: original vs optimized masks, speed against fidelity")
     comp.add_argument("run_dir", nargs="?", metavar="RUN", help="a directory written by `samfx optimize`")
     comp.add_argument("--checkpoint", help="the weights the run was optimized from (random-init zoo models)")
-    comp.add_argument("--images", help="package images to draw (default: the report's)")
+    comp.add_argument("--images", help="images to draw: package names, files, directories or globs "
+                                       "(default: the report's)")
     comp.add_argument("--everything", action="store_true", help="add both models' segment-everything masks")
     comp.add_argument("--bench", action="append", help="benchmark JSON to plot speed against fidelity (repeatable)")
     comp.add_argument("--out", required=True, help="output directory for the PNGs")
     comp.set_defaults(run=_compare)
+
+    ev = sub.add_parser("eval", help="mIoU vs ground truth and mask IoU vs the original, on your annotated images")
+    ev.add_argument("model", metavar="MODEL_OR_DIR", help="zoo name, or a directory written by `samfx optimize`")
+    ev.add_argument("--images", help="package names, files, directories or globs; with --annotations, the folder "
+                                     "of the annotated image files (default: next to the annotations)")
+    ev.add_argument("--annotations", help="COCO instance JSON, SA-1B JSON (file, folder or glob) or a MedSAM npz")
+    ev.add_argument("--against", help="the original to compare with: zoo name or saved directory "
+                                      "(default for a saved directory: its original, rebuilt)")
+    ev.add_argument("--checkpoint", help="weights for a zoo model (or the original of a saved directory)")
+    ev.add_argument("--small", action="store_true", help="the reduced test configuration of a zoo model")
+    ev.add_argument("--prompts", default="box,point", help="prompt kinds per object (default: box,point)")
+    ev.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    ev.add_argument("--out", help="write the report (per object and in total) as JSON")
+    ev.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(run=_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; user errors print one line ``samfx: error: ...`` and return 2."""
     # Two busy-waiting OpenMP pools on two shared cores slow each other several-fold.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        return _user_error(str(exit_.code))
+    except KeyboardInterrupt:
+        print("samfx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns errors into messages
+        if _is_user_error(err):
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+                message = f"{err.filename}: {message}"
+            return _user_error(message)
+        if os.environ.get("SAMFX_DEBUG"):
+            raise
+        print(f"samfx: internal error: {type(err).__name__}: {_one_line(str(err))} "
+              "(please report it; SAMFX_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(err: Exception) -> bool:
+    from .adapters import PromptError
+    from .annotations import AnnotationError
+    from .capture import CaptureError
+    from .data import ImageError
+    from .evaluation import EvalError
     from .models import CheckpointError
     from .passes import PassError
 
-    try:
-        return args.run(args)
-    except (CheckpointError, PassError, KeyError) as err:
-        print(f"samfx: error: {err}", file=sys.stderr)
-        return 2
+    if isinstance(err, (UsageError, CheckpointError, PassError, CaptureError, PromptError, ImageError, AnnotationError,
+                        EvalError, KeyError, OSError, ImportError)):
+        return True
+    # onnxruntime's NoSuchFile, InvalidProtobuf, InvalidArgument, Fail: a bad --model-dir.
+    return type(err).__module__.startswith("onnxruntime")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "(no message)"
+
+
+def _user_error(message: str) -> int:
+    message = re.sub(r"^(samfx(?: [a-z-]+)?|run-onnx)(?:: error)?: ", "", message.strip())
+    print(f"samfx: error: {_one_line(message)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ click near its middle. Objects come from classic segmentation:
 * other photos: the largest regions of a Felzenszwalb over-segmentation. They
   are plausible objects to prompt, not ground truth.
 
+Users' own images are taken everywhere images are (:func:`load_images`): a
+package image name, an image file, a directory of image files or a glob
+pattern. :func:`split_images` keeps calibration and evaluation images apart.
+
 Example::
 
     >>> from samfx.data import package_images
@@ -21,22 +25,35 @@ Example::
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 __all__ = [
     "DEFAULT_IMAGES",
+    "IMAGE_SUFFIXES",
+    "ImageError",
     "ImageSample",
+    "ImageSplit",
     "Prompt",
     "available_images",
     "calibration_sample",
+    "expand_images",
     "image_digest",
+    "image_sample",
+    "load_image",
     "load_images",
     "package_images",
+    "prompts_from_masks",
+    "read_image",
+    "separate_images",
+    "split_images",
 ]
 
 DEFAULT_IMAGES = ("coins", "astronaut", "coffee")
@@ -117,15 +134,30 @@ def _photo_regions(image: np.ndarray, count: int) -> list[np.ndarray]:
     return [segments + 1 == r.label for r in regions[:count]]
 
 
-def _prompts(masks: list[np.ndarray]) -> list[Prompt]:
+def prompts_from_masks(masks: Sequence[np.ndarray]) -> list[Prompt]:
+    """A box and a click per object, as SAM's authors evaluate: the box is the
+    mask's bounding box (inclusive pixel indices), the click the pixel farthest
+    inside the mask (the maximum of its Euclidean distance transform; the first
+    in row-major order on ties). Empty masks get no prompt.
+
+    Example::
+
+        >>> import numpy as np
+        >>> mask = np.zeros((7, 9), bool)
+        >>> mask[1:6, 2:7] = True
+        >>> [(p.kind, p.coords) for p in prompts_from_masks([mask])]
+        [('box', (2.0, 1.0, 6.0, 5.0)), ('point', (4.0, 3.0))]
+    """
     from scipy import ndimage as ndi
 
     prompts = []
     for index, mask in enumerate(masks):
         ys, xs = np.nonzero(mask)
+        if not len(ys):
+            continue
         prompts.append(Prompt("box", (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())), index))
-        # The click goes to the pixel deepest inside the object.
-        depth = ndi.distance_transform_edt(mask)
+        # Padded as RITM's click protocol does: the image border counts as the object's edge.
+        depth = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
         y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
         prompts.append(Prompt("point", (float(x), float(y)), index))
     return prompts
@@ -143,7 +175,7 @@ def _sample(name: str, objects_per_photo: int) -> ImageSample:
         masks, truth = _photo_regions(image, objects_per_photo), False
     else:
         raise KeyError(f"unknown image {name!r}; available: {', '.join(available_images())}")
-    return ImageSample(name, image, masks, truth, _prompts(masks))
+    return ImageSample(name, image, masks, truth, prompts_from_masks(masks))
 
 
 def package_images(names: list[str] | tuple[str, ...] = DEFAULT_IMAGES, objects_per_photo: int = 4) -> list[ImageSample]:
@@ -157,35 +189,239 @@ def image_digest(image: np.ndarray) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def load_images(items: Sequence[str | np.ndarray], purpose: str) -> tuple[list[np.ndarray], list[str]]:
-    """Package image names or ``H x W x 3`` uint8 arrays, as arrays with their
-    names (the package name, or :func:`image_digest` for an array).
+class ImageError(ValueError):
+    """Images that cannot be used: nothing matched, an unreadable file, a wrong shape."""
+
+
+#: file suffixes a directory or glob of images is filtered on (case-insensitive)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as ``H x W x 3`` uint8 RGB: gray is repeated, alpha dropped,
+    other bit depths scaled by their maximum (16-bit medical scans).
+
+    Raises:
+        ImageError: the file is missing or unreadable, or not a 2-D gray or
+            RGB(A) image (the message names the file).
+    """
+    from skimage import io
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    try:
+        image = np.asarray(io.imread(path))
+    except Exception as err:  # imageio raises many kinds on a corrupt file
+        raise ImageError(f"{path}: cannot read it as an image ({err})") from None
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ImageError(f"{path}: expected a gray, RGB or RGBA image, got an array of shape {image.shape}")
+    if image.dtype != np.uint8:
+        image = (255 * (image.astype(np.float64) / max(float(image.max()), 1e-12))).astype(np.uint8)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def expand_images(items: Sequence[str | Path | np.ndarray], purpose: str = "images") -> list[str | np.ndarray]:
+    """Resolve directories and glob patterns into sorted image files.
+
+    Each item is a package image name (:func:`available_images`), an image
+    file, a directory (its files with an :data:`IMAGE_SUFFIXES` suffix, not
+    recursive) or a glob pattern (``DIR/*.png``, ``scans/**/*.tif``); arrays
+    pass through. Files come back as path strings, in sorted order per item.
+
+    Raises:
+        ImageError: an item that is none of these, or a directory or pattern
+            that matches no image file.
+    """
+    out: list[str | np.ndarray] = []
+    for item in items:
+        if isinstance(item, np.ndarray):
+            out.append(item)
+            continue
+        text = str(item)
+        path = Path(text)
+        if text in available_images() and not path.exists():
+            out.append(text)
+        elif path.is_dir():
+            files = sorted(str(f) for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ImageError(f"{purpose}: the directory {text} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+            out += files
+        elif path.is_file():
+            out.append(text)
+        elif glob.has_magic(text):
+            files = sorted(f for f in glob.glob(text, recursive=True)
+                           if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ImageError(f"{purpose}: the pattern {text} matches no image file")
+            out += files
+        else:
+            raise ImageError(f"{purpose}: {text} is neither a package image ({', '.join(available_images())}), "
+                             "an image file, a directory nor a glob pattern")
+    return out
+
+
+def load_image(item: str | np.ndarray, purpose: str = "images", index: int | None = None) -> tuple[np.ndarray, str]:
+    """One resolved item of :func:`expand_images` as an array and its name (the
+    package name, the file path, or :func:`image_digest` for an array)."""
+    if isinstance(item, str):
+        if item in available_images() and not Path(item).exists():
+            return package_images([item])[0].image, item
+        return read_image(item), item
+    image = np.asarray(item)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        where = f"{purpose} image" + ("" if index is None else f" {index}")
+        raise ImageError(f"{where} must be an H x W x 3 uint8 array, got {image.dtype} {image.shape}")
+    return image, image_digest(image)
+
+
+def load_images(items: Sequence[str | Path | np.ndarray], purpose: str) -> tuple[list[np.ndarray], list[str]]:
+    """Package image names, image files, directories, glob patterns or
+    ``H x W x 3`` uint8 arrays (see :func:`expand_images`), as arrays with
+    their names (the package name, the file path, or :func:`image_digest` for
+    an array).
 
     ``purpose`` names what the images are for in errors (``"calibration"``).
+
+    Example::
+
+        >>> import numpy as np
+        >>> arrays, names = load_images(["coins", np.zeros((4, 4, 3), np.uint8)], "calibration")
+        >>> names[0], names[1].startswith("sha256:")
+        ('coins', True)
     """
     if not len(items):
-        raise ValueError(f"{purpose} needs at least one image")
+        raise ImageError(f"{purpose} needs at least one image")
     arrays, names = [], []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            arrays.append(package_images([item])[0].image)
-            names.append(item)
-            continue
-        image = np.asarray(item)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"{purpose} image {i} must be an H x W x 3 uint8 array, got {image.dtype} {image.shape}")
+    for index, item in enumerate(expand_images(items, purpose)):
+        image, name = load_image(item, purpose, index)
         arrays.append(image)
-        names.append(image_digest(image))
+        names.append(name)
     return arrays, names
+
+
+@dataclass
+class ImageSplit:
+    """Which images calibrate data-driven passes and which are held out to
+    evaluate the result; :meth:`record` is what reports keep.
+
+    Attributes:
+        calibration, evaluation: the images.
+        calibration_names, evaluation_names: their names (package name, path or digest).
+        seed: the seed of :func:`split_images` (``None`` when both parts were given).
+        overlap: names of images in both parts (only with ``allow_overlap``).
+    """
+
+    calibration: list[np.ndarray]
+    calibration_names: list[str]
+    evaluation: list[np.ndarray]
+    evaluation_names: list[str]
+    seed: int | None = None
+    overlap: list[str] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """The names of the images used for what, as JSON."""
+        return {"calibration": list(self.calibration_names), "evaluation": list(self.evaluation_names),
+                "split_seed": self.seed, "overlap": list(self.overlap)}
+
+
+def _unique(arrays: list[np.ndarray], names: list[str]) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """The images without repeats of the same pixels, the names kept and their digests."""
+    kept_arrays, kept_names, digests = [], [], []
+    for image, name in zip(arrays, names):
+        digest = image_digest(image)
+        if digest not in digests:
+            kept_arrays.append(image)
+            kept_names.append(name)
+            digests.append(digest)
+    return kept_arrays, kept_names, digests
+
+
+def split_images(items: Sequence[str | Path | np.ndarray], *, held_out: float = 0.5, seed: int = 0) -> ImageSplit:
+    """Split one list of images into calibration and held-out evaluation parts.
+
+    The split depends only on the images' pixels and ``seed`` (each image is
+    ranked by a hash of its digest), not on their order or names; repeated
+    images count once, so no image lands on both sides.
+
+    Args:
+        items: anything :func:`load_images` takes.
+        held_out: the fraction kept for evaluation (at least one image each side).
+        seed: another seed gives another split.
+
+    Example::
+
+        >>> split = split_images(["coins", "astronaut", "coffee", "chelsea"], seed=0)
+        >>> len(split.calibration), len(split.evaluation)
+        (2, 2)
+        >>> set(split.calibration_names) & set(split.evaluation_names)
+        set()
+    """
+    if not 0 < held_out < 1:
+        raise ImageError(f"held_out is a fraction between 0 and 1, got {held_out}")
+    arrays, names, digests = _unique(*load_images(items, "the images to split"))
+    if len(arrays) < 2:
+        raise ImageError("splitting into calibration and evaluation images needs at least two different images")
+    rank = sorted(range(len(arrays)), key=lambda i: hashlib.sha256(f"{seed}:{digests[i]}".encode()).hexdigest())
+    count = min(max(1, round(held_out * len(arrays))), len(arrays) - 1)
+    evaluation, calibration = sorted(rank[:count]), sorted(rank[count:])
+    return ImageSplit([arrays[i] for i in calibration], [names[i] for i in calibration],
+                      [arrays[i] for i in evaluation], [names[i] for i in evaluation], seed)
+
+
+def separate_images(
+    calibration: Sequence[str | Path | np.ndarray],
+    evaluation: Sequence[str | Path | np.ndarray],
+    *,
+    allow_overlap: bool = False,
+) -> ImageSplit:
+    """Calibration and evaluation images given apart, checked to share no image
+    (by pixels, so a copy under another name counts).
+
+    Raises:
+        ImageError: an image is in both lists (named), unless ``allow_overlap``,
+            which warns and records the overlap in :meth:`ImageSplit.record`.
+
+    Example::
+
+        >>> separate_images(["chelsea"], ["coins"]).record()["overlap"]
+        []
+        >>> separate_images(["coins"], ["coins"])
+        Traceback (most recent call last):
+        ...
+        samfx.data.ImageError: calibration and evaluation images overlap: coins (as coins); ...
+    """
+    calib_arrays, calib_names = load_images(calibration, "calibration")
+    eval_arrays, eval_names = load_images(evaluation, "evaluation")
+    calib_digests = {image_digest(a): n for a, n in zip(calib_arrays, calib_names)}
+    overlap = [f"{n} (as {calib_digests[image_digest(a)]})" for a, n in zip(eval_arrays, eval_names)
+               if image_digest(a) in calib_digests]
+    if overlap and not allow_overlap:
+        raise ImageError(f"calibration and evaluation images overlap: {', '.join(overlap)}; fidelity measured on "
+                         "calibration images overstates it. Give disjoint images, or one list to split")
+    if overlap:
+        warnings.warn(f"evaluating on calibration images: {', '.join(overlap)}", stacklevel=2)
+    return ImageSplit(calib_arrays, calib_names, eval_arrays, eval_names, None, overlap)
+
+
+def image_sample(item: str | np.ndarray, objects: int = 4) -> ImageSample:
+    """A resolved item of :func:`expand_images` with prompts: a package image
+    as :func:`package_images` gives it (``coins`` with ground truth), any other
+    image prompted on its largest compact regions (:func:`calibration_sample`)."""
+    if isinstance(item, str) and item in available_images() and not Path(item).exists():
+        return package_images([item], objects)[0]
+    return calibration_sample(*load_image(item, "evaluation"), objects=objects)
 
 
 def calibration_sample(image: np.ndarray, name: str = "calibration", objects: int = 4) -> ImageSample:
     """Prompts for a user's own ``H x W x 3`` uint8 image, placed like those of the
     package photos (the largest compact regions; not ground truth)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"a calibration image is H x W x 3 uint8, got {image.dtype} {image.shape}")
+        raise ImageError(f"a calibration image is H x W x 3 uint8, got {image.dtype} {image.shape}")
     image = _rgb(image)
     masks = _photo_regions(image, objects)
     if not masks:
-        raise ValueError(f"{name}: found no compact region to prompt in the image")
-    return ImageSample(name, image, masks, False, _prompts(masks))
+        raise ImageError(f"{name}: found no compact region to prompt in the image")
+    return ImageSample(name, image, masks, False, prompts_from_masks(masks))

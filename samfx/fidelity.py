@@ -5,8 +5,9 @@ Both models run through their family's predictor (``SamPredictor``,
 what a user would see:
 
 * mask IoU between the original's and the optimized model's masks, per prompt
-  and per output mask (mean and worst), and for box prompts alone (SAM's
-  single-mask answer to the least ambiguous prompt);
+  and per output mask (mean and worst), led by the prompt kinds the model was
+  trained with (its predictor's ``trained_prompts``: boxes only for LiteMedSAM,
+  whose clicks give near-empty masks), with each prompt kind also apart;
 * absolute error of the predicted IoU scores;
 * cosine similarity of the image embeddings;
 * where the image has ground truth (``coins``), box-prompt mIoU of each model
@@ -61,19 +62,26 @@ class FidelityReport:
     gt_miou_original: float | None = None
     gt_miou_optimized: float | None = None
     per_image: list[dict[str, Any]] = field(default_factory=list)
-    #: over box prompts only: box-prompted models (LiteMedSAM) give near-empty
-    #: masks for clicks, where one flipped pixel moves the IoU a lot
+    #: over box prompts only (SAM's single-mask answer to the least ambiguous prompt)
     box_mask_iou_mean: float | None = None
     box_mask_iou_min: float | None = None
     #: median seconds of one ``set_image`` (single runs per image, not a benchmark)
     set_image_s_original: float | None = None
     set_image_s_optimized: float | None = None
+    #: the prompt kinds the model was trained with: ``mask_iou_mean`` and
+    #: ``mask_iou_min`` (and the per-image figures) are over these
+    trained_prompts: list[str] = field(default_factory=lambda: ["point", "box"])
+    #: per prompt kind: ``prompts``, ``mask_iou_mean``, ``mask_iou_min``, ``trained``
+    by_prompt: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: why the kinds the model was not trained with give poor figures
+    untrained_prompts_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
-        text = (f"mask IoU vs original {self.mask_iou_mean:.4f} (worst {self.mask_iou_min:.4f}), "
+        kinds = " and ".join(f"{k} prompts" for k in self.trained_prompts)
+        text = (f"mask IoU vs original {self.mask_iou_mean:.4f} (worst {self.mask_iou_min:.4f}; {kinds}), "
                 f"IoU-pred error {self.iou_pred_error_mean:.4f}, embedding cosine {self.embedding_cosine_mean:.5f}")
         if self.gt_miou_original is not None:
             text += f", GT mIoU {100 * self.gt_miou_original:.1f} -> {100 * self.gt_miou_optimized:.1f}"
@@ -100,6 +108,8 @@ class CachedPredictor(Predictor):
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
+        self.trained_prompts = predictor.trained_prompts
+        self.untrained_prompts_note = predictor.untrained_prompts_note
         self._images: dict[bytes, dict[str, Any]] = {}
         self._current: dict[str, Any] | None = None
 
@@ -173,8 +183,9 @@ def compare(
     reference = original if isinstance(original, Predictor) else adapter.predictor(original)
     candidate = adapter.predictor(optimized)
     times: tuple[list[float], list[float]] = ([], [])
-    ious: list[float] = []
-    box_ious: list[float] = []
+    trained = tuple(candidate.trained_prompts)
+    ious: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
     score_errors: list[float] = []
     cosines: list[float] = []
     gt_reference: list[float] = []
@@ -195,23 +206,28 @@ def compare(
                 masks_new, scores_new = candidate.predict(**prompt.as_kwargs())
                 bar.update()
                 prompt_ious = [mask_iou(a, b) for a, b in zip(masks_ref, masks_new)]
-                image_ious += prompt_ious
-                if prompt.kind == "box":
-                    box_ious += prompt_ious
+                ious.setdefault(prompt.kind, []).extend(prompt_ious)
+                counts[prompt.kind] = counts.get(prompt.kind, 0) + 1
+                if prompt.kind in trained:
+                    image_ious += prompt_ious
                 score_errors += np.abs(np.asarray(scores_ref) - np.asarray(scores_new)).tolist()
                 if sample.has_ground_truth and prompt.kind == "box":
                     truth = sample.objects[prompt.object_index]
                     gt_reference.append(mask_iou(masks_ref[0], truth))
                     gt_candidate.append(mask_iou(masks_new[0], truth))
-            ious += image_ious
             per_image.append({"image": sample.name, "prompts": len(prompts), "embedding_cosine": cosine,
                               "mask_iou_mean": float(np.mean(image_ious)) if image_ious else 1.0,
                               "mask_iou_min": float(np.min(image_ious)) if image_ious else 1.0})
+    headline = [v for kind in trained for v in ious.get(kind, [])]
+    by_prompt = {kind: {"prompts": counts[kind], "trained": kind in trained,
+                        "mask_iou_mean": float(np.mean(values)), "mask_iou_min": float(np.min(values))}
+                 for kind, values in ious.items()}
+    box = by_prompt.get("box")
     return FidelityReport(
         images=[s.name for s in samples],
         prompts=sum(p["prompts"] for p in per_image),
-        mask_iou_mean=float(np.mean(ious)) if ious else 1.0,
-        mask_iou_min=float(np.min(ious)) if ious else 1.0,
+        mask_iou_mean=float(np.mean(headline)) if headline else 1.0,
+        mask_iou_min=float(np.min(headline)) if headline else 1.0,
         iou_pred_error_mean=float(np.mean(score_errors)) if score_errors else 0.0,
         iou_pred_error_max=float(np.max(score_errors)) if score_errors else 0.0,
         embedding_cosine_mean=float(np.mean(cosines)),
@@ -219,10 +235,13 @@ def compare(
         gt_miou_original=float(np.mean(gt_reference)) if gt_reference else None,
         gt_miou_optimized=float(np.mean(gt_candidate)) if gt_candidate else None,
         per_image=per_image,
-        box_mask_iou_mean=float(np.mean(box_ious)) if box_ious else None,
-        box_mask_iou_min=float(np.min(box_ious)) if box_ious else None,
+        box_mask_iou_mean=box["mask_iou_mean"] if box else None,
+        box_mask_iou_min=box["mask_iou_min"] if box else None,
         set_image_s_original=float(np.median(times[0])),
         set_image_s_optimized=float(np.median(times[1])),
+        trained_prompts=list(trained),
+        by_prompt=by_prompt,
+        untrained_prompts_note=candidate.untrained_prompts_note,
     )
 
 

@@ -196,7 +196,7 @@ def compare_pictures(
             ax.set_axis_off()
         fig.text(0.01, 0.01, "\n".join(textwrap.wrap(_caption(sample, fidelity, lost, gained, pair), 175)),
                  fontsize=8.5, va="bottom", ha="left", family="monospace")
-        path = out_dir / f"compare_{sample.name}.png"
+        path = out_dir / f"compare_{Path(sample.name).stem}.png"  # a user's image is named by its path
         fig.savefig(path)
         paths.append(path)
     return paths

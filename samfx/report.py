@@ -56,6 +56,8 @@ class OptimizeReport:
     fidelity: FidelityReport | None = None
     notes: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=environment)
+    #: which images were used for what (:meth:`samfx.data.ImageSplit.record`), when known
+    images: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,7 @@ class OptimizeReport:
             "fidelity": self.fidelity.to_dict() if self.fidelity else None,
             "notes": self.notes,
             "environment": self.environment,
+            "images": self.images,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -95,13 +98,31 @@ class OptimizeReport:
             lines.append(f"{label:<22}{_human(old, unit):>14}{_human(new, unit):>14}{ratio:>9}")
         if self.fidelity is not None:
             f = self.fidelity
-            lines += ["", f"fidelity on {', '.join(f.images)} ({f.prompts} prompts, points and boxes):",
-                      f"  mask IoU vs original   mean {f.mask_iou_mean:.4f}   worst {f.mask_iou_min:.4f}",
-                      *([f"    box prompts only     mean {f.box_mask_iou_mean:.4f}   worst {f.box_mask_iou_min:.4f}"]
-                        if f.box_mask_iou_mean is not None else []),
-                      f"  IoU-prediction error   mean {f.iou_pred_error_mean:.4f}   max {f.iou_pred_error_max:.4f}",
+            trained = " and ".join(f.trained_prompts)
+            lines += ["", f"fidelity on {', '.join(f.images)} ({f.prompts} prompts; mask IoU over {trained} prompts, "
+                          "the kinds the model was trained with):",
+                      f"  mask IoU vs original   mean {f.mask_iou_mean:.4f}   worst {f.mask_iou_min:.4f}"]
+            for kind, row in f.by_prompt.items():
+                if row["trained"] and len(f.trained_prompts) > 1:
+                    lines.append(f"    {kind + ' prompts only':<21}mean {row['mask_iou_mean']:.4f}   "
+                                 f"worst {row['mask_iou_min']:.4f}")
+            for kind, row in f.by_prompt.items():
+                if not row["trained"]:
+                    lines.append(f"  {kind + ' prompts (apart)':<21}mean {row['mask_iou_mean']:.4f}   "
+                                 f"worst {row['mask_iou_min']:.4f}   not trained"
+                                 + (f": {f.untrained_prompts_note}" if f.untrained_prompts_note else ""))
+            lines += [f"  IoU-prediction error   mean {f.iou_pred_error_mean:.4f}   max {f.iou_pred_error_max:.4f}",
                       f"  embedding cosine       mean {f.embedding_cosine_mean:.6f}   min {f.embedding_cosine_min:.6f}"]
             if f.gt_miou_original is not None:
-                lines.append(f"  box mIoU vs ground truth (coins): original {100 * f.gt_miou_original:.1f}, "
+                lines.append(f"  box mIoU vs ground truth: original {100 * f.gt_miou_original:.1f}, "
                              f"optimized {100 * f.gt_miou_optimized:.1f}")
+        if self.images:
+            lines.append("")
+            for use in ("calibration", "evaluation"):
+                names = self.images.get(use) or []
+                shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+                default = "none given: data-driven passes use their own defaults" if use == "calibration" else "none"
+                lines.append(f"{use + ' images':<22} {shown or default}")
+            if self.images.get("overlap"):
+                lines.append(f"{'evaluated on calibration images':<22} {', '.join(self.images['overlap'])}")
         return "\n".join(lines)

@@ -22,14 +22,15 @@ ROOT = Path(samfx.__file__).parent
 #: Lowest first. A module may import its own layer and the layers below it.
 #: A module matches its longest listed prefix (``samfx`` itself is the package root).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("samfx._version", "samfx.codecs", "samfx.kernels", "samfx.data", "samfx.masks", "samfx.models")),
+    ("foundation", ("samfx._version", "samfx.codecs", "samfx.kernels", "samfx.data", "samfx.masks", "samfx.models",
+                    "samfx.annotations")),
     ("runtime modules", ("samfx.modules",)),
     ("capture", ("samfx.adapters", "samfx.capture")),
     ("graph helpers", ("samfx.graph",)),
     ("measurement", ("samfx.fidelity", "samfx.stats", "samfx.calibration", "samfx.segment_everything",
                      "samfx.distillation")),
     ("passes", ("samfx.passes",)),
-    ("pipeline", ("samfx.pipeline", "samfx.report", "samfx.serialization", "samfx.pictures")),
+    ("pipeline", ("samfx.pipeline", "samfx.report", "samfx.serialization", "samfx.pictures", "samfx.evaluation")),
     ("emitters", ("samfx.emit",)),
     ("api", ("samfx", "samfx.bench")),
     ("cli", ("samfx.cli",)),

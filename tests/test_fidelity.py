@@ -43,3 +43,29 @@ def test_perturbed_model_is_measured_as_different() -> None:
 def test_ground_truth_miou_of_lite_medsam_on_coins(lite_medsam) -> None:
     # Box prompts on the 24 watershed-segmented coins.
     assert 0.9 < samfx.fidelity.ground_truth_miou(lite_medsam, ["coins"]) < 1.0
+
+
+def test_lite_medsam_fidelity_leads_with_box_prompts(lite_medsam) -> None:
+    noisy = small_model("lite_medsam")
+    with torch.no_grad():
+        for p in noisy.image_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    report = compare(lite_medsam, noisy, images=["coins"], max_prompts_per_image=6)
+    assert report.trained_prompts == ["box"]
+    assert report.by_prompt["box"]["trained"] and not report.by_prompt["point"]["trained"]
+    assert report.by_prompt["box"]["prompts"] == report.by_prompt["point"]["prompts"] == 3
+    # The headline is the box prompts' figure; clicks are reported apart, with the reason.
+    assert report.mask_iou_mean == report.box_mask_iou_mean == report.by_prompt["box"]["mask_iou_mean"]
+    assert report.mask_iou_min == report.by_prompt["box"]["mask_iou_min"]
+    assert "trained with box prompts only" in report.untrained_prompts_note
+    optimized = samfx.report_of(samfx.optimize(small_model("sam_vit_b"), ["split_qkv"]))
+    optimized.fidelity = report  # the table as it reads for LiteMedSAM
+    table = optimized.table()
+    assert "mask IoU over box prompts" in table
+    assert "point prompts (apart)" in table and "LiteMedSAM was trained with box prompts only" in table
+
+
+def test_sam_fidelity_leads_with_points_and_boxes() -> None:
+    report = compare(small_model("sam_vit_b"), small_model("sam_vit_b"), images=["coins"], max_prompts_per_image=4)
+    assert report.trained_prompts == ["point", "box"] and report.untrained_prompts_note == ""
+    assert all(row["trained"] for row in report.by_prompt.values())

@@ -20,6 +20,7 @@ from .base import (
     register_pass,
     unregister_pass,
 )
+from .options import PassOption, parse_pass, parse_passes, pass_options
 from .split_qkv import SplitQKVConfig, split_qkv
 from .fuse_attention import FuseAttentionConfig, fuse_attention
 from .bf16 import BF16Config, bf16
@@ -37,6 +38,7 @@ __all__ = [
     "PassError",
     "PassFailed",
     "PassInfo",
+    "PassOption",
     "PassReport",
     "PassResult",
     "PruneConfig",
@@ -46,6 +48,9 @@ __all__ = [
     "get_pass",
     "hyper",
     "list_passes",
+    "parse_pass",
+    "parse_passes",
+    "pass_options",
     "prune",
     "quantize",
     "register_pass",

@@ -109,8 +109,7 @@ class PruneConfig(PassConfig):
     calibration_images: int = 8
     noise: float = 0.01
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
+    def validate(self) -> None:
         if any(len(o) != 2 or not isinstance(o[0], str) for o in self.overrides):
             raise PassError(f"prune: overrides are (pattern, ratio) pairs, got {self.overrides!r}")
         ratios = {kind: getattr(self, kind) for kind in _KINDS}
@@ -233,7 +232,7 @@ def _summary(groups: list[Group], attention: dict[str, Any]) -> dict[str, Any]:
     return kinds
 
 
-@register_pass("prune", PruneConfig, requires=("split_qkv",))
+@register_pass("prune", PruneConfig, requires=("split_qkv",), data_driven=True)
 def prune(captured: CapturedModel, config: PruneConfig, context: PassContext) -> PassResult:
     """Structural pruning of image-encoder widths (DepGraph via torch-pruning; SlimSAM)."""
     skipped: list[str] = []

@@ -47,7 +47,7 @@ from .tune import Candidate, TuneResult, tune
 __all__ = ["Candidate", "TokenClusterConfig", "TuneResult", "cluster_grid", "token_cluster", "tune"]
 
 
-@register_pass("token_cluster", TokenClusterConfig)
+@register_pass("token_cluster", TokenClusterConfig, data_driven=True)
 def token_cluster(captured: CapturedModel, config: TokenClusterConfig, context: PassContext) -> PassResult:
     """Cluster encoder tokens mid-way and rebuild them before the neck (Expedit-SAM)."""
     tuning: dict[str, Any] | None = None
