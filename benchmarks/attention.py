@@ -1,8 +1,8 @@
 """Attention with SAM's decomposed relative positions: upstream eager vs SDPA with
 the bias as a mask vs samfx's blockwise op, on SAM's shapes.
 
-    python benchmarks/attention.py                      # CPU: cores of ViT-B/H, peak memory of a global block
-    python benchmarks/attention.py --device cuda        # GPU: the Triton kernel vs SDPA, bf16 and fp16
+    python -m benchmarks attention                      # CPU: cores of ViT-B/H, peak memory of a global block
+    python -m benchmarks attention --device cuda        # GPU: the Triton kernel vs SDPA, bf16 and fp16
 
 A core is ``softmax(scale * q @ k^T + rel_h + rel_w) @ v`` for one image:
 global blocks attend over 64 x 64 = 4096 tokens, windowed blocks over 25
@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -30,6 +28,7 @@ import torch  # noqa: E402
 
 import samfx.kernels.rel_pos as kernel_module  # noqa: E402
 from samfx.kernels import rel_pos_attention, rel_pos_attention_reference  # noqa: E402
+from samfx.bench import interleaved  # noqa: E402
 from samfx.kernels.rel_pos import rel_pos_sdpa  # noqa: E402
 
 MODELS = {"vit_b": (12, 64), "vit_h": (16, 80)}
@@ -56,20 +55,6 @@ def inputs(model: str, layout: str, batch: int, dtype: torch.dtype, device: str)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v, rel_h, rel_w)) + (head_dim ** -0.5,)
 
 
-def _interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict:
-    for fn in fns.values():
-        fn()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out = out.to(ref.dtype)
     return float((out - ref).norm() / ref.norm())
@@ -92,7 +77,7 @@ def cpu_cores(repeats: int, chunk_bytes: list[int]) -> list[dict]:
             for budget in chunk_bytes:
                 fns[f"blockwise_{budget >> 20}MiB"] = blockwise(budget)
             errors = {name: _rel_err(fn(), ref) for name, fn in fns.items()}
-            times = _interleaved(fns, repeats)
+            times = {name: t.median for name, t in interleaved(fns, repeats).items()}
             for name in fns:
                 rows.append({"model": model, "layout": layout, "variant": name, "dtype": "float32",
                              "ms": 1e3 * times[name], "speedup": times["eager"] / times[name], "err": errors[name]})

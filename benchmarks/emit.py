@@ -1,8 +1,8 @@
 """samfx emitter benchmarks: the torch.compile backend and the ONNX pair, side by side in one run.
 
-    python benchmarks/emit.py                          # both parts, prints tables, writes JSON
-    python benchmarks/emit.py --part compile --repeats 3
-    python benchmarks/emit.py --part onnx --case lite_medsam/split_qkv
+    python -m benchmarks emit                          # both parts, prints tables, writes JSON
+    python -m benchmarks emit --part compile --repeats 3
+    python -m benchmarks emit --part onnx --case lite_medsam/split_qkv
 
 compile: the SAM ViT-B image encoder (1024 x 1024, random weights) in eager
 PyTorch, under ``torch.compile(backend="inductor")`` and under
@@ -39,8 +39,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import run  # noqa: E402  (benchmarks/run.py, the harness)
 import samfx  # noqa: E402
+from samfx.bench import interleaved  # noqa: E402
 from samfx.data import package_images  # noqa: E402
 from samfx.emit.compile import samfx_backend  # noqa: E402
 from samfx.emit.runtime import OnnxPredictor  # noqa: E402
@@ -78,8 +78,8 @@ def _timed(fn) -> float:
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """benchmarks/run.py's interleaved medians, by name."""
-    return dict(zip(fns, run._interleaved(list(fns.values()), repeats)))
+    """Median seconds by name (samfx.bench's rotating interleaved turns)."""
+    return {name: timing.median for name, timing in interleaved(fns, repeats).items()}
 
 
 def bench_compile(repeats: int, scope: str = "encoder") -> dict:

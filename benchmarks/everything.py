@@ -1,7 +1,7 @@
 """Segment everything: TinySAM's hierarchical strategy against SAM's 32 x 32 grid.
 
-    python benchmarks/run.py --everything                    # every case, prints a table, writes JSON
-    python benchmarks/run.py --everything --case lite_medsam/coins --repeats 3
+    python -m benchmarks run --everything                    # every case, prints a table, writes JSON
+    python -m benchmarks run --everything --case lite_medsam/coins --repeats 3
 
 For each case (a zoo model and a package image) the image is embedded once and
 both strategies segment it from that embedding, interleaved (grid, hierarchical,

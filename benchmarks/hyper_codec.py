@@ -1,7 +1,7 @@
 """hyper against Birkhoff's codec and round-to-nearest integers, side by side in one run.
 
-    python benchmarks/hyper_codec.py                                # LiteMedSAM, SAM ViT-B, SAM 2.1 Hiera-B+
-    python benchmarks/hyper_codec.py --model sam_vit_h --time-only  # compression time alone
+    python -m benchmarks hyper_codec                                # LiteMedSAM, SAM ViT-B, SAM 2.1 Hiera-B+
+    python -m benchmarks hyper_codec --model sam_vit_h --time-only  # compression time alone
 
 Per zoo model it reports, for the whole checkpoint (every tensor of the state
 dict, against the fp32 safetensors file):
@@ -10,7 +10,7 @@ dict, against the fp32 safetensors file):
 * ``hyper (Birkhoff's error)``: the same with each tensor's target set to the
   error Birkhoff's codec reaches on it, i.e. the ratio at no worse per-tensor error;
 * ``Birkhoff``: samfx's faithful reimplementation of Birkhoff's codec and file
-  layout (:mod:`samfx.codecs.birkhoff`), with Birkhoff's published ratio beside it;
+  layout (:mod:`benchmarks.codecs.birkhoff`), with Birkhoff's published ratio beside it;
 
 and per tensor that hyper codes, the relative error ``|W' - W| / |W|`` (and the
 mean absolute error, Birkhoff's criterion), including round-to-nearest
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import samfx  # noqa: E402
-from samfx.codecs import birkhoff, rtn  # noqa: E402
+from benchmarks.codecs import birkhoff, rtn  # noqa: E402
 from samfx.codecs.lattice import CODES, encode  # noqa: E402
 from samfx.report import environment  # noqa: E402
 

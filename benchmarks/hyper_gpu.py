@@ -1,7 +1,7 @@
 """The fused hyper kernel against "decode, then cuBLAS", on SAM's encoder Linear shapes.
 
-    python benchmarks/hyper_gpu.py --prepare codes.pt              # encode the weights (CPU, numba)
-    python benchmarks/hyper_gpu.py --codes codes.pt --out r.json   # on a CUDA device
+    python -m benchmarks hyper_gpu --prepare codes.pt              # encode the weights (CPU, numba)
+    python -m benchmarks hyper_gpu --codes codes.pt --out r.json   # on a CUDA device
 
 For each shape (out x in) and activation type it times, with CUDA events
 (``triton.testing.do_bench``, median):

@@ -1,8 +1,8 @@
 """fuse_attention and reduced precision on one device: fidelity on LiteMedSAM's
 real weights and image-encoder latency, side by side in one run.
 
-    python benchmarks/precision.py --device cuda
-    python benchmarks/precision.py --device cpu --models sam_vit_b --variants fp32,fuse_attention
+    python -m benchmarks precision --device cuda
+    python -m benchmarks precision --device cpu --models sam_vit_b --variants fp32,fuse_attention
 
 For each model and variant (a pass list) it reports the image encoder's median
 latency on ``--device`` (one image; SAM ViT-B at 1024 px, LiteMedSAM at 256 px)
@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 import sys
-import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
 import samfx  # noqa: E402
-from samfx.passes import BF16Config, FuseAttentionConfig, PassContext, get_pass  # noqa: E402
+from samfx.bench import interleaved, markdown_table, write_results  # noqa: E402
+from samfx.passes import BF16Config, FuseAttentionConfig  # noqa: E402
+from samfx.pipeline import resolve_passes, run_passes  # noqa: E402
 
 VARIANTS = {
     "fp32": (),
@@ -42,26 +40,23 @@ VARIANTS = {
 def optimized(model: torch.nn.Module, configs: tuple) -> torch.nn.Module:
     """The passes applied to a private copy (``samfx.optimize`` without its statistics)."""
     captured = samfx.capture(model)
-    for config in configs:
-        get_pass(config.name).run(captured, config, PassContext())
-        captured.recompile()
+    run_passes(captured, resolve_passes(configs)[0])
     return captured.model
 
 
 def encoder_latency(model: torch.nn.Module, device: str, repeats: int) -> float:
+    """Median seconds of one image through the encoder, after two warm-up runs (allocator, autotuning)."""
     encoder = model.image_encoder
     x = torch.randn(1, 3, encoder.img_size, encoder.img_size, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
+
+    def run() -> None:
+        encoder(x)
+        sync()
+
     with torch.inference_mode():
-        for i in range(repeats + 2):
-            sync()
-            start = time.perf_counter()
-            encoder(x)
-            sync()
-            if i >= 2:  # warm-up: allocator, autotuning
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        sync()
+        return interleaved({"encoder": run}, repeats, warmup=2)["encoder"].median
 
 
 def fidelity(original: torch.nn.Module, candidate: torch.nn.Module, trained: bool) -> dict:
@@ -100,20 +95,12 @@ def run(models: list[str], variants: list[str], device: str, repeats: int) -> li
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["model", "variant", "encoder_ms", "speedup", "peak_mb", "cosine", "iou_all", "iou_box", "iou_box_min",
-               "gt_miou"]
-
-    def cell(column, value):
-        if isinstance(value, list):
-            return "->".join(f"{100 * v:.1f}" for v in value)
-        if isinstance(value, float):
-            return f"{value:.5f}" if column in ("cosine", "iou_all", "iou_box", "iou_box_min") else f"{value:.2f}"
-        return "-" if value is None else str(value)
-
-    cells = [[cell(c, r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells])
+    gt = lambda r: "->".join(f"{100 * v:.1f}" for v in r["gt_miou"]) if r.get("gt_miou") else None  # noqa: E731
+    return markdown_table(rows, [("model", "model", "{}"), ("variant", "variant", "{}"), ("encoder ms", "encoder_ms", "{:.2f}"),
+                                 ("speed-up", "speedup", "{:.2f}"), ("peak MB", "peak_mb", "{:.0f}"),
+                                 ("cosine", "cosine", "{:.5f}"), ("IoU all", "iou_all", "{:.5f}"),
+                                 ("IoU box", "iou_box", "{:.5f}"), ("IoU box min", "iou_box_min", "{:.5f}"),
+                                 ("GT mIoU", gt, "{}")])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,14 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run(args.models.split(","), args.variants.split(","), args.device, args.repeats)
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-           "threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(table(rows))
-    print(f"\n{env['device']}, torch {env['torch']}, {env['threads']} CPU threads; encoder latency: median of "
+    print(f"\n{device}, {torch.get_num_threads()} CPU threads; encoder latency: median of "
           f"{args.repeats} after 2 warm-up runs")
-    out = Path(args.out or f"benchmarks/results/precision_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    out = write_results(args.out or f"benchmarks/results/precision_{args.device}.json", {"device": device, "rows": rows})
     print(f"wrote {out}")
     return 0
 

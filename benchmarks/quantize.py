@@ -1,7 +1,7 @@
 """The quantize pass against fp32 and onnxruntime's ``quantize_dynamic``, side by side.
 
-    python benchmarks/quantize.py --model lite_medsam
-    python benchmarks/quantize.py --model sam_vit_b --images coins --repeats 2
+    python -m benchmarks quantize --model lite_medsam
+    python -m benchmarks quantize --model sam_vit_b --images coins --repeats 2
 
 For one zoo model it builds five image encoders and times them interleaved in
 one process (one image, the predictor's input size):
@@ -41,10 +41,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import samfx  # noqa: E402
+from samfx.bench import interleaved  # noqa: E402
 from samfx.report import environment  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from run import _interleaved  # noqa: E402
 
 
 class OrtEncoder(nn.Module):
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "ort int8 (samfx QDQ)": OrtEncoder(session(int8_path, args.threads), size),
     }
     with torch.inference_mode():
-        times = _interleaved([lambda e=e: e(x) for e in encoders.values()], args.repeats)
+        times = [t.median for t in interleaved({n: (lambda e=e: e(x)) for n, e in encoders.items()}, args.repeats).values()]
     models = {"torch fp32": model, "torch int8 (samfx)": quantized}
     for name in ("ort fp32", "ort quantize_dynamic", "ort int8 (samfx QDQ)"):
         models[name] = _with_encoder(model, encoders[name])

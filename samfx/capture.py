@@ -48,7 +48,9 @@ __all__ = [
     "fake_run",
     "input_check",
     "literal_source",
+    "meta_args",
     "module_caches_kept",
+    "on_meta",
 ]
 
 
@@ -182,6 +184,30 @@ class Component:
             graph.lint()
             self._compiled[key] = _compile_graph(graph, f"{self.role}{list(key) if key else ''}")
 
+    def check(self) -> None:
+        """Lint every graph and run each (compiled) variant on the meta device with
+        the adapter's example inputs: a graph a rewrite left inconsistent (a
+        dangling node, a width that no longer fits) fails here, computing nothing.
+        Variants whose sizes depend on values (``nonzero``, which has no meta
+        kernel) are skipped.
+
+        Raises:
+            CaptureError: naming the variant, with the original error as ``__cause__``.
+        """
+        self.recompile()
+        with on_meta(self.root), torch.no_grad():
+            for key, forward in self._compiled.items():
+                args = self.example_args(key)
+                if args is None:
+                    continue
+                try:
+                    forward(self.root, *meta_args(args))
+                except NotImplementedError:
+                    continue  # an op without a meta kernel (nonzero on prompt labels): not checkable without data
+                except Exception as err:  # any op may reject what a rewrite left: name the variant
+                    variant = dict(zip(self.key_names(), key))
+                    raise CaptureError(f"{self.role} {variant} does not run: {type(err).__name__}: {err}") from err
+
     # -- execution ------------------------------------------------------------
     def key_for(self, bound: inspect.BoundArguments) -> GraphKey:
         """The graph key of a call: static argument values, then shape conditions."""
@@ -233,6 +259,45 @@ def module_caches_kept(root: nn.Module) -> Iterator[None]:
             if cache.keys() != saved.keys():
                 cache.clear()
                 cache.update(saved)
+
+
+@contextlib.contextmanager
+def on_meta(root: nn.Module) -> Iterator[dict[int, str]]:
+    """Parameters and buffers of ``root`` on the meta device for the duration:
+    running the model then computes only shapes, at no cost (torch-pruning
+    traces by running it; :meth:`Component.check` runs every graph).
+
+    Parameters stay ``nn.Parameter`` (requiring grad, for tracers that follow
+    gradients); training flags and memoised module caches are restored after.
+    Yields a map from the meta parameters' ids to their names.
+    """
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    names: dict[int, str] = {}
+    modes = {m: m.training for m in root.modules()}
+    with module_caches_kept(root):  # sine position encodings memoise per size: no meta tensor may stay
+        try:
+            for path, module in root.named_modules():
+                for store in (module._parameters, module._buffers):
+                    for name, tensor in list(store.items()):
+                        if tensor is None:
+                            continue
+                        saved.append((store, name, tensor))
+                        meta = torch.empty_like(tensor, device="meta")
+                        if store is module._parameters:
+                            meta = nn.Parameter(meta, requires_grad=True)
+                            names[id(meta)] = f"{path}.{name}" if path else name
+                        store[name] = meta
+            yield names
+        finally:
+            for store, name, tensor in saved:
+                store[name] = tensor
+            for module, mode in modes.items():  # tracers call eval(); set flags back without train() hooks
+                module.training = mode
+
+
+def meta_args(args: Any) -> Any:
+    """(Nested) arguments with every tensor on the meta device."""
+    return fx.node.map_aggregate(args, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v)
 
 
 class _ShapeRecorder(fx.Interpreter):

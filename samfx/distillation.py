@@ -20,7 +20,7 @@ stopped (after an interruption, or with a larger ``steps``).
 Example::
 
     >>> import samfx
-    >>> teacher = samfx.models.build("lite_medsam")
+    >>> teacher = samfx.models.build("sam_vit_b", small=True)
     >>> student = samfx.optimize(teacher, [samfx.PruneConfig(mlp=0.3)])
     >>> report = samfx.distill(student, teacher, steps=2, progress=False)
     >>> report.steps

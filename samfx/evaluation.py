@@ -141,8 +141,8 @@ def saved_model_and_original(run_dir: str | Path, checkpoint: str | None = None)
     Raises:
         EvalError: the recipe's base model cannot be rebuilt.
     """
-    from . import load, models
-    from .serialization import read_recipe
+    from . import models
+    from .serialization import load, read_recipe
 
     base = read_recipe(run_dir).get("base")
     if not base:

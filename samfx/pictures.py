@@ -16,7 +16,7 @@ Example::
 
     >>> import samfx, tempfile
     >>> from samfx.pictures import compare_pictures
-    >>> sam = samfx.models.build("lite_medsam")
+    >>> sam = samfx.models.build("sam_vit_b", small=True)
     >>> fast = samfx.optimize(sam, ["split_qkv"])
     >>> paths = compare_pictures(sam, fast, tempfile.mkdtemp(), images=["coins"])
     >>> paths[0].name

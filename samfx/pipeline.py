@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, find_adapter
-from .capture import capture
+from .capture import CapturedModel, capture
 from .data import DEFAULT_IMAGES
 from .fidelity import compare
 from .models import first_nonfinite
-from .passes.base import PassConfig, PassContext, PassError, get_pass
+from .passes.base import PassConfig, PassContext, PassError, PassFailed, PassReport, get_pass
 from .report import OptimizeReport
 from .stats import model_stats
 
-__all__ = ["history_of", "optimize", "report_of", "resolve_passes", "structure_digest"]
+__all__ = ["history_of", "optimize", "report_of", "resolve_passes", "run_passes", "structure_digest"]
 
 PassSpec = str | PassConfig
 
@@ -69,6 +69,58 @@ def resolve_passes(passes: Iterable[PassSpec] | PassSpec) -> tuple[list[PassConf
     return configs, notes
 
 
+def run_passes(
+    captured: CapturedModel,
+    configs: Sequence[PassConfig],
+    context: PassContext | None = None,
+    *,
+    replays: Sequence[dict] | None = None,
+    progress: bool = False,
+) -> list[PassReport]:
+    """Run resolved passes in order on ``captured`` (which they rewrite in place).
+
+    Each pass's report gets its name, config and wall time. After each pass the
+    model is checked: every graph of every component is linted and run on the
+    meta device (no computation), then the pass's own ``ensures`` runs.
+
+    Raises:
+        PassFailed: a pass raised or left a model that fails a check; the message
+            names the pass and the passes before it, the original error is the cause.
+
+    Example::
+
+        >>> import samfx
+        >>> from samfx.pipeline import resolve_passes, run_passes
+        >>> captured = samfx.capture(samfx.models.build("sam_vit_b", small=True))
+        >>> configs, _ = resolve_passes(["fuse_attention"])
+        >>> [(r.name, r.changed) for r in run_passes(captured, configs)]
+        [('fuse_attention', True)]
+    """
+    context = context or PassContext()
+    from tqdm.auto import tqdm
+
+    reports: list[PassReport] = []
+    for index, config in enumerate(tqdm(configs, desc="passes", unit="pass", disable=not progress)):
+        info = get_pass(config.name)
+        context.replay = replays[index] if replays is not None else None
+        start = time.perf_counter()
+        try:
+            result = info.run(captured, config, context)
+            if result.model is not captured:
+                raise TypeError("it returned another model (a pass rewrites the captured model in place)")
+            for component in captured.components.values():
+                component.check()
+            if info.ensures is not None:
+                info.ensures(captured, config)
+        except Exception as err:  # any error inside a pass: name the pass and what ran before it
+            earlier = [r.name for r in reports]
+            raise PassFailed(f"pass {config.name} failed after {earlier}: {err}") from err
+        report = result.report
+        report.name, report.config, report.time_s = config.name, config.to_dict(), time.perf_counter() - start
+        reports.append(report)
+    return reports
+
+
 def optimize(
     model: nn.Module,
     passes: Sequence[PassSpec] | PassSpec = ("split_qkv",),
@@ -111,7 +163,8 @@ def optimize(
     Raises:
         PassError: unknown pass or bad order, or weights that are NaN or
             infinite (the tensor is named). CaptureError: the model cannot be
-            captured. Any error inside a pass propagates; the input is unchanged.
+            captured. PassFailed: an error inside a pass (see :func:`run_passes`);
+            the input is unchanged.
 
     Example::
 
@@ -143,17 +196,7 @@ def optimize(
     captured = capture(model, adapter=adapter)
     capture_time = time.perf_counter() - start
     context = PassContext(calibration_images=list(calibration_images), seed=seed, progress=progress)
-    from tqdm.auto import tqdm
-
-    reports = []
-    for index, config in enumerate(tqdm(configs, desc="passes", unit="pass", disable=not progress)):
-        context.replay = replays[index] if replays is not None else None
-        start = time.perf_counter()
-        result = get_pass(config.name).run(captured, config, context)
-        captured = result.model
-        captured.recompile()
-        result.report.time_s = time.perf_counter() - start
-        reports.append(result.report)
+    reports = run_passes(captured, configs, context, replays=replays, progress=progress)
     optimized = captured.model
     report = OptimizeReport(
         model=model_name or getattr(model, "samfx_zoo", {}).get("name") or type(model).__name__,

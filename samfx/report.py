@@ -22,7 +22,7 @@ def environment() -> dict[str, Any]:
     """Software and thread settings, recorded with every measurement."""
     import os
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "samfx": __version__,

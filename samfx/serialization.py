@@ -251,7 +251,7 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
     """
     from safetensors.torch import save_file
 
-    from . import __version__
+    from ._version import __version__
     from .pipeline import report_of
 
     report = report_of(model)
@@ -308,7 +308,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         CheckpointError: not a samfx directory, a corrupt or edited recipe, an
             unknown or newer format, or a field of the wrong type or value.
     """
-    from . import __version__
+    from ._version import __version__
 
     path = Path(path)
     recipe_file = path / _RECIPE

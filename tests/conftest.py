@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -40,6 +42,15 @@ def lite_medsam() -> torch.nn.Module:
     return small_model("lite_medsam")
 
 
+@pytest.fixture(scope="session")
+def lite_medsam_reference() -> samfx.fidelity.CachedPredictor:
+    """The original LiteMedSAM (real weights) as a reference for
+    :func:`samfx.fidelity.compare`: its embedding and masks are computed once per
+    image and prompt for the whole session, not again in every fidelity test."""
+    model = small_model("lite_medsam")
+    return samfx.fidelity.CachedPredictor(samfx.adapters.find_adapter(model).predictor(model))
+
+
 def image_input(model: torch.nn.Module, batch: int = 1) -> torch.Tensor:
     """A random input of the right size for the model's image encoder."""
     adapter = samfx.adapters.find_adapter(model)
@@ -62,3 +73,16 @@ def encoder_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(out, tuple):
         return out[0]
     return out
+
+
+def open_png(path: Path) -> np.ndarray:
+    """The pixels of a PNG, after checking it is one."""
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 10  # a picture, not a blank
+    return pixels

@@ -72,7 +72,7 @@ def test_export_and_run_commands(tmp_path, capsys) -> None:
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
     assert "mask 0 of 1" in capsys.readouterr().out  # the single-mask decoder
 def test_everything_writes_coco_json_and_a_picture(tmp_path, capsys) -> None:
-    from .test_pictures import open_png
+    from .conftest import open_png
 
     code = main(["everything", "coins", "--model", "sam_vit_b", "--small", "--points-per-side", "4",
                  "--pred-iou-thresh", "0", "--stability-thresh", "0", "--out", str(tmp_path / "m.json"),
@@ -85,7 +85,7 @@ def test_everything_writes_coco_json_and_a_picture(tmp_path, capsys) -> None:
 
 
 def test_optimize_draws_pictures_and_compare_plots_benchmarks(tmp_path, capsys) -> None:
-    from .test_pictures import open_png
+    from .conftest import open_png
 
     run = tmp_path / "run"
     assert main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "split_qkv", "--out", str(run),
@@ -102,7 +102,7 @@ def test_optimize_draws_pictures_and_compare_plots_benchmarks(tmp_path, capsys) 
 
 
 def test_compare_rebuilds_lite_medsam_and_draws_it(tmp_path, capsys) -> None:
-    from .test_pictures import open_png
+    from .conftest import open_png
 
     run = tmp_path / "run"
     assert main(["optimize", "--model", "lite_medsam", "--passes", "split_qkv", "--out", str(run),

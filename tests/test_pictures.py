@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 import samfx
 from samfx.pictures import compare_pictures, draw_everything, speed_fidelity_plot, speed_fidelity_points
 
-from .conftest import small_model
-
-
-def open_png(path: Path) -> np.ndarray:
-    """The pixels of a PNG, after checking it is one."""
-    from PIL import Image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as image:
-        image.verify()
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 10  # a picture, not a blank
-    return pixels
+from .conftest import open_png, small_model
 
 
 def test_compare_pictures_show_both_models_and_everything(tmp_path) -> None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import samfx
-from samfx.passes import PassConfig, PassError, PassReport, PassResult, register_pass
-from samfx.passes.base import _PASSES
+from samfx.capture import CaptureError
+from samfx.passes import PassConfig, PassError, PassFailed, PassReport, PassResult, register_pass, unregister_pass
 from samfx.pipeline import resolve_passes
 
 from .conftest import small_model
@@ -27,10 +27,10 @@ def after_split_pass():
     @register_pass("needs_split_for_tests", _AfterSplitConfig, requires=("split_qkv",))
     def needs_split(captured, config, context):
         calls.append(config)
-        return PassResult(captured, PassReport(config.name, config.to_dict(), False, "nothing"))
+        return PassResult(captured, PassReport(False, "nothing"))
 
     yield calls
-    _PASSES.pop("needs_split_for_tests")
+    unregister_pass("needs_split_for_tests")
 
 
 def test_unknown_pass_names_the_available_ones() -> None:
@@ -95,11 +95,61 @@ def test_failing_pass_leaves_the_input_untouched() -> None:
 
     try:
         model = small_model("sam_vit_b")
-        with pytest.raises(RuntimeError, match="boom"):
-            samfx.optimize(model, ["boom_for_tests"])
+        with pytest.raises(RuntimeError, match=r"pass boom_for_tests failed after \['split_qkv'\]: boom") as caught:
+            samfx.optimize(model, ["split_qkv", "boom_for_tests"])
+        assert isinstance(caught.value, PassFailed) and isinstance(caught.value.__cause__, RuntimeError)
         assert isinstance(model.image_encoder.blocks[0].attn.qkv, torch.nn.Linear)
     finally:
-        _PASSES.pop("boom_for_tests")
+        unregister_pass("boom_for_tests")
+
+
+@dataclass(frozen=True)
+class _ContractConfig(PassConfig):
+    width: int = 0
+
+
+def test_pipeline_fills_each_report_and_checks_every_variant() -> None:
+    @register_pass("narrows_for_tests", _ContractConfig)
+    def narrow(captured, config, context):
+        # A Linear that no longer fits its input: every graph that calls it is broken.
+        if config.width:
+            captured.model.image_encoder.blocks[0].mlp.lin1 = torch.nn.Linear(config.width, 8)
+        return PassResult(captured, PassReport(bool(config.width), "narrowed"))
+
+    try:
+        report = samfx.report_of(samfx.optimize(small_model("sam_vit_b"), ["narrows_for_tests"])).passes[0]
+        assert (report.name, report.config, report.summary) == (
+            "narrows_for_tests", _ContractConfig().to_dict(), "narrowed")
+        assert report.time_s > 0
+        with pytest.raises(PassFailed, match=r"pass narrows_for_tests failed after \[\]: image_encoder .* does not run"
+                           ) as caught:
+            samfx.optimize(small_model("sam_vit_b"), [_ContractConfig(width=3)])
+        assert isinstance(caught.value.__cause__, CaptureError)
+    finally:
+        unregister_pass("narrows_for_tests")
+
+
+def test_ensures_runs_after_the_pass() -> None:
+    def ensures(captured, config):
+        if config.width:
+            raise AssertionError(f"width {config.width} promised, none given")
+
+    register_pass("ensures_for_tests", _ContractConfig, ensures=ensures)(
+        lambda captured, config, context: PassResult(captured, PassReport(False, "nothing")))
+    try:
+        samfx.optimize(small_model("sam_vit_b"), ["ensures_for_tests"])
+        with pytest.raises(PassFailed, match=r"pass ensures_for_tests failed after \['split_qkv'\]: width 2 promised"):
+            samfx.optimize(small_model("sam_vit_b"), ["split_qkv", _ContractConfig(width=2)])
+    finally:
+        unregister_pass("ensures_for_tests")
+
+
+def test_pass_context_shares_one_calibration_set() -> None:
+    from samfx.passes import PassContext
+
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    assert PassContext().calibration_set(("chelsea",)) == ["chelsea"]
+    assert PassContext(calibration_images=[image]).calibration_set(("chelsea",))[0] is image
 
 
 def test_report_json_round_trip(tmp_path) -> None:

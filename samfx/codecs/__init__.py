@@ -4,10 +4,8 @@ Two kinds live here:
 
 * **quantizers**, lossy: :mod:`samfx.codecs.lattice` (samfx's hyper codec: pairs
   of weights on the hexagonal lattice, per-row centre and step, fixed-width
-  runtime codes), and the baselines it is measured against,
-  :mod:`samfx.codecs.birkhoff` (Birkhoff's Hyper-Compression codec, reimplemented
-  faithfully and vectorised) and :mod:`samfx.codecs.rtn` (round-to-nearest
-  per-channel integers);
+  runtime codes; the baselines it is measured against, Birkhoff's codec and
+  round-to-nearest integers, live with the benchmarks in ``benchmarks/codecs``);
 * **tensor codecs**, lossless: how a tensor is written into a checkpoint.
   :func:`samfx.save` stores a tensor through the codec its module names
   (``module.samfx_tensor_codecs()``), so runtime codes kept fixed-width for the

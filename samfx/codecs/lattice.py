@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from . import TensorCodec, huffman, register_tensor_codec, unhuffman
+from .lattice_layout import LAYOUTS, layout_of, padded_pairs, plane_widths
 
 __all__ = ["A2_RMS", "LatticeCode", "SQRT3_2", "encode", "entropy_bits", "nearest_a2", "pack_codes", "plane_widths",
            "unpack_codes"]
@@ -73,7 +74,6 @@ __all__ = ["A2_RMS", "LatticeCode", "SQRT3_2", "encode", "entropy_bits", "neares
 SQRT3_2 = math.sqrt(3.0) / 2
 #: Per-coordinate RMS quantization error of A2 with unit minimum distance: √(G·V) = √(5/72).
 A2_RMS = math.sqrt(5.0 / 72.0)
-LAYOUTS = ("packed", "uint16")
 
 
 @dataclass
@@ -261,25 +261,6 @@ def encode(
         codes = pack_codes((i.long() - i0) + nx * (j.long() - j0), bits, layout)
     row_params = torch.stack([step, center], 1).to(torch.bfloat16)
     return LatticeCode(codes, row_params, cols, bits, nx, i0, j0, tuple(weight.shape))
-
-
-def layout_of(codes: torch.Tensor) -> str:
-    return "uint16" if codes.dtype == torch.int16 else "packed"
-
-
-def plane_widths(bits: int) -> list[int]:
-    """Widths of the bit planes of ``bits``-bit codes, lowest bits first."""
-    return [8] * (bits // 8) + [w for w in (4, 2, 1) if bits % 8 & w]
-
-
-def padded_pairs(pairs: int) -> int:
-    return -(-pairs // 8) * 8
-
-
-def code_shape(rows: int, cols: int, bits: int, layout: str) -> tuple[int, int]:
-    """Shape of the runtime codes of a ``rows x cols`` tensor."""
-    pairs = (cols + 1) // 2
-    return (rows, pairs) if layout == "uint16" else (rows, padded_pairs(pairs) * bits // 8)
 
 
 def pack_codes(theta: torch.Tensor, bits: int, layout: str = "packed") -> torch.Tensor:

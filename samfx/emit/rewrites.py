@@ -5,8 +5,8 @@ inputs, one graph per region between graph breaks. What samfx's passes know as
 modules (an attention block, a Linear) is there only as a pattern of ops, so the
 rewrites here match patterns on the graph and replace them in place. They never
 change a parameter, so the caller's model stays as it is. A pass whose rewrite
-is graph-local exposes it on fx graphs and registers here (``attention`` is the
-``fuse_attention`` pass's matcher and rewrite).
+is graph-local keeps it in :mod:`samfx.graph` and registers it here (``attention``
+is :mod:`samfx.graph.attention`, which the ``fuse_attention`` pass also runs).
 
 A rewrite is a function ``(graph_module, context) -> int`` (how many sites it
 rewrote) registered by name with :func:`register_rewrite`; the backend runs the
@@ -31,8 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ..passes.fuse_attention import fuse_graph_attention
-from ..passes.fx_ops import node_value, op_name
+from ..graph import fuse_graph_attention, node_value, op_name
 
 __all__ = ["GraphRewrite", "RewriteContext", "get_rewrite", "list_rewrites", "register_rewrite", "rewrite_attention"]
 
@@ -106,7 +105,7 @@ def _static(node: fx.Node) -> bool:
 def rewrite_attention(gm: fx.GraphModule, context: RewriteContext) -> int:
     """softmax(scale * q @ k^T + bias) @ v -> fused SDPA; SAM's decomposed rel-pos bias -> samfx::rel_pos_attention.
 
-    The ``fuse_attention`` pass's matcher and rewrite, on Dynamo's graph. The
+    :mod:`samfx.graph.attention` (as in the ``fuse_attention`` pass) on Dynamo's graph. The
     samfx op has no backward: a graph that needs one gets SDPA with the bias
     materialised as its mask.
     """

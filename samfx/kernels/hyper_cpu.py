@@ -27,6 +27,8 @@ import numba
 import numpy as np
 import torch
 
+from ..codecs.lattice_layout import code_shape, layout_of, plane_widths
+
 SQRT3 = math.sqrt(3.0)
 SQRT3_2 = SQRT3 / 2
 
@@ -276,8 +278,6 @@ class Prepared(NamedTuple):
 
 
 def prepare(codes: torch.Tensor, row_params: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> Prepared:
-    from ..codecs.lattice import layout_of, plane_widths
-
     packed = layout_of(codes) == "packed"
     params = row_params.float().numpy()
     pairs = codes.shape[1] * 8 // bits if packed else codes.shape[1]
@@ -317,8 +317,6 @@ def quantize(w: torch.Tensor, center: torch.Tensor, inv_step: torch.Tensor) -> t
 
 def pack(i: torch.Tensor, j: torch.Tensor, i0: int, j0: int, nx: int, bits: int) -> torch.Tensor:
     """Bit-plane runtime codes from lattice coordinates (``theta = i - i0 + nx*(j - j0)``)."""
-    from ..codecs.lattice import code_shape, plane_widths
-
     threads()
     rows, pairs = i.shape
     out = torch.empty(code_shape(rows, 2 * pairs, bits, "packed"), dtype=torch.uint8)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codecs.lattice import layout_of, padded_pairs
+from ..codecs.lattice_layout import layout_of, padded_pairs
 
 SQRT3_2 = math.sqrt(3.0) / 2
 

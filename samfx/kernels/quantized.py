@@ -79,10 +79,10 @@ def quantize_weight(weight: Tensor, qmax: int = 127, axis: int = 0) -> tuple[Ten
 
     Example::
 
-        >>> w = torch.tensor([[0.5, -1.0], [0.02, 0.01]])
+        >>> w = torch.tensor([[0.5, -1.0], [0.02, 0.011]])
         >>> codes, scale = quantize_weight(w, qmax=127)
         >>> codes.tolist(), [round(s, 6) for s in scale.tolist()]
-        ([[64, -127], [127, 64]], [0.007874, 0.000157])
+        ([[64, -127], [127, 70]], [0.007874, 0.000157])
     """
     dims = [d for d in range(weight.dim()) if d != axis]
     amax = weight.detach().float().abs().amax(dim=dims) if dims else weight.detach().float().abs()
@@ -106,7 +106,8 @@ def activation_qparams(low: float, high: float) -> tuple[float, int]:
 
     Example::
 
-        >>> activation_qparams(-0.17, 4.93)
+        >>> scale, zero_point = activation_qparams(-0.17, 4.93)
+        >>> round(scale, 6), zero_point
         (0.02, 9)
     """
     low, high = min(float(low), 0.0), max(float(high), 0.0)

@@ -11,12 +11,14 @@ from .base import (
     PassConfig,
     PassContext,
     PassError,
+    PassFailed,
     PassInfo,
     PassReport,
     PassResult,
     get_pass,
     list_passes,
     register_pass,
+    unregister_pass,
 )
 from .options import PassOption, parse_pass, parse_passes, pass_options
 from .split_qkv import SplitQKVConfig, split_qkv
@@ -34,6 +36,7 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassError",
+    "PassFailed",
     "PassInfo",
     "PassOption",
     "PassReport",
@@ -51,6 +54,7 @@ __all__ = [
     "prune",
     "quantize",
     "register_pass",
+    "unregister_pass",
     "bf16",
     "fuse_attention",
     "split_qkv",

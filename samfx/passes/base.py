@@ -4,7 +4,10 @@ A pass is a module under ``samfx/passes`` that defines a config dataclass and a
 function ``(captured, config, context) -> PassResult``, registered with
 :func:`register_pass`. The function receives a private :class:`CapturedModel`
 (never the user's model), rewrites its graphs and module tree, and returns the
-model with a :class:`PassReport`.
+model with a :class:`PassReport` of what it did; the pipeline
+(:func:`samfx.pipeline.run_passes`) fills the report's name, config and time,
+checks the model after the pass (every graph linted and run on fake tensors,
+then the pass's own ``ensures``) and names the pass in any error.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -24,17 +27,28 @@ __all__ = [
     "PassConfig",
     "PassContext",
     "PassError",
+    "PassFailed",
     "PassInfo",
     "PassReport",
     "PassResult",
     "get_pass",
     "list_passes",
     "register_pass",
+    "unregister_pass",
 ]
 
 
 class PassError(ValueError):
     """A pass list that cannot run: unknown names, bad order, bad options."""
+
+
+class PassFailed(PassError, RuntimeError):
+    """A pass raised, or left a model that fails the pipeline's checks.
+
+    The message names the pass and the passes before it; the original error is
+    ``__cause__``. It is a :class:`PassError` (the CLI reports it in one line)
+    and a ``RuntimeError`` (what an error from inside a pass used to be).
+    """
 
 
 @dataclass(frozen=True)
@@ -168,30 +182,45 @@ class PassContext:
     progress: bool = False
     replay: dict[str, Any] | None = None
 
+    def calibration_set(self, default: Sequence[str | np.ndarray] = ()) -> list[str | np.ndarray]:
+        """The held-out images every data-driven pass of one run calibrates on:
+        the caller's ``calibration_images``, else ``default`` (the pass's
+        package image names). Fidelity is measured on other images.
+
+        Example::
+
+            >>> PassContext().calibration_set(("chelsea",))
+            ['chelsea']
+        """
+        return list(self.calibration_images) or list(default)
+
 
 @dataclass
 class PassReport:
     """What one pass did.
 
+    A pass gives what it did; the pipeline fills in which pass, with which
+    config, and how long it took.
+
     Attributes:
-        name: the pass.
-        config: the config as a dict.
         changed: whether the pass rewrote anything.
         summary: one line for tables.
         details: counts and measurements, JSON-serialisable.
         skipped: reasons for parts the pass left untouched.
         replay: what a later :func:`samfx.load` needs to redo the pass exactly
             without data (for data-driven passes).
-        time_s: wall time, filled in by the pipeline.
+        name: the pass (filled in by the pipeline).
+        config: the config as a dict (filled in by the pipeline).
+        time_s: wall time (filled in by the pipeline).
     """
 
-    name: str
-    config: dict[str, Any]
     changed: bool
     summary: str
     details: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     replay: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
     time_s: float = 0.0
 
 
@@ -202,6 +231,8 @@ class PassResult:
 
 
 PassFn = Callable[[CapturedModel, PassConfig, PassContext], PassResult]
+#: A pass's own postcondition on the model it returned; raises when it does not hold.
+EnsuresFn = Callable[[CapturedModel, PassConfig], None]
 
 
 @dataclass(frozen=True)
@@ -217,6 +248,8 @@ class PassInfo:
         exact: whether the pass promises float-exact outputs.
         doc: one line for ``samfx passes``.
         data_driven: whether the pass may use calibration images (its options say when).
+        ensures: the pass's own check of its output, run by the pipeline after
+            the general one (graphs lint and run on the meta device).
     """
 
     name: str
@@ -227,6 +260,7 @@ class PassInfo:
     exact: bool = False
     doc: str = ""
     data_driven: bool = False
+    ensures: EnsuresFn | None = None
 
 
 _PASSES: dict[str, PassInfo] = {}
@@ -240,19 +274,30 @@ def register_pass(
     after: tuple[str, ...] = (),
     exact: bool = False,
     data_driven: bool = False,
+    ensures: EnsuresFn | None = None,
 ) -> Callable[[PassFn], PassFn]:
     """Register a pass entry point under ``name``.
+
+    ``requires`` and ``after`` order it among other passes; ``ensures`` checks
+    the model it returns (see :class:`PassInfo`).
 
     Example::
 
         >>> from dataclasses import dataclass
-        >>> from samfx.passes import PassConfig, PassReport, PassResult, register_pass
+        >>> from samfx.passes import PassConfig, PassReport, PassResult, register_pass, unregister_pass
         >>> @dataclass(frozen=True)
         ... class NoOpConfig(PassConfig):
         ...     pass
         >>> @register_pass("no_op_example", NoOpConfig, exact=True)
         ... def no_op(captured, config, context):
-        ...     return PassResult(captured, PassReport("no_op_example", config.to_dict(), False, "nothing"))
+        ...     return PassResult(captured, PassReport(changed=False, summary="nothing"))
+        >>> import samfx
+        >>> model = samfx.optimize(samfx.models.build("sam_vit_b", small=True), ["no_op_example"])
+        >>> report = model.samfx_report.passes[0]
+        >>> report.name, report.config["pass"], report.summary
+        ('no_op_example', 'no_op_example', 'nothing')
+        >>> unregister_pass("no_op_example").name
+        'no_op_example'
     """
 
     def decorate(fn: PassFn) -> PassFn:
@@ -261,10 +306,15 @@ def register_pass(
         config_cls.name = name
         doc = (fn.__doc__ or "").strip().splitlines()
         _PASSES[name] = PassInfo(name, config_cls, fn, tuple(requires), tuple(after), exact, doc[0] if doc else "",
-                                 data_driven)
+                                 data_driven, ensures)
         return fn
 
     return decorate
+
+
+def unregister_pass(name: str) -> PassInfo:
+    """Remove the pass registered under ``name`` (a plug-in or a test's); returns it."""
+    return _PASSES.pop(get_pass(name).name)
 
 
 def get_pass(name: str) -> PassInfo:

@@ -36,8 +36,8 @@ import torch
 import torch.fx as fx
 
 from ..capture import CapturedModel, Component
+from ..graph import module_paths, op_name
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
-from .fx_ops import op_name
 
 __all__ = ["BF16Config", "bf16"]
 
@@ -69,8 +69,7 @@ def _is_float_tensor(value: Any) -> bool:
 
 
 def _in_island(node: fx.Node, islands: set[str]) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(path in islands for path in stack) or op_name(node) == "softmax"
+    return any(path in islands for path in module_paths(node)) or op_name(node) == "softmax"
 
 
 def _reads_metadata_only(node: fx.Node) -> bool:
@@ -201,4 +200,4 @@ def bf16(captured: CapturedModel, config: BF16Config, context: PassContext) -> P
             continue
         done.append(role)
     summary = f"{', '.join(done)} in {config.dtype} with float32 islands" if done else "nothing cast"
-    return PassResult(captured, PassReport("bf16", config.to_dict(), bool(done), summary, details, skipped))
+    return PassResult(captured, PassReport(bool(done), summary, details, skipped))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import keyword
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..adapters.base import QKVLayout, QKVSite
 from ..capture import CapturedModel, Component
+from ..graph import op_name
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
 __all__ = ["SplitQKVConfig", "split_qkv"]
@@ -85,24 +85,9 @@ def _method_args(node: fx.Node) -> tuple[list[Any], dict[str, Any]]:
     return list(node.args[1:]), dict(node.kwargs)
 
 
-_FUNCTIONS = {
-    operator.getitem: "getitem",
-    torch.reshape: "reshape",
-    torch.permute: "permute",
-    torch.transpose: "transpose",
-    torch.unbind: "unbind",
-    torch.split: "split",
-    torch.chunk: "chunk",
-}
-
-
-def _op_name(node: fx.Node) -> str | None:
-    """The layout op a node performs, for method and function forms alike."""
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op == "call_function":
-        return _FUNCTIONS.get(node.target)
-    return None
+def _reshape_method(node: fx.Node) -> str:
+    """The method that rebuilds a part's ``view`` / ``reshape`` as upstream spelled it."""
+    return str(node.target) if node.op == "call_method" else "reshape"
 
 
 def _flat_sizes(args: list[Any]) -> list[Any]:
@@ -135,14 +120,14 @@ def _emit_call(op: str, make_args: Callable[[int], tuple[tuple[Any, ...], dict[s
 
 def _transfer(state: _Split, user: fx.Node) -> _Split | _SplitTuple:
     """The split state of ``user``, an op applied to a split tensor."""
-    op = _op_name(user)
-    if op is None:
+    op = op_name(user)
+    if op is None or (op == "view" and user.target in ("view_as", "reshape_as")):
         raise _Unsupported(f"{user.op} {user.target}")
     args, kwargs = _method_args(user)
     rank_in = len(_val(user.args[0]).shape)
     a, sizes = state.axis, state.sizes
 
-    if op in ("reshape", "view"):
+    if op == "view":
         shape_args = _flat_sizes(args)
         in_shape, out_shape = list(_val(user.args[0]).shape), list(_val(user).shape)
         prefix = math.prod(in_shape[:a])
@@ -160,7 +145,7 @@ def _transfer(state: _Split, user: fx.Node) -> _Split | _SplitTuple:
         def make(i: int, r: int = r, new_sizes: tuple[int, ...] = new_sizes) -> tuple[tuple[Any, ...], dict[str, Any]]:
             return _part_shape(shape_args, r, new_sizes[i]), {}
 
-        return _Split(r, new_sizes, [c + [_emit_call(op, make)] for c in state.chains])
+        return _Split(r, new_sizes, [c + [_emit_call(_reshape_method(user), make)] for c in state.chains])
     if op == "permute":
         dims = [_norm(d, rank_in) for d in _flat_sizes(args)]
         emit = _emit_call("permute", lambda i: (tuple(dims), {}))
@@ -209,7 +194,7 @@ def _plan(graph: fx.Graph, qkv: fx.Node, layout: QKVLayout) -> _Plan:
         dead = [qkv]
     else:
         users = list(qkv.users)
-        if len(users) != 1 or _op_name(users[0]) not in ("view", "reshape"):
+        if len(users) != 1 or op_name(users[0]) != "view":
             raise _Unsupported("a head-interleaved qkv must be viewed as (..., heads, q+k+v) first")
         view = users[0]
         shape = list(_val(view).shape)
@@ -220,7 +205,7 @@ def _plan(graph: fx.Graph, qkv: fx.Node, layout: QKVLayout) -> _Plan:
         def make(i: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
             return _part_shape(shape_args, len(shape_args) - 1, layout.sizes[i]), {}
 
-        root, state = view, _Split(len(shape) - 1, layout.sizes, [[_emit_call(str(view.target), make)] for _ in range(3)])
+        root, state = view, _Split(len(shape) - 1, layout.sizes, [[_emit_call(_reshape_method(view), make)] for _ in range(3)])
         dead = [qkv, view]
     terminals: list[tuple[fx.Node, int, list[Emit]]] = []
     pending: list[tuple[fx.Node, _Split | _SplitTuple]] = [(root, state)]
@@ -228,12 +213,12 @@ def _plan(graph: fx.Graph, qkv: fx.Node, layout: QKVLayout) -> _Plan:
         node, node_state = pending.pop()
         for user in list(node.users):
             if isinstance(node_state, _SplitTuple):
-                if _op_name(user) != "getitem" or not isinstance(user.args[1], int):
+                if op_name(user) != "getitem" or not isinstance(user.args[1], int):
                     raise _Unsupported(f"{user.op} {user.target} on the q/k/v tuple")
                 index = user.args[1]
                 terminals.append((user, index, node_state.parts[index]))
                 continue
-            if _op_name(user) == "getitem" and isinstance(user.args[1], int):
+            if op_name(user) == "getitem" and isinstance(user.args[1], int):
                 # x[i] along a split axis 0 of unit parts: part i without that axis
                 if node_state.axis != 0 or any(s != 1 for s in node_state.sizes):
                     raise _Unsupported("indexing the fused tensor")
@@ -338,5 +323,5 @@ def split_qkv(captured: CapturedModel, config: SplitQKVConfig, context: PassCont
         summary = "; ".join(f"{role}: {n} fused qkv -> q, k, v" for role, n in split.items())
     else:
         summary = "no fused qkv projection found" if not skipped else "nothing split"
-    report = PassReport("split_qkv", config.to_dict(), total > 0, summary, {"split": split}, skipped)
+    report = PassReport(total > 0, summary, {"split": split}, skipped)
     return PassResult(captured, report)

@@ -10,7 +10,7 @@ import samfx
 from samfx.passes import BF16Config, FuseAttentionConfig, PassContext, PassError, bf16, fuse_attention
 
 from ..conftest import SMALL_FAMILIES, small_model
-from .test_fuse_attention import _model, assert_components_match
+from .conftest import assert_components_match, attention_model
 
 
 def _half(model: nn.Module, config: BF16Config = BF16Config()) -> tuple[samfx.CapturedModel, samfx.passes.PassReport]:
@@ -23,7 +23,7 @@ def _half(model: nn.Module, config: BF16Config = BF16Config()) -> tuple[samfx.Ca
 # on CPUs without native bfloat16 it is an order of magnitude slower than float32.
 @pytest.mark.parametrize("name", [n for n in SMALL_FAMILIES if n != "lite_medsam"])
 def test_half_model_stays_close_and_keeps_float32_interfaces(name: str) -> None:
-    model = _model(name)
+    model = attention_model(name)
     captured, report = _half(model)
     assert report.changed and report.skipped == []
     # outputs in float32 like the original (checked inside), within bfloat16's
@@ -42,7 +42,7 @@ def test_half_model_stays_close_and_keeps_float32_interfaces(name: str) -> None:
 
 
 def test_islands_are_norms_and_the_iou_head() -> None:
-    captured, _ = _half(_model("sam_vit_b"))
+    captured, _ = _half(attention_model("sam_vit_b"))
     decoder = captured.component("mask_decoder").root
     assert decoder.iou_prediction_head.layers[0].weight.dtype == torch.float32
     assert decoder.output_upscaling[1].weight.dtype == torch.float32  # a LayerNorm2d
@@ -53,7 +53,7 @@ def test_islands_are_norms_and_the_iou_head() -> None:
 
 
 def test_float16_variant() -> None:
-    model = _model("sam_vit_b")
+    model = attention_model("sam_vit_b")
     captured, report = _half(model, BF16Config(dtype="float16"))
     assert report.summary.endswith("in float16 with float32 islands")
     assert_components_match(model, captured, rtol=5e-3)
@@ -73,14 +73,14 @@ def test_save_load_round_trip(tmp_path) -> None:
         assert torch.equal(again.image_encoder(x), half.image_encoder(x))
 
 
-def test_real_weights_fidelity(lite_medsam: nn.Module) -> None:
+def test_real_weights_fidelity(lite_medsam: nn.Module, lite_medsam_reference) -> None:
     """LiteMedSAM's real checkpoint on ``coins``, box prompts (the model is
     box-prompted; its click masks are near-empty). Measured on the whole image
     (benchmarks/precision.py): embedding cosine 0.99883, box-mask IoU 0.998
     (worst 0.996) against the original, ground-truth mIoU unchanged at 96.9."""
     captured, report = _half(lite_medsam)
     assert report.details["image_encoder"]["islands"] > 0
-    fidelity = samfx.fidelity.compare(lite_medsam, captured.model, ["coins"], max_prompts_per_image=8)
+    fidelity = samfx.fidelity.compare(lite_medsam_reference, captured.model, ["coins"], max_prompts_per_image=8)
     assert fidelity.embedding_cosine_min >= 0.998
     assert fidelity.box_mask_iou_mean >= 0.99 and fidelity.box_mask_iou_min >= 0.98
     assert abs(fidelity.gt_miou_original - fidelity.gt_miou_optimized) < 0.01

@@ -11,61 +11,12 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import samfx
 from samfx.passes import FuseAttentionConfig, PassContext, PassError, fuse_attention
-from samfx.passes.fuse_attention import NoMatch, fuse_graph_attention, match_attention
+from samfx.graph import NoMatch, fuse_graph_attention, match_attention
 
-from ..conftest import SMALL_FAMILIES, small_model
+from ..conftest import SMALL_FAMILIES
+from .conftest import assert_components_match, attention_model
 
 FUSED_TARGETS = (torch.ops.samfx.rel_pos_attention.default, torch.nn.functional.scaled_dot_product_attention)
-
-
-def hf_eager_model() -> nn.Module:
-    """Hugging Face's other graph variant: eager attention (softmax in float32, dropout)."""
-    model = small_model("hf_sam_vit_b")
-    return type(model)._from_config(model.config, attn_implementation="eager").eval()
-
-
-def _model(name: str) -> nn.Module:
-    model = hf_eager_model() if name == "hf_sam_vit_b_eager" else small_model(name)
-    torch.manual_seed(1)
-    for param_name, param in model.named_parameters():
-        if "rel_pos" in param_name:  # zero-initialised upstream: make the bias matter
-            param.data.normal_(0, 0.5)
-    return model
-
-
-def _randomized(value):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return torch.randn_like(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_randomized(v) for v in value)
-    return value
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    elif hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    return [t for item in out for t in _tensors(item)] if isinstance(out, (tuple, list)) else []
-
-
-def assert_components_match(original: nn.Module, captured: samfx.CapturedModel, rtol: float) -> None:
-    """Every graph variant of every captured component gives the original's
-    outputs on random inputs (the adapter's example call, randomized)."""
-    torch.manual_seed(2)
-    for role, component in captured.components.items():
-        reference = original.get_submodule(component.path) if component.path else original
-        for key in component.graphs:
-            args = _randomized(component.example_args(key))
-            with torch.no_grad():
-                expected, actual = _tensors(reference(*args)), _tensors(component.root(*args))
-            assert len(expected) == len(actual) > 0, role
-            for e, a in zip(expected, actual):
-                assert a.dtype == e.dtype, f"{role} {key}: {a.dtype} instead of {e.dtype}"
-                error = (a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)
-                assert error <= rtol, f"{role} {key}: relative error {error:.2e}"
 
 
 def fused_calls(captured: samfx.CapturedModel, role: str) -> list[fx.Node]:
@@ -74,7 +25,7 @@ def fused_calls(captured: samfx.CapturedModel, role: str) -> list[fx.Node]:
 
 @pytest.mark.parametrize("name", SMALL_FAMILIES + ["hf_sam_vit_b_eager"])
 def test_every_attention_is_fused_exactly(name: str) -> None:
-    model = _model(name)
+    model = attention_model(name)
     captured = samfx.capture(model)
     report = fuse_attention(captured, FuseAttentionConfig(), PassContext()).report
     assert report.skipped == []
@@ -104,7 +55,7 @@ def test_every_attention_is_fused_exactly(name: str) -> None:
 
 @pytest.mark.parametrize("order", [("split_qkv", "fuse_attention"), ("fuse_attention", "split_qkv")])
 def test_composes_with_split_qkv(order: tuple[str, str]) -> None:
-    model = _model("sam_vit_b")
+    model = attention_model("sam_vit_b")
     optimized = samfx.optimize(model, list(order))
     assert [p.changed for p in optimized.samfx_report.passes] == [True, True]
     assert not any(name.endswith(".qkv") for name, _ in optimized.named_modules())
@@ -114,7 +65,7 @@ def test_composes_with_split_qkv(order: tuple[str, str]) -> None:
 
 
 def test_mask_mode_gives_sdpa_the_materialised_bias() -> None:
-    model = _model("sam_hq_vit_b")
+    model = attention_model("sam_hq_vit_b")
     captured = samfx.capture(model, roles=("image_encoder",))
     report = fuse_attention(captured, FuseAttentionConfig(rel_pos="mask"), PassContext()).report
     assert report.details["attentions"]["image_encoder"] == {"sdpa + rel-pos mask": 2}
@@ -129,16 +80,16 @@ def test_bad_options_are_rejected() -> None:
 
 
 def test_kinds_restrict_the_rewrite() -> None:
-    captured = samfx.capture(_model("sam_vit_b"))
+    captured = samfx.capture(attention_model("sam_vit_b"))
     report = fuse_attention(captured, FuseAttentionConfig(kinds=("decoder",)), PassContext()).report
     assert list(report.details["attentions"]) == ["mask_decoder"]
     assert fused_calls(captured, "image_encoder") == []
 
 
-def test_real_weights_keep_their_masks(lite_medsam: nn.Module) -> None:
+def test_real_weights_keep_their_masks(lite_medsam: nn.Module, lite_medsam_reference) -> None:
     captured = samfx.capture(lite_medsam)
     fuse_attention(captured, FuseAttentionConfig(), PassContext())
-    fidelity = samfx.fidelity.compare(lite_medsam, captured.model, ["coins"], max_prompts_per_image=8)
+    fidelity = samfx.fidelity.compare(lite_medsam_reference, captured.model, ["coins"], max_prompts_per_image=8)
     assert fidelity.embedding_cosine_min > 0.99999
     assert fidelity.mask_iou_min > 0.999
 

@@ -23,7 +23,7 @@ from torch import nn
 import samfx
 from samfx.capture import CapturedModel
 from samfx.passes import PassContext, PassError, PassReport, PruneConfig, SplitQKVConfig, prune, split_qkv
-from samfx.passes.prune import _decode
+from samfx.passes.prune import decode_replay
 
 from ..conftest import encoder_output, image_input, small_model
 
@@ -63,7 +63,7 @@ def _zeroed(split: CapturedModel, report: PassReport) -> nn.Module:
     """The split model with every channel the pruned one removed set to zero."""
     reference = copy.deepcopy(split.model)
     encoder = _encoder(reference)
-    edits = _decode(report.replay["image_encoder"], "image_encoder")
+    edits = decode_replay(report.replay["image_encoder"], "image_encoder")
     with torch.no_grad():
         for target, dim, removed in edits:
             index = torch.tensor(removed)
@@ -218,21 +218,23 @@ def test_compensation_folds_the_removed_channels_means_into_the_next_bias() -> N
         report = prune(captured, PruneConfig(mlp=0.5, compensate=compensate), PassContext(images)).report
         results[compensate] = (captured.model.image_encoder.blocks[0].mlp.lin2.bias.detach(), report)
     assert results[True][1].details["compensation"] and results[True][1].details["image_encoder"]["compensated_layers"] > 0
-    removed = next(r for t, d, r in _decode(results[True][1].replay["image_encoder"], "image_encoder")
+    removed = next(r for t, d, r in decode_replay(results[True][1].replay["image_encoder"], "image_encoder")
                    if t == "blocks.0.mlp.lin2" and d == "in")
     expected = (lin2.weight.detach().double()[:, removed] @ mean[removed]).float()
     torch.testing.assert_close(results[True][0] - results[False][0], expected, rtol=1e-4, atol=1e-5)
     assert expected.abs().max() > 1e-3  # the check is not vacuous
 
 
-def test_lite_medsam_fidelity_after_pruning_30_percent_of_mlp_channels(lite_medsam: nn.Module) -> None:
+def test_lite_medsam_fidelity_after_pruning_30_percent_of_mlp_channels(lite_medsam: nn.Module,
+                                                                       lite_medsam_reference) -> None:
     """Real weights, no fine-tuning: FLAP's criterion and compensation on the
     training photos, box and click masks on coins against the original's and the truth.
     (Measured: magnitude without compensation keeps a ground-truth mIoU of 0.51 only.)"""
     calibration = [sample.image for sample in samfx.data.package_images(list(samfx.distillation.DEFAULT_TRAINING_IMAGES))]
-    pruned = samfx.optimize(lite_medsam, [PruneConfig(mlp=0.3, importance="fluctuation")], fidelity=["coins"],
+    pruned = samfx.optimize(lite_medsam, [PruneConfig(mlp=0.3, importance="fluctuation")],
                             calibration_images=calibration)
     report = pruned.samfx_report
+    report.fidelity = samfx.fidelity.compare(lite_medsam_reference, pruned, ["coins"])
     assert report.after.params < 0.92 * report.before.params  # the MLPs hold about a third of the weights
     assert report.fidelity.gt_miou_optimized > 0.93 and report.fidelity.gt_miou_original > 0.95
     assert report.fidelity.mask_iou_mean > 0.55

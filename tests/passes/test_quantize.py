@@ -13,14 +13,14 @@ import samfx
 from samfx.calibration import CalibrationSet
 from samfx.data import package_images
 from samfx.passes import PassError
-from samfx.passes.quantize import (
+from samfx.modules.quantized import (
     DynamicQuantizedLinear,
-    QuantizeConfig,
     QuantizedConv2d,
     QuantizedLinear,
     QuantizedMatMul,
     WeightOnlyLinear,
 )
+from samfx.passes.quantize import QuantizeConfig
 
 from ..conftest import encoder_output, image_input, small_model
 
@@ -201,11 +201,11 @@ def test_the_users_model_is_not_touched() -> None:
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_lite_medsam_w8a8_keeps_box_masks_and_ground_truth(lite_medsam: nn.Module) -> None:
+def test_lite_medsam_w8a8_keeps_box_masks_and_ground_truth(lite_medsam: nn.Module, lite_medsam_reference) -> None:
     """Real weights, encoder and decoder in int8: the issue's fidelity targets on held-out coins."""
     quantized = samfx.optimize(lite_medsam, [QuantizeConfig(images=("chelsea", "camera"), prompts_per_image=2)])
     counts = quantized.samfx_report.passes[0].details["quantized"]
     assert counts["image_encoder"]["linear"] > 0 and counts["mask_decoder"]["linear"] > 0
-    report = samfx.fidelity.compare(lite_medsam, quantized, images=["coins"])
+    report = samfx.fidelity.compare(lite_medsam_reference, quantized, images=["coins"])
     assert report.box_mask_iou_mean >= 0.97, report.summary()
     assert report.gt_miou_optimized >= report.gt_miou_original - 0.01, report.summary()

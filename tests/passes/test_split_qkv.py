@@ -55,9 +55,9 @@ def test_head_interleaved_layout_rows() -> None:
     assert v.tolist() == [4, 5, 6, 11, 12, 13]
 
 
-def test_split_qkv_on_real_weights_keeps_masks_identical(lite_medsam: nn.Module) -> None:
-    optimized = samfx.optimize(lite_medsam, ["split_qkv"], fidelity=["coins"])
-    fidelity = optimized.samfx_report.fidelity
+def test_split_qkv_on_real_weights_keeps_masks_identical(lite_medsam: nn.Module, lite_medsam_reference) -> None:
+    optimized = samfx.optimize(lite_medsam, ["split_qkv"])
+    fidelity = samfx.fidelity.compare(lite_medsam_reference, optimized, ["coins"])
     assert fidelity.mask_iou_min == 1.0
     assert fidelity.embedding_cosine_min > 0.99999
     assert fidelity.gt_miou_original == fidelity.gt_miou_optimized

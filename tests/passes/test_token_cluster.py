@@ -184,7 +184,7 @@ def test_tinyvit_blocks_run_on_the_cluster_map(lite_medsam: nn.Module) -> None:
     assert lite_medsam.image_encoder.layers[2].blocks[4].input_resolution == (64, 64)  # the input is untouched
 
 
-def test_real_weights_fidelity_on_litemedsam(lite_medsam: nn.Module) -> None:
+def test_real_weights_fidelity_on_litemedsam(lite_medsam: nn.Module, lite_medsam_reference) -> None:
     """LiteMedSAM's real weights on coins (48 prompts, points and boxes), with its
     last stage-2 block on 11x11 clusters per 14x14 window. Measured: box mIoU
     against ground truth 96.9 -> 95.7, embedding cosine 0.970, mask IoU against
@@ -194,13 +194,14 @@ def test_real_weights_fidelity_on_litemedsam(lite_medsam: nn.Module) -> None:
     0.01 suits SAM ViT-H's wide residual stream, but on TinyViT's stage-2
     features it makes every weight about 1, so a token becomes the L2-scaled
     sum of its 20 nearest clusters and the embedding is lost (cosine < 0.5)."""
-    good = samfx.optimize(lite_medsam, [TokenClusterConfig(location=7, clusters=121, norm="sum", temperature=10.0)],
-                          fidelity=["coins"]).samfx_report.fidelity
+    good = samfx.fidelity.compare(lite_medsam_reference, samfx.optimize(
+        lite_medsam, [TokenClusterConfig(location=7, clusters=121, norm="sum", temperature=10.0)]), ["coins"])
     assert good.gt_miou_original > 0.96 and good.gt_miou_optimized > 0.94
     assert good.embedding_cosine_mean > 0.95 and good.mask_iou_mean > 0.65
     # Expedit-SAM's own temperature loses the embedding here (suite time: one image's cosine).
     literal = samfx.optimize(lite_medsam, [TokenClusterConfig(location=7, clusters=121)])
-    assert samfx.fidelity.compare(lite_medsam, literal, ["coins"], max_prompts_per_image=1).embedding_cosine_mean < 0.5
+    assert samfx.fidelity.compare(lite_medsam_reference, literal, ["coins"],
+                                  max_prompts_per_image=1).embedding_cosine_mean < 0.5
 
 
 def test_tinyvit_after_a_block_rewrite_is_a_reported_skip(lite_medsam: nn.Module) -> None:

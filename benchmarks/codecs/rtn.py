@@ -7,7 +7,7 @@ and every weight is rounded to the nearest multiple of it. Stored, that is
 Example::
 
     >>> import torch
-    >>> from samfx.codecs.rtn import quantize
+    >>> from benchmarks.codecs.rtn import quantize
     >>> w = torch.randn(64, 256)
     >>> back, bits_per_weight = quantize(w, 8)
     >>> bool((back - w).abs().max() <= w.abs().amax(1).max() / 127 / 2 + 1e-6), round(bits_per_weight, 3)

@@ -1,56 +1,26 @@
-"""``token_cluster``: Expedit-SAM's training-free token clustering and reconstruction.
-
-Windowed ViT encoders (SAM ViT-B/L/H, SAM-HQ, Hugging Face ``SamModel``,
-SAM 2's Hiera stages) run every block on the full token map. Expedit-SAM
-clusters the tokens of each window into a small grid before block
-``location``, runs the remaining blocks on the cluster map, and rebuilds the
-full map once at the end (see :mod:`samfx.kernels.token_cluster` for the ops).
-This pass does it on the captured graph:
-
-* a ``token_cluster`` node goes before the block at ``location`` and replaces
-  the map that block reads;
-* every later windowed block of the stage splits the cluster map into windows
-  of the cluster grid (each new window is one old window); global blocks
-  attend over the whole cluster map; SAM's relative-position tables are
-  interpolated to the new sizes by the model's own ``get_rel_pos``, which is
-  given the sizes the graph now computes;
-* every use of the map outside the clustered blocks (the neck, SAM-HQ's early
-  features, the next Hiera stage) reads a ``token_reconstruct`` node instead.
+"""The ``token_cluster`` rewrite: its config, and clustering a captured image encoder
+before block ``location`` and rebuilding the token map before the neck.
 
 Where the clusters go comes from the adapter (:meth:`Adapter.token_stages`,
-:meth:`Adapter.window_call`); nothing here depends on a model class. Families
-without a plain-ViT stage (TinyViT, whose blocks bake the map size into their
-code) are a reported skip.
-
-With ``location=None`` the pass tunes: it tries locations and cluster counts on
-calibration images and keeps the cheapest setting whose masks stay within a
-mask-IoU floor of the unclustered model's (:func:`tune`).
-
-Example::
-
-    >>> import samfx
-    >>> sam = samfx.models.build("sam_vit_b", small=True)
-    >>> fast = samfx.optimize(sam, [samfx.TokenClusterConfig(location=1, clusters=4)])
-    >>> print(fast.samfx_report.passes[0].summary)
-    image_encoder: 8x8 tokens -> 4x4 clusters before block 1 (2x2 per 4x4 window)
+:meth:`Adapter.window_call`); nothing here depends on a model class.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.fx as fx
 
-from ..capture import CaptureError, CapturedModel, Component, capture
-from ..kernels import token_cluster as ops
-from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
+from ...capture import CaptureError, CapturedModel, Component
+from ...graph import module_paths
+from ...kernels import token_cluster as ops
+from ..base import PassConfig, PassError
 
-__all__ = ["Candidate", "TokenClusterConfig", "TuneResult", "token_cluster", "tune"]
+__all__ = ["TokenClusterConfig", "cluster_grid"]
 
 
 @dataclass(frozen=True)
@@ -151,11 +121,6 @@ class _Unsupported(Exception):
 
 # -- the rewrite ---------------------------------------------------------------------
 
-def _paths(node: fx.Node) -> set[str]:
-    # Repeated calls of one module get keys like "drop_path@1".
-    return {key.split("@")[0] for key in node.meta.get("nn_module_stack", {})}
-
-
 def _tensor(node: fx.Node) -> torch.Tensor | None:
     value = node.meta.get("val")
     return value if isinstance(value, torch.Tensor) else None
@@ -172,7 +137,7 @@ class _Block:
 
 
 def _block(graph: fx.Graph, root: torch.nn.Module, adapter: Any, path: str, window: int, rank: int) -> _Block:
-    nodes = [n for n in graph.nodes if path in _paths(n)]
+    nodes = [n for n in graph.nodes if path in module_paths(n)]
     if not nodes:
         raise _Unsupported(f"block {path} is not in the graph")
     members = set(nodes)
@@ -322,7 +287,7 @@ def _rewrite_graph(graph: fx.Graph, component: Component, adapter: Any, stage: A
     rebuilt = 0
     for index, block in enumerate(blocks):
         nxt = blocks[index + 1].path if index + 1 < len(blocks) else None
-        outside = [u for u in block.output.users if nxt not in _paths(u)]
+        outside = [u for u in block.output.users if nxt not in module_paths(u)]
         if not outside:
             continue
         with graph.inserting_before(block.output.next):
@@ -396,256 +361,3 @@ def _summary(details: dict[str, Any], setting: _Setting) -> str:
 def _setting(config: TokenClusterConfig, location: int, clusters: int | Sequence[int]) -> _Setting:
     return _Setting(location, cluster_grid(clusters), config.iterations, config.temperature,
                     config.neighbourhood // 2, config.k, config.norm, config.residual)
-
-
-# -- tuning -----------------------------------------------------------------------------
-
-@dataclass
-class Candidate:
-    """One setting the tuner looked at.
-
-    Attributes:
-        location, clusters: the setting.
-        macs_ratio: encoder MACs of the original over the setting's (the
-            predicted speed-up; attention matmuls included).
-        mask_iou: mean mask IoU against the unclustered model on the images,
-            ``None`` when the tuner did not run it.
-        mask_iou_min: the worst prompt's mask IoU.
-        embedding_cosine: mean cosine of the image embeddings.
-        encoder_s: median seconds of the setting's ``set_image`` during the
-            fidelity run (single runs per image, not a benchmark).
-        note: why it was not run.
-    """
-
-    location: int
-    clusters: tuple[int, int]
-    macs_ratio: float
-    mask_iou: float | None = None
-    mask_iou_min: float | None = None
-    embedding_cosine: float | None = None
-    encoder_s: float | None = None
-    note: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__, clusters=list(self.clusters))
-
-
-@dataclass
-class TuneResult:
-    """What :func:`tune` measured and chose.
-
-    Attributes:
-        floor: the mask-IoU floor asked for.
-        chosen: the fastest setting that met it, or ``None``.
-        candidates: every setting considered, fastest first.
-        images: the images the fidelity was measured on.
-        original_encoder_s: median ``set_image`` seconds of the unclustered model.
-    """
-
-    floor: float
-    chosen: Candidate | None
-    candidates: list[Candidate] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)
-    original_encoder_s: float | None = None
-
-    def curve(self) -> list[Candidate]:
-        """The settings that were run, fastest first: the speed/fidelity curve."""
-        return [c for c in self.candidates if c.mask_iou is not None]
-
-    def table(self) -> str:
-        lines = [f"{'location':>8} {'clusters':>9} {'MACs x':>7} {'mask IoU':>9} {'worst':>7} {'cosine':>8} "
-                 f"{'enc s':>7}"]
-        for c in self.curve():
-            mark = "  <- chosen" if c is self.chosen else ""
-            lines.append(f"{c.location:>8} {c.clusters[0]:>4}x{c.clusters[1]:<4} {c.macs_ratio:>7.2f} "
-                         f"{c.mask_iou:>9.4f} {c.mask_iou_min:>7.4f} {c.embedding_cosine:>8.5f} "
-                         f"{c.encoder_s:>7.2f}{mark}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"floor": self.floor, "chosen": self.chosen.to_dict() if self.chosen else None,
-                "candidates": [c.to_dict() for c in self.candidates], "images": self.images,
-                "original_encoder_s": self.original_encoder_s}
-
-
-def _block_of(paths: Sequence[str]) -> Any:
-    """Names a node by the block it belongs to ("" outside ``paths``)."""
-    wanted = set(paths)
-
-    def group(node: fx.Node) -> str:
-        return next(iter(_paths(node) & wanted), "")
-
-    return group
-
-
-def _candidate_model(captured: CapturedModel, setting: _Setting) -> CapturedModel:
-    trial = capture(captured.model, adapter=captured.adapter)
-    details, skipped = _apply(trial, setting)
-    if not details:
-        raise _Unsupported("; ".join(skipped))
-    return trial
-
-
-def _predicted_speedups(captured: CapturedModel, stages: Sequence[Any], config: TokenClusterConfig,
-                        locations: Sequence[int]) -> list[Candidate]:
-    """Encoder MACs of every setting, from one count per stage and cluster grid.
-
-    A block's MACs depend only on whether it runs on clusters, so the cost of
-    clustering before block ``L`` is the original's, minus what each block
-    from ``L`` on saves when it runs on clusters, plus the two ops.
-    """
-    from ..stats import graph_macs
-
-    paths = [p for s in stages for p in s.blocks]
-    group = _block_of(paths)
-    base = graph_macs(captured.component("image_encoder"), group)
-    total = sum(base.values())
-    candidates = []
-    for stage in stages:
-        wanted = [i for i in stage.indices if i in locations]
-        if not wanted:
-            continue
-        try:
-            window = _stage_window(stage.windows, stage.blocks[0])
-        except _Unsupported as why:
-            candidates += [Candidate(i, (0, 0), 1.0, note=f"cannot cluster: {why}") for i in wanted]
-            continue
-        # By default every square grid from half the window's side to one short of it.
-        counts = config.cluster_choices or tuple(side * side for side in range((window + 1) // 2, window))
-        for clusters in sorted(set(counts)):
-            setting = _setting(config, stage.indices[0], clusters)
-            try:
-                trial = _candidate_model(captured, setting)
-            except _Unsupported as why:
-                candidates += [Candidate(i, setting.grid, 1.0, note=f"cannot cluster: {why}") for i in wanted]
-                continue
-            clustered = graph_macs(trial.component("image_encoder"), group)
-            overhead = clustered.get("", 0) - base.get("", 0)
-            for location in wanted:
-                start = stage.indices.index(location)
-                saved = sum(base.get(p, 0) - clustered.get(p, 0) for p in stage.blocks[start:])
-                candidates.append(Candidate(location, setting.grid, total / (total - saved + overhead)))
-    return candidates
-
-
-def tune(
-    model: torch.nn.Module | CapturedModel,
-    config: TokenClusterConfig = TokenClusterConfig(),
-    images: Sequence[Any] | None = None,
-    progress: bool = False,
-) -> TuneResult:
-    """Choose the location and cluster count for a mask-IoU floor, on images.
-
-    Every setting ``(location, clusters)`` from ``config.locations`` (all
-    valid ones if empty) and ``config.cluster_choices`` gets a predicted
-    speed-up from its encoder MACs, counted on fake tensors. Settings are then
-    run on the images, fastest first, and compared with the unclustered model
-    by :func:`samfx.fidelity.compare` (points and boxes); the first one whose
-    mean mask IoU reaches ``config.floor`` is chosen. Fidelity only grows
-    with a later location and with more clusters, so a setting that fails
-    rules out every setting that is earlier with no more clusters, and those
-    are not run.
-
-    Args:
-        model: a SAM-family model, or a captured one (as a pass sees it).
-        config: the tuning options (floor, choices, images, budget) and the
-            clustering options every setting shares.
-        images: package image names, :class:`samfx.data.ImageSample` objects
-            or ``H x W x 3`` uint8 arrays (prompts are then placed on large
-            regions); default ``config.images``.
-        progress: show progress bars.
-
-    Returns:
-        A :class:`TuneResult`; ``chosen`` is ``None`` if nothing met the floor.
-
-    Example::
-
-        >>> import samfx
-        >>> from samfx.passes.token_cluster import tune
-        >>> sam = samfx.models.build("lite_medsam")
-        >>> result = tune(sam, samfx.TokenClusterConfig(floor=0.9))  # doctest: +SKIP
-        >>> print(result.table())                                    # doctest: +SKIP
-    """
-    from ..data import calibration_sample, package_images
-    from ..fidelity import CachedPredictor, compare
-
-    captured = model if isinstance(model, CapturedModel) else capture(model)
-    adapter = captured.adapter
-    stages = adapter.token_stages(captured.component("image_encoder").root)
-    if not stages:
-        raise PassError("token_cluster: cannot tune, the image encoder has no stage of blocks over one token map")
-    valid = [i for s in stages for i in s.indices]
-    locations = list(config.locations or valid)
-    bad = sorted(set(locations) - set(valid))
-    if bad:
-        raise PassError(f"token_cluster: locations {bad} cannot take clusters; valid: {valid}")
-    samples = []
-    for item in (config.images if images is None else images):
-        if isinstance(item, np.ndarray):
-            samples.append(calibration_sample(item, f"calibration {len(samples)}"))
-        elif isinstance(item, str):
-            samples += package_images([item])
-        else:
-            samples.append(item)
-
-    candidates = _predicted_speedups(captured, stages, config, locations)
-    candidates.sort(key=lambda c: (-c.macs_ratio, -c.location))
-    reference = CachedPredictor(adapter.predictor(captured.model))
-    result = TuneResult(config.floor, None, candidates, [s.name for s in samples])
-    failed: list[Candidate] = []
-    runs = 0
-    for candidate in candidates:
-        if candidate.note:
-            continue
-        if any(candidate.location <= f.location and math.prod(candidate.clusters) <= math.prod(f.clusters)
-               for f in failed):
-            candidate.note = "not run: an equally early setting with as many clusters missed the floor"
-            continue
-        if runs == config.max_evaluations:
-            candidate.note = f"not run: the budget of {config.max_evaluations} evaluations was spent"
-            continue
-        trial = _candidate_model(captured, _setting(config, candidate.location, candidate.clusters))
-        report = compare(reference, trial.model, samples, adapter=adapter, progress=progress)
-        runs += 1
-        candidate.mask_iou, candidate.mask_iou_min = report.mask_iou_mean, report.mask_iou_min
-        candidate.embedding_cosine = report.embedding_cosine_mean
-        candidate.encoder_s = report.set_image_s_optimized
-        result.original_encoder_s = report.set_image_s_original
-        if candidate.mask_iou >= config.floor:
-            result.chosen = candidate
-            break
-        failed.append(candidate)
-    return result
-
-
-# -- the pass ------------------------------------------------------------------------------
-
-@register_pass("token_cluster", TokenClusterConfig, data_driven=True)
-def token_cluster(captured: CapturedModel, config: TokenClusterConfig, context: PassContext) -> PassResult:
-    """Cluster encoder tokens mid-way and rebuild them before the neck (Expedit-SAM)."""
-    tuning: dict[str, Any] | None = None
-    if context.replay:
-        location, clusters = context.replay["location"], tuple(context.replay["clusters"])
-    elif config.location is None:
-        result = tune(captured, config, context.calibration_images or None, progress=context.progress)
-        tuning = result.to_dict()
-        if result.chosen is None:
-            curve = result.curve()
-            reason = (f"no setting tried reached a mask IoU of {config.floor} against the unclustered model "
-                      f"(best {max(c.mask_iou for c in curve):.4f})" if curve else
-                      f"no setting could be tried: {result.candidates[0].note if result.candidates else 'none'}")
-            report = PassReport("token_cluster", config.to_dict(), False, "nothing clustered", {"tuning": tuning},
-                                [reason])
-            return PassResult(captured, report)
-        location, clusters = result.chosen.location, result.chosen.clusters
-    else:
-        location, clusters = config.location, config.clusters
-    setting = _setting(config, location, clusters)
-    details, skipped = _apply(captured, setting)
-    if tuning is not None:
-        details["tuning"] = tuning
-    changed = any(role != "tuning" for role in details)
-    summary = _summary({r: d for r, d in details.items() if r != "tuning"}, setting) if changed else "nothing clustered"
-    replay = {"location": setting.location, "clusters": list(setting.grid)} if changed else {}
-    report = PassReport("token_cluster", config.to_dict(), changed, summary, details, skipped, replay)
-    return PassResult(captured, report)

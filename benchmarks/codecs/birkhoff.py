@@ -26,7 +26,7 @@ with Birkhoff's safetensors keys and bit-packing, so the size is theirs.
 Example::
 
     >>> import torch
-    >>> from samfx.codecs.birkhoff import encode
+    >>> from benchmarks.codecs.birkhoff import encode
     >>> code = encode(torch.randn(64, 256) * 0.02, linear=True)
     >>> code.bits, round(float((code.decode() - code.original).abs().mean()), 4) <= 0.001
     (12, True)

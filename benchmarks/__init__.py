@@ -1,0 +1,1 @@
+"""Benchmark suites: ``python -m benchmarks SUITE ...`` (see ``benchmarks/__main__.py``)."""

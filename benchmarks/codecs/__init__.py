@@ -1,0 +1,1 @@
+"""Baseline codecs samfx's hyper codec is measured against (benchmark-only, not shipped)."""
