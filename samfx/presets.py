@@ -1,0 +1,66 @@
+"""Named recipes: a pass list with its configs and the images it calibrates on.
+
+A preset is what the benchmarks found best for one model on one kind of
+machine, ready to run with :func:`samfx.optimize`. Its calibration photos are
+the package photos that fidelity reports never evaluate on, so the figures a
+preset is judged by are held out.
+
+Example::
+
+    >>> import samfx
+    >>> from samfx.presets import get_preset
+    >>> preset = get_preset("lite_medsam_cpu")
+    >>> [type(p).__name__ for p in preset.passes]
+    ['PruneConfig', 'QuantizeConfig']
+    >>> fast = preset.optimize(samfx.models.build("lite_medsam"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .distillation import DEFAULT_TRAINING_IMAGES
+from .passes import PassConfig
+from .passes.prune import PruneConfig
+from .passes.quantize import QuantizeConfig
+
+__all__ = ["PRESETS", "Preset", "get_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A pass list, the calibration images its data-driven passes use, and what it is for."""
+
+    name: str
+    description: str
+    passes: tuple[PassConfig, ...]
+    calibration_images: tuple[str, ...] = DEFAULT_TRAINING_IMAGES
+
+    def optimize(self, model: nn.Module, **options: Any) -> nn.Module:
+        """``samfx.optimize(model, passes, calibration_images=...)``; ``options`` go to it too."""
+        from .pipeline import optimize
+
+        return optimize(model, list(self.passes), calibration_images=list(self.calibration_images), **options)
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "lite_medsam_cpu",
+            "LiteMedSAM for CPU runtimes (OpenVINO, onnxruntime): MLP channels pruned by fluctuation importance "
+            "with bias compensation, then W8A8 int8 on encoder and decoder with bias correction; export as QDQ.",
+            (PruneConfig(mlp=0.3, importance="fluctuation"), QuantizeConfig()),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a ``KeyError`` naming the known ones otherwise."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]
