@@ -77,6 +77,7 @@ class BoxDecoder(nn.Module):
     def __init__(self, model: nn.Module, image_hw: tuple[int, int]) -> None:
         super().__init__()
         self.prompt_encoder, self.mask_decoder, self.image_hw = model.prompt_encoder, model.mask_decoder, image_hw
+        self.train(False)
 
     def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
@@ -244,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             # The decoder is calibrated on the calibration photos' embeddings with their objects' boxes.
             samples = []
             for image, inputs in zip(package_images(list(DEFAULT_TRAINING_IMAGES)), calibration_inputs):
-                with torch.no_grad():
-                    embedding = model.image_encoder(torch.from_numpy(inputs)).numpy()
-                ih, iw = image.image.shape[:2]
-                scale = np.array([size / iw, size / ih] * 2, np.float32)
-                image_boxes = np.array([p.coords for p in image.prompts if p.kind == "box"], np.float32) * scale
-                samples.append((embedding, image_boxes))
+                image_boxes = [p.coords for p in image.prompts if p.kind == "box"]
+                if image_boxes:
+                    with torch.no_grad():
+                        embedding = model.image_encoder(torch.from_numpy(inputs)).numpy()
+                    ih, iw = image.image.shape[:2]
+                    scale = np.array([size / iw, size / ih] * 2, np.float32)
+                    samples.append((embedding, np.array(image_boxes, np.float32) * scale))
             nncf_files.append(nncf_int8(fp32[1], samples, tmp / "nncf-decoder.xml"))
         print(f"  nncf.quantize in {time.perf_counter() - start:.0f} s", flush=True)
         paths.append(DeployPath("OpenVINO + NNCF int8", "hand-made", model, ov_run(str(nncf_files[0]), args.threads),

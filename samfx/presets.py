@@ -41,9 +41,11 @@ class Preset:
 
     def optimize(self, model: nn.Module, **options: Any) -> nn.Module:
         """``samfx.optimize(model, passes, calibration_images=...)``; ``options`` go to it too."""
+        from .data import load_images
         from .pipeline import optimize
 
-        return optimize(model, list(self.passes), calibration_images=list(self.calibration_images), **options)
+        images, _ = load_images(list(self.calibration_images), "calibration")
+        return optimize(model, list(self.passes), calibration_images=images, **options)
 
 
 PRESETS: dict[str, Preset] = {

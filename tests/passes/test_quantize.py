@@ -123,8 +123,8 @@ def _float_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[s
 def test_bias_correction_cancels_the_mean_output_error_on_calibration_data() -> None:
     """One calibration image: each encoder layer saw one call, so on the float model's
     inputs the corrected layer's mean error per output channel is zero."""
-    original, corrected = _quantized()
-    _, plain = _quantized(bias_correction=False)
+    original, corrected = _quantized(bias_correction=True)
+    _, plain = _quantized()
     names = [n for n in _modules(corrected.image_encoder, QuantizedLinear)][:6]
     names = [f"image_encoder.{n}" for n in names]
     inputs = _float_inputs(original, names, _calibration_image(original))
@@ -145,7 +145,7 @@ def test_weight_range_follows_the_cpus_int8_kernels(vnni: bool, monkeypatch: pyt
     import samfx.kernels.quantized as qk
 
     monkeypatch.setattr(qk, "int8_cpu_kernels", lambda: {"onednn": False, "full_range_weights": vnni})
-    quantized = samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**_FAST, bias_correction=False)])
+    quantized = samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**_FAST)])
     largest = max(int(m.weight.abs().max()) for m in _modules(quantized, QuantizedLinear).values())
     assert largest == (127 if vnni else 63)
     assert quantized.samfx_report.passes[0].replay["weight_qmax"] == largest
@@ -177,7 +177,7 @@ def test_calibration_is_deterministic() -> None:
 
 
 def test_save_and_load_replay_the_recipe_without_data(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, quantized = _quantized(attention_matmuls=True)
+    _, quantized = _quantized(attention_matmuls=True, bias_correction=True)  # corrected biases come back too
     path = samfx.save(quantized, tmp_path / "q")
 
     def no_data(*args, **kwargs):
