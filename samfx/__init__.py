@@ -17,7 +17,7 @@ from pathlib import Path
 
 __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 
-from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
+from . import adapters, data, fidelity, masks, models, passes, presets, segment_everything, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .distillation import DistillReport, distill  # noqa: E402
 from .emit.onnx import export_onnx  # noqa: E402
@@ -69,6 +69,7 @@ __all__ = [
     "models",
     "optimize",
     "passes",
+    "presets",
     "report_of",
     "resolve_passes",
     "save",
