@@ -262,15 +262,20 @@ def main(argv: list[str] | None = None) -> int:
         if end_to_end:
             recipes["samfx prune (MLP 30%) + quantize"] = [samfx.PruneConfig(mlp=0.3, importance="fluctuation"),
                                                           samfx.QuantizeConfig()]
-            recipes["samfx preset lite_medsam_cpu"] = list(get_preset("lite_medsam_cpu").passes)
+            preset = list(get_preset("lite_medsam_cpu").passes)
+            same = [name for name, passes in recipes.items() if passes == preset]
+            if same:  # one artifact, one row
+                recipes = {(f"{n} (preset lite_medsam_cpu)" if n in same else n): p for n, p in recipes.items()}
+            else:
+                recipes["samfx preset lite_medsam_cpu"] = preset
         for name, passes in recipes.items():
             start = time.perf_counter()
             optimized = samfx.optimize(model, passes, calibration_images=calibration)
             print(f"  {name}: optimized in {time.perf_counter() - start:.0f} s", flush=True)
-            if name == "samfx quantize":
+            if name.startswith("samfx quantize"):
                 paths.append(DeployPath(f"{name}, torch int8", "samfx", optimized, torch_run(optimized.image_encoder),
                                    end_to_end and torch_run(BoxDecoder(optimized, (h, w))) or None))
-            runtimes = ("ort", "openvino") if name != "samfx prune (MLP 30%) + quantize" else ("openvino",)
+            runtimes = ("openvino",) if name.startswith("samfx prune") else ("ort", "openvino")
             paths += onnx_paths(name, "samfx", optimized, exporter(optimized, name.split()[1]), args.threads, runtimes)
 
     rows = measure(paths, model, sample, x, boxes, args)

@@ -11,7 +11,7 @@ Example::
     >>> from samfx.presets import get_preset
     >>> preset = get_preset("lite_medsam_cpu")
     >>> [type(p).__name__ for p in preset.passes]
-    ['PruneConfig', 'QuantizeConfig']
+    ['QuantizeConfig']
     >>> fast = preset.optimize(samfx.models.build("lite_medsam"))  # doctest: +SKIP
 """
 
@@ -24,7 +24,6 @@ from torch import nn
 
 from .distillation import DEFAULT_TRAINING_IMAGES
 from .passes import PassConfig
-from .passes.prune import PruneConfig
 from .passes.quantize import QuantizeConfig
 
 __all__ = ["PRESETS", "Preset", "get_preset"]
@@ -53,9 +52,10 @@ PRESETS: dict[str, Preset] = {
     for preset in (
         Preset(
             "lite_medsam_cpu",
-            "LiteMedSAM for CPU runtimes (OpenVINO, onnxruntime): MLP channels pruned by fluctuation importance "
-            "with bias compensation, then W8A8 int8 on encoder and decoder with bias correction; export as QDQ.",
-            (PruneConfig(mlp=0.3, importance="fluctuation"), QuantizeConfig()),
+            "LiteMedSAM for CPU runtimes (OpenVINO, onnxruntime; export as QDQ): W8A8 int8 on encoder and "
+            "decoder, 8-bit weights where the CPU has VNNI/AMX, NNCF's mean-of-extremes activation ranges. "
+            "Pruning before it (MLP 20-30%, fluctuation) fell below box IoU 0.98 without distillation.",
+            (QuantizeConfig(),),
         ),
     )
 }
