@@ -14,9 +14,14 @@ default; the prompt encoder's coordinate and label inputs are never touched):
   as they are.
 
 Activation ranges come from calibration on unlabeled images, prompted with
-clicks and boxes the way users prompt (:mod:`samfx.calibration`), and are
-chosen per input by minimising the quantization MSE over the collected values
-(``activation_range="mse"``; ``"minmax"`` and ``"percentile"`` are there too).
+clicks and boxes the way users prompt (:mod:`samfx.calibration`): per input,
+the mean over calibration calls of each call's minimum and maximum
+(``activation_range="mean_minmax"``, NNCF's estimator; ``"mse"``, ``"minmax"``
+and ``"percentile"`` are there too). Weights use the full int8 range where the
+CPU's int8 dot products have VNNI/AMX, ``[-63, 63]`` elsewhere
+(``reduce_range``): on LiteMedSAM the 7-bit weights alone cost 0.02 of
+embedding cosine (docs/quantization.md). ``bias_correction`` adds NNCF's fast
+bias correction.
 One affine uint8 grid per tensor is what int8 kernels take: Q-TinySAM's
 twin-uniform grids after GELU and softmax need two products per layer, so
 here a post-GELU input gets an asymmetric grid whose zero point makes room for
