@@ -28,6 +28,7 @@ path of the same run; the CPU's ISA is in the output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -35,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image", default="coins")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--lock", default=None,
+                        help="a file to hold an exclusive flock on while timing (exports and calibration run outside it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -305,13 +308,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def timing_lock(path: str | None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (other benchmarks on a shared machine wait), or nothing."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as handle:
+        print(f"  waiting for {path} ...", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def measure(paths: list[DeployPath], model: nn.Module, sample, x: np.ndarray, boxes: np.ndarray | None,
             args: argparse.Namespace) -> list[dict]:
     """Interleaved timings (encoder alone; encoder + batched decoder) and fidelity of every path."""
-    timings = interleaved({p.name: (lambda p=p: p.encode(x)) for p in paths}, repeats=args.repeats)
-    e2e = {}
-    if boxes is not None:
-        e2e = interleaved({p.name: (lambda p=p: p.decode(p.encode(x), boxes)) for p in paths}, repeats=args.repeats)
+    with timing_lock(args.lock):
+        timings = interleaved({p.name: (lambda p=p: p.encode(x)) for p in paths}, repeats=args.repeats)
+        e2e = {}
+        if boxes is not None:
+            e2e = interleaved({p.name: (lambda p=p: p.decode(p.encode(x), boxes)) for p in paths},
+                              repeats=args.repeats)
     reference = CachedPredictor(samfx.adapters.find_adapter(model).predictor(model))
     reference_embedding = paths[0].encode(x)
     reference_masks = paths[0].decode(reference_embedding, boxes) if boxes is not None else None
