@@ -30,6 +30,7 @@ from .passes import (  # noqa: E402
     PassError,
     PruneConfig,
     QuantizeConfig,
+    ShareImageSideConfig,
     SplitQKVConfig,
     TokenClusterConfig,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "PassError",
     "PruneConfig",
     "QuantizeConfig",
+    "ShareImageSideConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
     "__version__",
