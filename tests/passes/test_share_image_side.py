@@ -10,13 +10,19 @@ import samfx
 from samfx.data import package_images
 from samfx.passes.share_image_side import shared_rows
 
-from ..conftest import small_model
+_SHARED: dict[str, nn.Module] = {}
+
+
+def _shared(name: str, model: nn.Module) -> nn.Module:
+    if name not in _SHARED:
+        _SHARED[name] = samfx.optimize(model, ["share_image_side"])
+    return _SHARED[name]
 
 
 def test_batched_prompts_give_the_originals_masks(family_model) -> None:
     """Eight clicks decoded in one batch, every family: the logits are the original's."""
     name, model = family_model
-    fast = samfx.optimize(model, ["share_image_side"])
+    fast = _shared(name, model)
     report = fast.samfx_report.passes[0]
     if name.startswith("hf_"):
         assert not report.changed and report.skipped  # Hugging Face's decoder has no per-prompt copy
@@ -36,7 +42,7 @@ def test_batched_prompts_give_the_originals_masks(family_model) -> None:
 
 def test_per_prompt_dense_embeddings_stay_exact(lite_medsam: nn.Module) -> None:
     """Mask inputs give each prompt its own dense embedding: nothing is shared then, and nothing changes."""
-    fast = samfx.optimize(lite_medsam, ["share_image_side"])
+    fast = _shared("lite_medsam", lite_medsam)
     generator = torch.Generator().manual_seed(0)
     embedding = torch.randn(1, 256, 64, 64, generator=generator)
     sparse = torch.randn(4, 2, 256, generator=generator)
