@@ -49,7 +49,7 @@ import samfx  # noqa: E402
 from samfx.bench import cpu_isa, interleaved, markdown_table, write_results  # noqa: E402
 from samfx.data import load_images, package_images  # noqa: E402
 from samfx.distillation import DEFAULT_TRAINING_IMAGES  # noqa: E402
-from samfx.emit.quantized_onnx import export, session  # noqa: E402
+from samfx.emit.quantized_onnx import export  # noqa: E402
 from samfx.fidelity import CachedPredictor, compare, mask_iou  # noqa: E402
 from samfx.presets import get_preset  # noqa: E402
 
@@ -128,7 +128,13 @@ def torch_run(module: nn.Module) -> Run:
 
 
 def ort_run(path: Path, threads: int) -> Run:
-    s = session(path, threads)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = threads, 3
+    # No arena: a dozen sessions each keeping its peak (24 boxes of decoder activations) exhaust 24 GB.
+    options.enable_cpu_mem_arena = False
+    s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in s.get_inputs()]
     return lambda *arrays: s.run(None, dict(zip(names, arrays)))[0]
 
@@ -203,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image", default="coins")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="keep only the paths whose name contains one of these (torch eager always stays); "
+                             "every path is resident while timing, so a 24 GB machine needs a subset")
     parser.add_argument("--lock", default=None,
                         help="a file to hold an exclusive flock on while timing (exports and calibration run outside it)")
     args = parser.parse_args(argv)
@@ -272,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 recipes["samfx preset lite_medsam_cpu"] = preset
         for name, passes in recipes.items():
+            rows_of_recipe = [f"{name}, {runtime}" for runtime in ("torch int8", "onnxruntime", "OpenVINO")]
+            if args.only and not any(text in row for text in args.only for row in rows_of_recipe):
+                continue
             start = time.perf_counter()
             optimized = samfx.optimize(model, passes, calibration_images=calibration)
             print(f"  {name}: optimized in {time.perf_counter() - start:.0f} s", flush=True)
@@ -281,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             runtimes = ("openvino",) if name.startswith("samfx prune") else ("ort", "openvino")
             paths += onnx_paths(name, "samfx", optimized, exporter(optimized, name.split()[1]), args.threads, runtimes)
 
+    if args.only:
+        paths = paths[:1] + [p for p in paths[1:] if any(text in p.name for text in args.only)]
     rows = measure(paths, model, sample, x, boxes, args)
     fastest = {k: min(r[k] for r in rows if r["source"] == "hand-made" and r.get(k)) for k in ("encoder_s", "e2e_s")
                if any(r.get(k) for r in rows)}
