@@ -14,7 +14,7 @@ Example::
 """
 
 from ._version import __version__
-from . import adapters, annotations, data, fidelity, masks, models, passes, segment_everything, stats
+from . import adapters, annotations, data, fidelity, masks, models, passes, presets, segment_everything, stats
 from .capture import CaptureError, CapturedModel, Component, capture
 from .distillation import DistillReport, distill
 from .emit.onnx import export_onnx
@@ -28,6 +28,7 @@ from .passes import (
     PassError,
     PruneConfig,
     QuantizeConfig,
+    ShareImageSideConfig,
     SplitQKVConfig,
     TokenClusterConfig,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "PassError",
     "PruneConfig",
     "QuantizeConfig",
+    "ShareImageSideConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
     "__version__",
@@ -70,6 +72,7 @@ __all__ = [
     "models",
     "optimize",
     "passes",
+    "presets",
     "report_of",
     "resolve_passes",
     "save",

@@ -84,7 +84,7 @@ def _passes(_: argparse.Namespace) -> int:
         flags = ["exact" if info.exact else "lossy, data-driven" if info.data_driven else "lossy"]
         if info.requires:
             flags.append("requires " + ", ".join(info.requires))
-        print(f"{info.name:<16}{'; '.join(flags):<32}{info.doc}")
+        print(f"{info.name:<18}{'; '.join(flags):<32}{info.doc}")
         for option in passes.pass_options(info.name):
             print(f"{'':<18}{option}")
     print('\noptions: --passes "split_qkv,prune:mlp=0.3:importance=fluctuation"; tuple items joined by +')

@@ -4,7 +4,7 @@ Example::
 
     >>> import samfx
     >>> [p.name for p in samfx.passes.list_passes()]
-    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster', 'prune', 'quantize']
+    ['split_qkv', 'fuse_attention', 'bf16', 'hyper', 'token_cluster', 'prune', 'quantize', 'share_image_side']
 """
 
 from .base import (
@@ -28,6 +28,7 @@ from .hyper import HyperConfig, hyper
 from .token_cluster import TokenClusterConfig, token_cluster
 from .prune import PruneConfig, prune
 from .quantize import QuantizeConfig, quantize
+from .share_image_side import ShareImageSideConfig, share_image_side
 
 __all__ = [
     "BF16Config",
@@ -43,6 +44,7 @@ __all__ = [
     "PassResult",
     "PruneConfig",
     "QuantizeConfig",
+    "ShareImageSideConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
     "get_pass",
@@ -57,6 +59,7 @@ __all__ = [
     "unregister_pass",
     "bf16",
     "fuse_attention",
+    "share_image_side",
     "split_qkv",
     "token_cluster",
 ]

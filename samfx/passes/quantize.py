@@ -14,9 +14,14 @@ default; the prompt encoder's coordinate and label inputs are never touched):
   as they are.
 
 Activation ranges come from calibration on unlabeled images, prompted with
-clicks and boxes the way users prompt (:mod:`samfx.calibration`), and are
-chosen per input by minimising the quantization MSE over the collected values
-(``activation_range="mse"``; ``"minmax"`` and ``"percentile"`` are there too).
+clicks and boxes the way users prompt (:mod:`samfx.calibration`): per input,
+the mean over calibration calls of each call's minimum and maximum
+(``activation_range="mean_minmax"``, NNCF's estimator; ``"mse"``, ``"minmax"``
+and ``"percentile"`` are there too). Weights use the full int8 range where the
+CPU's int8 dot products have VNNI/AMX, ``[-63, 63]`` elsewhere
+(``reduce_range``): on LiteMedSAM the 7-bit weights alone cost 0.02 of
+embedding cosine (docs/quantization.md). ``bias_correction`` adds NNCF's fast
+bias correction.
 One affine uint8 grid per tensor is what int8 kernels take: Q-TinySAM's
 twin-uniform grids after GELU and softmax need two products per layer, so
 here a post-GELU input gets an asymmetric grid whose zero point makes room for
@@ -70,7 +75,7 @@ from .base import PassConfig, PassContext, PassError, PassReport, PassResult, re
 __all__ = ["QuantizeConfig", "quantize"]
 
 _MODES = ("w8a8", "w8a8_dynamic", "w8", "w4")
-_RANGES = ("mse", "minmax", "percentile")
+_RANGES = ("mean_minmax", "mse", "minmax", "percentile")
 #: Values kept per observed call, and in all, for the range search (deterministic random subsets).
 _SAMPLE_PER_CALL = 1 << 14
 _SAMPLE_TOTAL = 1 << 16
@@ -89,11 +94,19 @@ class QuantizeConfig(PassConfig):
         convs: quantize ``Conv2d`` layers (``groups == 1``) too.
         attention_matmuls: quantize attention's ``q @ k^T`` and ``p @ v`` (``w8a8`` only).
         activation_range: how calibration picks each activation's range:
-            ``mse`` (least quantization error), ``minmax`` or ``percentile``
-            (0.01% clipped on each side).
+            ``mean_minmax`` (the mean over calibration calls of each call's
+            minimum and maximum, as NNCF does), ``mse`` (least quantization
+            error over the pooled values), ``minmax`` or ``percentile`` (0.01%
+            clipped on each side).
         reduce_range: weights in ``[-63, 63]`` so that int8 kernels cannot
             saturate on CPUs without VNNI (see :mod:`samfx.kernels.quantized`).
-            Set ``False`` on CPUs with VNNI/AMX for one more bit of weight precision.
+            ``None`` (default): only where this CPU's int8 kernels lack
+            VNNI/AMX; the choice is recorded in the recipe.
+        bias_correction: shift each quantized layer's bias by its mean output
+            error per channel, measured on its float inputs over the
+            calibration prompts (NNCF's fast bias correction; ``w8a8`` only).
+            Off by default: on LiteMedSAM it raises the embedding cosine but
+            lowers box-mask IoU and ground-truth mIoU (docs/quantization.md).
         images: package images to calibrate on when the caller gives none
             (``optimize(..., calibration_images=...)`` takes precedence).
         prompts_per_image: clicks per image; each also gives a box prompt.
@@ -109,8 +122,9 @@ class QuantizeConfig(PassConfig):
     roles: tuple[str, ...] = ("image_encoder", "mask_decoder")
     convs: bool = True
     attention_matmuls: bool = False
-    activation_range: str = "mse"
-    reduce_range: bool = True
+    activation_range: str = "mean_minmax"
+    reduce_range: bool | None = None
+    bias_correction: bool = False
     images: tuple[str, ...] = DEFAULT_CALIBRATION_IMAGES
     prompts_per_image: int = 8
     min_mask_iou: float | None = None
@@ -146,6 +160,9 @@ class _Site:
     observers: list["_Observer"] = field(default_factory=list)
     grids: dict[str, Any] = field(default_factory=dict)
     sensitivity: float | None = None
+    weight_qmax: int = 127
+    #: added to the quantized layer's bias (bias correction); zeros on replay, the saved weights fill them
+    bias_shift: Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -280,10 +297,11 @@ def _find_sites(captured: CapturedModel, config: QuantizeConfig) -> tuple[list[_
 # -- calibration -----------------------------------------------------------------------------------
 
 class _Observer:
-    """Range and a deterministic random sample of the values one input takes."""
+    """Range, each call's range and a deterministic random sample of the values one input takes."""
 
     def __init__(self, generator: torch.Generator) -> None:
         self.low, self.high = math.inf, -math.inf
+        self.call_ranges: list[tuple[float, float]] = []
         self.samples: list[Tensor] = []
         self.generator = generator
 
@@ -291,8 +309,9 @@ class _Observer:
         flat = x.detach().reshape(-1).float()
         if not flat.numel():
             return
-        self.low = min(self.low, float(flat.min()))
-        self.high = max(self.high, float(flat.max()))
+        low, high = float(flat.min()), float(flat.max())
+        self.call_ranges.append((low, high))
+        self.low, self.high = min(self.low, low), max(self.high, high)
         if flat.numel() > _SAMPLE_PER_CALL:
             flat = flat[torch.randint(flat.numel(), (_SAMPLE_PER_CALL,), generator=self.generator)]
         self.samples.append(flat.cpu().clone())
@@ -319,7 +338,10 @@ def _activation_grid(observer: _Observer, method: str, nonnegative: bool = False
     low, high = min(observer.low, 0.0), max(observer.high, 0.0)
     if nonnegative:
         low = 0.0
-    if method == "percentile":
+    if method == "mean_minmax":
+        low = 0.0 if nonnegative else min(float(np.mean([r[0] for r in observer.call_ranges])), 0.0)
+        high = max(float(np.mean([r[1] for r in observer.call_ranges])), 0.0)
+    elif method == "percentile":
         values = observer.values()
         low = min(float(torch.quantile(values, _PERCENTILE)), 0.0) if not nonnegative else 0.0
         high = max(float(torch.quantile(values, 1 - _PERCENTILE)), 0.0)
@@ -343,6 +365,8 @@ def _symmetric_scale(observer: _Observer, qmax: int, method: str) -> float:
     amax = max(abs(observer.low), abs(observer.high), 1e-12)
     if method == "minmax":
         return amax / qmax
+    if method == "mean_minmax":
+        return max(float(np.mean([max(-r[0], r[1]) for r in observer.call_ranges])), 1e-12) / qmax
     values = observer.values().double()
     if method == "percentile":
         return max(float(torch.quantile(values.abs(), 1 - _PERCENTILE)), 1e-12) / qmax
@@ -385,16 +409,47 @@ def _choose_grids(sites: list[_Site], config: QuantizeConfig, b_qmax: int) -> No
 # -- installing ------------------------------------------------------------------------------------
 
 def _quantized_module(site: _Site, config: QuantizeConfig) -> nn.Module:
-    weight_qmax = qk.weight_qmax(config.reduce_range)
+    weight_qmax = site.weight_qmax
     if site.kind == "matmul":
         return QuantizedMatMul.from_grids(tuple(site.grids["a"]), site.grids["b_scale"], weight_qmax)
-    if site.kind == "conv":
-        return QuantizedConv2d.from_float(site.float_module, weight_qmax, tuple(site.grids["input"]))
-    if config.mode == "w8a8":
-        return QuantizedLinear.from_float(site.float_module, weight_qmax, tuple(site.grids["input"]))
+    if site.kind == "conv" or config.mode == "w8a8":
+        kind = QuantizedConv2d if site.kind == "conv" else QuantizedLinear
+        module = kind.from_float(site.float_module, weight_qmax, tuple(site.grids["input"]))
+        if site.bias_shift is not None:
+            module.bias = site.bias_shift.clone() if module.bias is None else module.bias + site.bias_shift
+        return module
     if config.mode == "w8a8_dynamic":
         return DynamicQuantizedLinear.from_float(site.float_module, weight_qmax)
     return WeightOnlyLinear.from_float(site.float_module, 8 if config.mode == "w8" else 4, config.group_size)
+
+
+def _correct_biases(captured: CapturedModel, sites: list[_Site], config: QuantizeConfig,
+                    calibration: CalibrationSet) -> None:
+    """Fast bias correction: each layer's mean output error per channel when
+    quantized, on the float model's inputs to it over every calibration prompt,
+    becomes its ``bias_shift``. Layers are measured independently, in one run."""
+    layers = {id(s.float_module): (s, _quantized_module(s, config)) for s in sites if s.kind != "matmul"}
+    totals: dict[int, list] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        site, quantized = layers[id(module)]
+        error = (output - quantized(args[0])).double()
+        channel = 1 if site.kind == "conv" else error.dim() - 1
+        dims = [d for d in range(error.dim()) if d != channel]
+        total = totals.setdefault(id(module), [0.0, 0])
+        total[0] = total[0] + error.sum(dim=dims)
+        total[1] += error.numel() // error.shape[channel]
+
+    handles = [s.float_module.register_forward_hook(hook) for s in sites if id(s.float_module) in layers]
+    try:
+        with torch.no_grad():
+            calibration.run(captured.adapter.predictor(captured.model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for key, (site, _) in layers.items():
+        if key in totals and totals[key][1]:
+            site.bias_shift = (totals[key][0] / totals[key][1]).float()
 
 
 def _set(captured: CapturedModel, site: _Site, module: nn.Module) -> None:
@@ -486,7 +541,7 @@ def _keep_float(site: _Site, patterns: Iterable[str]) -> bool:
 
 # -- the pass --------------------------------------------------------------------------------------
 
-def _replayed_grids(sites: list[_Site], replay: dict[str, Any]) -> set[str]:
+def _replayed_grids(sites: list[_Site], replay: dict[str, Any], reduce_range: bool | None) -> set[str]:
     """Put the recorded grids on ``sites``; the names recorded as float."""
     recorded = {s["name"]: s for s in replay.get("sites", [])}
     names = {s.name for s in sites}
@@ -494,8 +549,13 @@ def _replayed_grids(sites: list[_Site], replay: dict[str, Any]) -> set[str]:
         missing, extra = sorted(names - set(recorded)), sorted(set(recorded) - names)
         raise PassError(f"quantize: the recorded recipe does not fit this model (not recorded: {missing[:5]}, "
                         f"recorded but absent: {extra[:5]})")
+    # Recipes from before it was recorded: reduce_range was a bool, True by default.
+    weight_qmax = replay.get("weight_qmax", qk.weight_qmax(reduce_range is not False))
     for site in sites:
         site.grids = recorded[site.name].get("grids", {})
+        site.weight_qmax = weight_qmax
+        if recorded[site.name].get("bias_corrected"):
+            site.bias_shift = torch.zeros(site.float_module.weight.shape[0])
     return {name for name, s in recorded.items() if not s["quantized"]}
 
 
@@ -508,8 +568,14 @@ def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassConte
     needs_data = needs_grids or config.min_mask_iou is not None
     calibration: CalibrationSet | None = None
     history: list[dict[str, Any]] = []
+    reduce_range = config.reduce_range
+    if reduce_range is None:
+        reduce_range = not qk.int8_cpu_kernels()["full_range_weights"]
+    weight_qmax = qk.weight_qmax(reduce_range)
+    for site in sites:
+        site.weight_qmax = weight_qmax
     if context.replay is not None:
-        floats = _replayed_grids(sites, context.replay)
+        floats = _replayed_grids(sites, context.replay, config.reduce_range)
         kept = [s for s in sites if s.name in floats]
     elif needs_data and sites:
         if not {"mask_decoder", "prompt_encoder"} <= set(captured.components):
@@ -525,7 +591,9 @@ def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassConte
         finally:
             detach()
         if needs_grids:
-            _choose_grids(sites, config, qk.weight_qmax(config.reduce_range))
+            _choose_grids(sites, config, weight_qmax)
+        if needs_grids and config.bias_correction:
+            _correct_biases(captured, sites, config, calibration)
         kept = []
     else:
         kept = []
@@ -553,7 +621,9 @@ def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassConte
         details["sensitivity"] = {s.name: s.sensitivity for s in sorted(sites, key=lambda s: -(s.sensitivity or 0))[:10]
                                   if s.sensitivity is not None}
     replay = {
-        "sites": [{"name": s.name, "kind": s.kind, "quantized": s not in kept, "grids": s.grids} for s in sites],
+        "sites": [{"name": s.name, "kind": s.kind, "quantized": s not in kept, "grids": s.grids,
+                   "bias_corrected": s.bias_shift is not None} for s in sites],
+        "weight_qmax": sites[0].weight_qmax if sites else weight_qmax,
         "calibration": calibration.recipe() if calibration is not None else (context.replay or {}).get("calibration"),
     }
     total = sum(sum(c.values()) for c in counts.values())

@@ -8,7 +8,6 @@ from torch.export import Dim
 from torch.utils.flop_counter import FlopCounterMode
 
 from samfx.emit.few_tokens import reassociate_few_token_attention
-from samfx.emit.hoist import hoist_batch_invariant
 
 
 class _BatchedDecoder(torch.nn.Module):
@@ -41,15 +40,14 @@ def _exported(points: int):
 def test_box_prompts_project_their_tokens_not_the_image_and_keep_their_masks() -> None:
     decoder, program, (embeddings, pe, dense) = _exported(points=2)
     before = program.module()
-    hoist_batch_invariant(program.graph_module)
-    hoisted = program.module()
-    # Layer 0's image-to-token output, layer 1's four image-side projections, the final keys and values.
-    assert reassociate_few_token_attention(program.graph_module) == 7
+    # Every image-side projection: four in each layer (keys and values of the token-to-image
+    # attention, queries and outputs of the image-to-token one), the final keys and values.
+    assert reassociate_few_token_attention(program.graph_module) == 10
     inputs = (embeddings, pe, torch.randn(24, 2, 64), dense)
     with torch.inference_mode():
         for got, want in zip(program.module()(*inputs), decoder(*inputs)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        assert _flops(program.module(), *inputs) < 0.75 * _flops(hoisted, *inputs) < 0.75 * _flops(before, *inputs)
+        assert _flops(program.module(), *inputs) < 0.6 * _flops(before, *inputs)
         # Other prompt sizes than the exported example stay correct.
         many = (embeddings, pe, torch.randn(2, 9, 64), dense)
         for got, want in zip(program.module()(*many), decoder(*many)):

@@ -73,8 +73,8 @@ def test_w8a8_layers_stay_within_their_quantization_error() -> None:
         layer, reference = layers[name], original.get_submodule(name)
         s, z = float(layer.input_scale), int(layer.input_zero_point)
         x = x.clamp(-z * s, (255 - z) * s)
-        with torch.no_grad():
-            out, expected = layer(x), reference(x)
+        with torch.no_grad():  # bias correction shifted the bias on purpose: compare around it
+            out, expected = layer(x), reference(x) + (layer.bias - reference.bias)
         ws = layer.weight_scale[:, None].expand_as(reference.weight)
         bound = x.abs() @ (ws / 2).t() + s / 2 * reference.weight.abs().sum(1) + s * layer.weight_scale * x.shape[-1] / 4
         assert ((out - expected).abs() <= bound * 1.001 + 1e-4).all(), name
@@ -109,6 +109,60 @@ def test_integer_inputs_and_layernorm_stay_float() -> None:
     assert masks.dtype == bool and np.isfinite(scores).all()
 
 
+def _float_inputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0]))
+               for n in names]
+    with torch.no_grad():
+        model.image_encoder(x)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def test_bias_correction_cancels_the_mean_output_error_on_calibration_data() -> None:
+    """One calibration image: each encoder layer saw one call, so on the float model's
+    inputs the corrected layer's mean error per output channel is zero."""
+    original, corrected = _quantized(bias_correction=True)
+    _, plain = _quantized()
+    names = [n for n in _modules(corrected.image_encoder, QuantizedLinear)][:6]
+    names = [f"image_encoder.{n}" for n in names]
+    inputs = _float_inputs(original, names, _calibration_image(original))
+    for name in names:
+        with torch.no_grad():
+            reference = original.get_submodule(name)(inputs[name])
+            errors = [(m.get_submodule(name)(inputs[name]) - reference).reshape(-1, reference.shape[-1]).mean(0)
+                      for m in (corrected, plain)]
+        assert errors[0].abs().max() <= 1e-4 + 1e-3 * errors[1].abs().max(), name
+        assert errors[1].abs().max() > 10 * errors[0].abs().max(), name
+    sites = corrected.samfx_report.passes[0].replay["sites"]
+    assert all(s["bias_corrected"] for s in sites if s["kind"] != "matmul")
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_weight_range_follows_the_cpus_int8_kernels(vnni: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full 8-bit weights where int8 dot products cannot saturate (VNNI/AMX), 7-bit elsewhere; recorded."""
+    import samfx.kernels.quantized as qk
+
+    monkeypatch.setattr(qk, "int8_cpu_kernels", lambda: {"onednn": False, "full_range_weights": vnni})
+    quantized = samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**_FAST)])
+    largest = max(int(m.weight.abs().max()) for m in _modules(quantized, QuantizedLinear).values())
+    assert largest == (127 if vnni else 63)
+    assert quantized.samfx_report.passes[0].replay["weight_qmax"] == largest
+
+
+def test_mean_minmax_grids_lie_within_the_minmax_grids() -> None:
+    """NNCF's range: the mean of each call's extremes, never wider than all calls' extremes."""
+    grids = {}
+    for method in ("mean_minmax", "minmax"):
+        _, quantized = _quantized(activation_range=method)
+        grids[method] = {s["name"]: s["grids"]["input"] for s in quantized.samfx_report.passes[0].replay["sites"]}
+    span = lambda grid: grid[0] * 255  # noqa: E731  (scale times the uint8 range)
+    assert all(span(grids["mean_minmax"][n]) <= span(g) * (1 + 1e-6) for n, g in grids["minmax"].items())
+    decoder = [n for n in grids["minmax"] if n.startswith("mask_decoder/")]  # called once per prompt
+    assert any(span(grids["mean_minmax"][n]) < 0.99 * span(grids["minmax"][n]) for n in decoder)
+
+
 def test_calibration_is_deterministic() -> None:
     model = small_model("sam_vit_b")
     first = samfx.optimize(model, [QuantizeConfig(**_FAST)])
@@ -123,7 +177,7 @@ def test_calibration_is_deterministic() -> None:
 
 
 def test_save_and_load_replay_the_recipe_without_data(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, quantized = _quantized(attention_matmuls=True)
+    _, quantized = _quantized(attention_matmuls=True, bias_correction=True)  # corrected biases come back too
     path = samfx.save(quantized, tmp_path / "q")
 
     def no_data(*args, **kwargs):
