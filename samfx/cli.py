@@ -127,11 +127,25 @@ def _optimize_images(args: argparse.Namespace, passes: list) -> tuple[list, list
     return samples, split.calibration, split.record(), message
 
 
+def _passes_or_preset(args: argparse.Namespace) -> list:
+    """The pass list of ``--passes`` or of ``--preset`` (whose calibration photos
+    become the calibration set unless ``--calibration`` names others)."""
+    from .passes import parse_passes
+    from .presets import get_preset
+
+    if args.preset is None:
+        return parse_passes(args.passes or "split_qkv")
+    if args.passes:
+        raise UsageError("give --passes or --preset, not both")
+    preset = get_preset(args.preset)
+    args.calibration = args.calibration or ",".join(preset.calibration_images)
+    return list(preset.passes)
+
+
 def _optimize(args: argparse.Namespace) -> int:
     import torch
 
     from . import models, optimize, save
-    from .passes import parse_passes
 
     _check_out_dir(args.out, overwrite=args.overwrite)
     if args.threads:
@@ -142,7 +156,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.checkpoint and not name:
         name = models.identify(models.load_checkpoint(args.checkpoint))
         print(f"checkpoint fits the zoo architecture {name}")
-    passes = parse_passes(args.passes)
+    passes = _passes_or_preset(args)
     images, calibration, record, message = _optimize_images(args, passes)
     if message:
         print(message)
@@ -348,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--model", help="zoo name (see `samfx models`)")
     opt.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     opt.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
-    opt.add_argument("--passes", default="split_qkv",
-                     help='comma-separated passes with options, e.g. "split_qkv,prune:mlp=0.3" (see `samfx passes`)')
+    opt.add_argument("--preset", help="a named recipe instead of --passes (see samfx.presets), e.g. lite_medsam_cpu")
+    opt.add_argument("--passes", default=None,
+                     help='comma-separated passes with options, e.g. "split_qkv,prune:mlp=0.3" (see `samfx passes`; '
+                          'default: split_qkv)')
     opt.add_argument("--out", required=True, help="output directory (an earlier samfx save there is replaced)")
     opt.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a samfx save")
     opt.add_argument("--images", default="coins,astronaut,coffee",

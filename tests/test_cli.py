@@ -279,3 +279,24 @@ def test_eval_of_a_saved_run_rebuilds_its_original_and_flags_calibration_images(
     report = json.loads(out.read_text())
     assert report["original"] == "lite_medsam" and report["calibration_overlap"] == [calibration]
     assert report["vs_original_miou"] == 1.0 and report["trained_prompts"] == ["box"]
+
+
+def test_optimize_takes_a_preset_and_refuses_it_beside_passes(tmp_path, capsys) -> None:
+    out = tmp_path / "p"
+    argv = ["optimize", "--model", "sam_vit_b", "--small", "--quiet", "--no-fidelity", "--out", str(out)]
+    assert main([*argv, "--preset", "lite_medsam_cpu", "--passes", "split_qkv"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*argv, "--preset", "no_such_preset"]) == 2
+    assert "unknown preset 'no_such_preset'" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+
+
+def test_optimize_with_a_preset_saves_its_passes_calibrated_on_its_photos(tmp_path) -> None:
+    out = tmp_path / "p"
+    assert main(["optimize", "--model", "sam_vit_b", "--small", "--quiet", "--no-fidelity", "--out", str(out),
+                 "--preset", "lite_medsam_cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["share_image_side", "quantize"]
+    from samfx.presets import get_preset
+
+    assert report["images"]["calibration"] == list(get_preset("lite_medsam_cpu").calibration_images)
