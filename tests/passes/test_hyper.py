@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 import samfx
+from samfx.models import CheckpointError
 from samfx.passes import HyperConfig, PassError
 from samfx.modules.hyper import HyperConv, HyperLinear, HyperTensor
 
 from ..conftest import SMALL_FAMILIES, encoder_output, image_input, small_model
+from ..test_serialization import _reseal
 
 SMALL = HyperConfig(min_numel=1024)
 
@@ -95,9 +97,9 @@ def test_overrides_and_layout() -> None:
 def test_replay_refuses_a_different_model(tmp_path) -> None:
     samfx.save(samfx.optimize(small_model("sam_vit_b"), [SMALL]), tmp_path)
     recipe = json.loads((tmp_path / "samfx.json").read_text())
-    recipe["passes"][0]["replay"]["coded"]["image_encoder.no_such_layer"] = {"kind": "linear"}
-    (tmp_path / "samfx.json").write_text(json.dumps(recipe))
-    with pytest.raises(PassError, match="no_such_layer"):
+    recipe["history"][0]["passes"][0]["replay"]["coded"]["image_encoder.no_such_layer"] = {"kind": "linear"}
+    _reseal(tmp_path, recipe)  # as if samfx had written it: the replay itself must refuse it
+    with pytest.raises(CheckpointError, match="cannot replay optimize call 1: hyper: .*no_such_layer"):
         samfx.load(tmp_path)
 
 
