@@ -20,6 +20,8 @@ __version__ = (Path(__file__).parent / "VERSION").read_text().strip()
 from . import adapters, data, fidelity, masks, models, passes, segment_everything, stats  # noqa: E402
 from .capture import CaptureError, CapturedModel, Component, capture  # noqa: E402
 from .distillation import DistillReport, distill  # noqa: E402
+from .emit import runtime  # noqa: E402
+from .emit.export import export  # noqa: E402
 from .emit.onnx import export_onnx  # noqa: E402
 from .models import CheckpointError  # noqa: E402
 from .passes import (  # noqa: E402
@@ -61,6 +63,7 @@ __all__ = [
     "capture",
     "data",
     "distill",
+    "export",
     "export_onnx",
     "everything",
     "fidelity",
@@ -71,6 +74,7 @@ __all__ = [
     "passes",
     "report_of",
     "resolve_passes",
+    "runtime",
     "save",
     "segment_everything",
     "stats",

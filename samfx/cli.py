@@ -4,8 +4,9 @@
     samfx passes                                    list the passes
     samfx optimize --model lite_medsam --passes fuse_attention,hyper --out runs/demo
     samfx optimize --checkpoint sam_vit_b.pth --passes split_qkv --out runs/b
-    samfx export-onnx --model lite_medsam --passes split_qkv --out runs/onnx
-    samfx run-onnx photo.jpg --model-dir runs/onnx --point 120,80 --out mask.png
+    samfx export --model lite_medsam --format openvino --passes fuse_attention --out runs/ov
+    samfx run photo.jpg --model-dir runs/ov --box 30,40,200,220 --box 5,5,90,80 --out masks.png
+    samfx bench --model lite_medsam --passes quantize --runtimes eager,openvino
     samfx everything photo.jpg --model sam_vit_b --checkpoint sam_vit_b.pth --out masks.json --png masks.png
     samfx compare runs/demo --out runs/demo/pictures       # original vs optimized masks, as PNGs
     samfx compare --bench benchmarks/results/latest.json --out plots   # speed against fidelity
@@ -188,11 +189,11 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_onnx(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace) -> int:
     import torch
 
     from . import models, optimize
-    from .emit.onnx import export_onnx
+    from .emit.export import export
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,16 +202,29 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if passes:
         model = optimize(model, passes, progress=not args.quiet, model_name=args.model)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    export_onnx(model, args.out, multimask_output=not args.single_mask, opset=args.opset, external_data=external,
-                verbose=True)
-    print(f"\nwrote {args.out}/encoder.onnx, decoder.onnx, samfx_onnx.json and samfx_runtime.py")
+    try:
+        result = export(model, args.out, format=args.format, multimask_output=not args.single_mask, opset=args.opset,
+                        external_data=external, verbose=True)
+    except (OSError, ValueError) as err:
+        return _fail(err)
+    files = ", ".join(sorted(result.manifest["files"]))
+    print(f"\nwrote {args.out}: {files} and samfx_export.json")
     return 0
 
 
-def _run_onnx(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     from .emit import runtime
 
-    return runtime.run(args)
+    try:
+        print(runtime.segment(args))
+    except (OSError, ValueError, RuntimeError) as err:
+        return _fail(err)
+    return 0
+
+
+def _fail(err: BaseException) -> int:
+    print(f"samfx: error: {err}", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,9 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--pictures", action="store_true",
                      help="also write PNGs of the original's and the optimized model's masks to OUT/pictures")
     opt.set_defaults(run=_optimize)
-    exp = sub.add_parser("export-onnx",
-                         help="export encoder.onnx + decoder.onnx (SAM convention), checked in onnxruntime")
+    exp = sub.add_parser("export", aliases=["export-onnx"],
+                         help="export the encoder + decoder (SAM convention) for OpenVINO or onnxruntime, checked "
+                              "against PyTorch, with a manifest of checksums (export-onnx: --format onnx)")
     exp.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
+    exp.add_argument("--format", choices=("openvino", "onnx"), default=None,
+                     help="openvino (IR, default) or onnx (default for the export-onnx alias)")
     exp.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     exp.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
     exp.add_argument("--passes", default="", help="comma-separated passes to run first (default: none)")
@@ -241,15 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--single-mask", action="store_true", help="decoder returns the single-mask output")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer, default 18)")
     exp.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
-                     help="weights in a separate file (auto: above the 2 GB protobuf limit)")
+                     help="ONNX weights in a separate file (auto: above the 2 GB protobuf limit)")
     exp.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
-    exp.set_defaults(run=_export_onnx)
+    exp.set_defaults(run=_export)
     from .emit import runtime
 
-    run = sub.add_parser("run-onnx", help="segment an image with an exported pair (onnxruntime and numpy only)")
+    run = sub.add_parser("run", aliases=["run-onnx"],
+                         help="segment an image with an export of either format (no torch needed)")
     runtime.add_arguments(run)
-    run.set_defaults(run=_run_onnx)
+    run.set_defaults(run=_run)
 
     every = sub.add_parser("everything", help="segment everything in an image (TinySAM's hierarchical strategy)")
     every.add_argument("image", help="an image file, or a package image name (coins, astronaut, ...)")
@@ -285,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     # Two busy-waiting OpenMP pools on two shared cores slow each other several-fold.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    if args.command in ("export", "export-onnx") and args.format is None:
+        args.format = "onnx" if args.command == "export-onnx" else "openvino"
     from .models import CheckpointError
     from .passes import PassError
 

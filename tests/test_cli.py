@@ -57,20 +57,40 @@ def test_console_script_is_installed() -> None:
     assert "split_qkv" in result.stdout
 
 
-def test_export_and_run_commands(tmp_path, capsys) -> None:
-    model_dir = tmp_path / "onnx"
-    assert main(["export-onnx", "--model", "sam_vit_b", "--small", "--single-mask", "--quiet",
+@pytest.mark.parametrize("command, format", [("export-onnx", "onnx"), ("export", "openvino")])
+def test_export_and_run_commands(tmp_path, capsys, command: str, format: str) -> None:
+    model_dir = tmp_path / format
+    assert main([command, "--model", "sam_vit_b", "--small", "--single-mask", "--quiet",
                  "--out", str(model_dir)]) == 0
-    assert "mask IoU 1.0000" in capsys.readouterr().out  # the check summary is printed
+    printed = capsys.readouterr().out
+    assert "mask IoU 1.0000" in printed and f"{format}: encoder" in printed  # the check summary is printed
     image = package_images(["coins"])[0].image
     Image.fromarray(image).save(tmp_path / "coins.png")
     out = tmp_path / "mask.png"
-    code = main(["run-onnx", str(tmp_path / "coins.png"), "--model-dir", str(model_dir),
+    code = main(["run", str(tmp_path / "coins.png"), "--model-dir", str(model_dir),
                  "--point", "100,120", "--negative", "20,20", "--out", str(out)])
     assert code == 0
     mask = np.asarray(Image.open(out))
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
-    assert "mask 0 of 1" in capsys.readouterr().out  # the single-mask decoder
+    assert f"1 mask from {format}" in capsys.readouterr().out
+    # Three boxes in one decoder call: a label image, 1..3.
+    code = main(["run", str(tmp_path / "coins.png"), "--model-dir", str(model_dir), "--box", "10,10,100,100",
+                 "--box", "120,30,200,120", "--box", "200,150,300,290", "--out", str(out)])
+    assert code == 0 and "3 masks" in capsys.readouterr().out
+    assert set(np.unique(np.asarray(Image.open(out)))) <= {0, 1, 2, 3}
+
+
+def test_run_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys) -> None:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    for model_dir, expected in [(tmp_path, "no samfx_export.json"), (tmp_path / "absent", "no samfx_export.json")]:
+        code = main(["run", str(tmp_path / "x.png"), "--model-dir", str(model_dir), "--box", "1,1,5,5",
+                     "--out", str(tmp_path / "m.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("samfx: error: ") and expected in err and len(err.splitlines()) == 1
+    assert main(["run", str(tmp_path / "x.png"), "--model-dir", str(tmp_path), "--out", "m.png"]) == 2
+    assert "give at least one --point" in capsys.readouterr().err
+
+
 def test_everything_writes_coco_json_and_a_picture(tmp_path, capsys) -> None:
     from .test_pictures import open_png
 
