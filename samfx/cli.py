@@ -222,6 +222,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import load, models, optimize
+    from .bench import RUNTIMES, deploy_table, deployment_bench, write_results
+
+    if bool(args.passes) == bool(args.saved):
+        return _fail(ValueError("give the optimization: --passes P1,P2 or --saved DIR (from samfx optimize)"))
+    runtimes = [r for r in args.runtimes.split(",") if r] if args.runtimes else None
+    unknown = sorted(set(runtimes or []) - set(RUNTIMES))
+    if unknown:
+        return _fail(ValueError(f"unknown runtimes {unknown}; known: {', '.join(RUNTIMES)}"))
+    original = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
+    if args.saved:
+        optimized = load(args.saved, base=original)
+    else:
+        optimized = optimize(original, [p for p in args.passes.split(",") if p], progress=not args.quiet,
+                             model_name=args.model)
+    try:
+        result = deployment_bench(original, optimized, runtimes=runtimes, image=args.image, repeats=args.repeats,
+                                  warmup=args.warmup, threads=args.threads or None)
+    except (OSError, ValueError) as err:
+        return _fail(err)
+    print(deploy_table(result))
+    if args.out:
+        print(f"wrote {write_results(args.out, result)}")
+    return 0
+
+
 def _fail(err: BaseException) -> int:
     print(f"samfx: error: {err}", file=sys.stderr)
     return 2
@@ -268,6 +295,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="segment an image with an export of either format (no torch needed)")
     runtime.add_arguments(run)
     run.set_defaults(run=_run)
+
+    bench = sub.add_parser("bench", help="time the original and an optimized model on each runtime "
+                                          "(torch eager, torch.compile, onnxruntime, OpenVINO) with sizes and fidelity")
+    bench.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
+    bench.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
+    bench.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
+    bench.add_argument("--passes", default="", help="comma-separated passes giving the optimized model")
+    bench.add_argument("--saved", help="or: a directory written by `samfx optimize` from --model")
+    bench.add_argument("--runtimes", default="", help="comma-separated subset of eager,compile,onnxruntime,openvino "
+                                                      "(default: all installed)")
+    bench.add_argument("--image", default="coins", help="package image: one encoder run, all its boxes in one call")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per candidate (medians)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per candidate first")
+    bench.add_argument("--threads", type=int, default=2, help="threads of every runtime (0: each runtime's choice)")
+    bench.add_argument("--out", help="write the results as JSON (with the environment and the CPU's ISA)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(run=_bench)
 
     every = sub.add_parser("everything", help="segment everything in an image (TinySAM's hierarchical strategy)")
     every.add_argument("image", help="an image file, or a package image name (coins, astronaut, ...)")

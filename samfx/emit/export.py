@@ -58,7 +58,7 @@ from ..fidelity import mask_iou
 from . import onnx as onnx_graphs
 from . import runtime
 
-__all__ = ["Export", "OnnxExport", "export"]
+__all__ = ["Export", "OnnxExport", "eval_mode", "export"]
 
 
 @dataclass
@@ -119,7 +119,7 @@ OnnxExport = Export
 
 
 @contextlib.contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
+def eval_mode(*models: nn.Module) -> Iterator[None]:
     """Eval mode for the export, the user's flags restored afterwards."""
     flags = [(m, m.training) for model in models for m in model.modules()]
     for model in models:
@@ -148,6 +148,27 @@ def _float32_copy(model: nn.Module) -> nn.Module:
                     wide = tensor.detach().float()
                     store[name] = nn.Parameter(wide, tensor.requires_grad) if store is module._parameters else wide
     return model
+
+
+def _hyper_planes(model: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of ``model`` whose hyper-coded tensors hold :func:`~samfx.codecs.lattice.to_planes`'s
+    int8 planes (which OpenVINO keeps compressed) instead of packed codes (whose
+    integer decode ``openvino.convert_model`` folds into float32 weights); and how
+    many tensors were converted."""
+    from ..codecs.lattice import to_planes
+    from ..passes.hyper import HyperCoded
+
+    if not any(isinstance(m, HyperCoded) for m in model.modules()):
+        return model, 0
+    model = copy.deepcopy(model)
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, HyperCoded):
+            planes = to_planes(module.code())
+            if planes is not None:
+                module.codes, module.row_params = planes
+                converted += 1
+    return model, converted
 
 
 def export(
@@ -188,9 +209,13 @@ def export(
     adapter = adapter or find_adapter(model)
     reduced = _reduced_dtype(model)
     source = _float32_copy(model) if reduced is not None else model
+    planes = 0
+    if format == "openvino":
+        source, planes = _hyper_planes(source)
     out = Path(out_dir)
-    with _eval_mode(model, source), torch.no_grad():
+    with eval_mode(model, source), torch.no_grad():
         deployment = adapter.deployment(source, multimask_output=multimask_output)  # raises for a bare encoder
+        # The eager reference is the model itself, whatever copy the graphs are traced from.
         eager = adapter.deployment(model, multimask_output=multimask_output) if source is not model else deployment
         for prepared in {id(deployment): deployment, id(eager): eager}.values():
             if prepared.prepare is not None:
@@ -199,7 +224,9 @@ def export(
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=out) as scratch:
             graphs_dir = out if format == "onnx" else Path(scratch)
-            onnx_graphs.write_pair(deployment, graphs_dir, opset, external_data)
+            size = deployment.preprocessing.size
+            blank = tuple(eager.encoder(torch.zeros(1, 3, size, size)))  # the traced copy may not run eagerly
+            onnx_graphs.write_pair(deployment, graphs_dir, opset, external_data, embeddings=blank)
             signature = {part: onnx_graphs.graph_signature(graphs_dir / f"{part}.onnx")
                          for part in ("encoder", "decoder")}
             if format == "onnx":
@@ -217,6 +244,9 @@ def export(
         export_s = time.perf_counter() - start
         shutil.copyfile(runtime.__file__, out / "samfx_runtime.py")
         manifest = _manifest(model, adapter, deployment, format, multimask_output, opset, reduced, signature, parts)
+        if planes:
+            manifest["notes"].append(f"{planes} hyper-coded tensors stored as int8 planes with a per-row scale and "
+                                     "zero point, which OpenVINO keeps compressed and decompresses when it compiles")
         manifest["files"] = {path.name: {"sha256": runtime.file_digest(path), "bytes": path.stat().st_size}
                              for path in [*parts["encoder"], *parts["decoder"], out / "samfx_runtime.py"]}
         _write(out, manifest)

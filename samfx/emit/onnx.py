@@ -173,12 +173,14 @@ def _drop_debug_info(model: Any) -> None:
         node.doc_string = None
 
 
-def write_pair(deployment: Deployment, out: Path, opset: int = 18, external_data: bool | None = None) -> None:
+def write_pair(deployment: Deployment, out: Path, opset: int = 18, external_data: bool | None = None,
+               embeddings: tuple[torch.Tensor, ...] | None = None) -> None:
     """Write ``encoder.onnx`` and ``decoder.onnx`` of a deployment to ``out``.
 
     The decoder takes a batch of prompts (leading axis of ``point_coords``,
     ``point_labels`` and ``mask_input``) against one image's embeddings, and any
-    number of points per prompt.
+    number of points per prompt. ``embeddings``: example encoder outputs to trace
+    the decoder with (default: the deployment's encoder run on a blank image).
     """
     if opset < 17:
         raise ValueError(f"samfx exports with opset 17 or newer (LayerNormalization, Resize with sizes), not {opset}")
@@ -186,7 +188,7 @@ def write_pair(deployment: Deployment, out: Path, opset: int = 18, external_data
     image = torch.zeros(1, 3, size, size)
     names = list(deployment.embedding_names)
     _to_onnx(deployment.encoder, (image,), ["image"], names, None, out / "encoder.onnx", opset, external_data)
-    embeddings = tuple(deployment.encoder(image))
+    embeddings = tuple(deployment.encoder(image)) if embeddings is None else embeddings
     prompts = torch.export.Dim("prompts", min=1, max=_MAX_PROMPTS)
     points = torch.export.Dim("points", min=1, max=_MAX_POINTS)
     example = embeddings + _decoder_example(deployment, 2, 3, (size, size))

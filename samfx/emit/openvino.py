@@ -48,11 +48,13 @@ def int8_layers(compiled: Sequence[Any], names: Sequence[str] = ("encoder", "dec
         layers = 0
         for op in model.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
-            kind = str(info["layerType"]) if "layerType" in info else op.get_type_name()
+            kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
             if kind in ("Input", "Parameter", "Const", "Constant", "Output", "Result"):
                 continue
             layers += 1
-            if "runtimePrecision" in info and str(info["runtimePrecision"]).lower() in _INT8:
+            # Integer arithmetic: int8 activations in, not only int8 weights decompressed on the fly.
+            activation = op.input_value(0).get_element_type().get_type_name() if op.get_input_size() else ""
+            if info["runtimePrecision"].astype(str).lower() in _INT8 and activation in _INT8:
                 types[kind] += 1
         result[name] = {"int8_layers": sum(types.values()), "layers": layers, "types": dict(types)}
     return result
