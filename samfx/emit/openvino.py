@@ -28,6 +28,7 @@ from typing import Any, Sequence
 __all__ = ["convert", "int8_layers"]
 
 _INT8 = {"i8", "u8"}
+_GEMMS = {"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution"}
 
 
 def convert(onnx_path: Path, xml_path: Path) -> list[Path]:
@@ -40,8 +41,9 @@ def convert(onnx_path: Path, xml_path: Path) -> list[Path]:
 
 
 def int8_layers(compiled: Sequence[Any], names: Sequence[str] = ("encoder", "decoder")) -> dict[str, dict[str, Any]]:
-    """Per compiled model: how many layers of its execution graph compute in int8
-    (runtime precision i8/u8), of how many, by layer type."""
+    """Per compiled model: how many GEMM and convolution layers of its execution
+    graph compute in int8 (int8 activations, runtime precision i8/u8), of how
+    many layers, by layer type."""
     result = {}
     for name, model in zip(names, compiled):
         types: collections.Counter[str] = collections.Counter()
@@ -52,9 +54,10 @@ def int8_layers(compiled: Sequence[Any], names: Sequence[str] = ("encoder", "dec
             if kind in ("Input", "Parameter", "Const", "Constant", "Output", "Result"):
                 continue
             layers += 1
-            # Integer arithmetic: int8 activations in, not only int8 weights decompressed on the fly.
+            # Integer GEMMs and convolutions: int8 activations in (booleans are u8 too, and
+            # weights compressed to int8 are decompressed into float32 kernels).
             activation = op.input_value(0).get_element_type().get_type_name() if op.get_input_size() else ""
-            if info["runtimePrecision"].astype(str).lower() in _INT8 and activation in _INT8:
+            if kind in _GEMMS and info["runtimePrecision"].astype(str).lower() in _INT8 and activation in _INT8:
                 types[kind] += 1
         result[name] = {"int8_layers": sum(types.values()), "layers": layers, "types": dict(types)}
     return result
