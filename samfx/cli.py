@@ -202,8 +202,9 @@ def _export(args: argparse.Namespace) -> int:
     if passes:
         model = optimize(model, passes, progress=not args.quiet, model_name=args.model)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    format = args.format or ("onnx" if args.command == "export-onnx" else "openvino")
     try:
-        result = export(model, args.out, format=args.format, multimask_output=not args.single_mask, opset=args.opset,
+        result = export(model, args.out, format=format, multimask_output=not args.single_mask, opset=args.opset,
                         external_data=external, verbose=True)
     except (OSError, ValueError) as err:
         return _fail(err)
@@ -347,8 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     # Two busy-waiting OpenMP pools on two shared cores slow each other several-fold.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
-    if args.command in ("export", "export-onnx") and args.format is None:
-        args.format = "onnx" if args.command == "export-onnx" else "openvino"
     from .models import CheckpointError
     from .passes import PassError
 

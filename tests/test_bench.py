@@ -41,11 +41,10 @@ def test_deployment_bench_times_every_runtime_and_leads_with_speed(tmp_path, cap
 
     original = small_model("sam_vit_b")
     optimized = samfx.optimize(original, ["split_qkv"])
-    result = deployment_bench(original, optimized, runtimes=["eager", "onnxruntime", "openvino"], repeats=1,
-                              warmup=0, threads=1, work_dir=tmp_path)
+    result = deployment_bench(original, optimized, runtimes=["eager", "openvino"], repeats=1, warmup=0, threads=1,
+                              work_dir=tmp_path)
     rows = {row["case"]: row for row in result["rows"]}
-    assert sorted(rows) == sorted(f"{m} / {r}" for m in ("original", "optimized")
-                                  for r in ("eager", "onnxruntime", "openvino"))
+    assert sorted(rows) == sorted(f"{m} / {r}" for m in ("original", "optimized") for r in ("eager", "openvino"))
     assert rows["original / eager"]["speedup"] == 1.0 and result["boxes"] == 24
     for row in rows.values():
         assert row["encoder_s"] > 0 and row["decoder_s"] > 0 and row["disk_bytes"] > 0
