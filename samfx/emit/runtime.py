@@ -285,13 +285,16 @@ class _OpenVinoGraphs:
         if wanted not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {wanted!r}")
         # bf16 only where it is native: emulated, it is slower than float32 and still lossy.
+        # The encoder only: the decoder's size arithmetic on orig_im_size needs exact
+        # integers (303 is 304 in bfloat16), and the decoder is a small part of the time.
         self.precision = "bf16" if wanted == "bf16" and native_bf16(core) else "f32"
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            self.compiled = [core.compile_model(core.read_model(str(model_dir / manifest[part])), "CPU", config)
-                             for part in ("encoder", "decoder")]
+            self.compiled = [core.compile_model(core.read_model(str(model_dir / manifest[part])), "CPU",
+                                                {**config, "INFERENCE_PRECISION_HINT": precision})
+                             for part, precision in (("encoder", self.precision), ("decoder", "f32"))]
         except RuntimeError as err:
             raise ValueError(f"OpenVINO cannot load {model_dir}: {str(err).splitlines()[0]}") from None
         self.requests = [compiled.create_infer_request() for compiled in self.compiled]
@@ -322,8 +325,9 @@ class Predictor:
     Args:
         model_dir: what :func:`samfx.export` wrote.
         threads: runtime threads (``None``: the runtime's choice).
-        precision: OpenVINO's inference precision, ``"f32"`` or ``"bf16"``
-            (``None``: the manifest's hint; bf16 only where the CPU has it natively).
+        precision: OpenVINO's inference precision of the encoder, ``"f32"`` or
+            ``"bf16"`` (``None``: the manifest's hint; bf16 only where the CPU has it
+            natively); the decoder runs in float32.
         providers: onnxruntime execution providers (default: CPU).
 
     Attributes:
