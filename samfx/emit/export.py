@@ -152,7 +152,7 @@ def _float32_copy(model: nn.Module) -> nn.Module:
 
 def _hyper_planes(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` whose hyper-coded tensors hold :func:`~samfx.codecs.lattice.to_planes`'s
-    int8 planes (which OpenVINO keeps compressed) instead of packed codes (whose
+    integer planes (which OpenVINO keeps compressed) instead of packed codes (whose
     integer decode ``openvino.convert_model`` folds into float32 weights); and how
     many tensors were converted."""
     from ..codecs.lattice import to_planes
@@ -245,8 +245,9 @@ def export(
         shutil.copyfile(runtime.__file__, out / "samfx_runtime.py")
         manifest = _manifest(model, adapter, deployment, format, multimask_output, opset, reduced, signature, parts)
         if planes:
-            manifest["notes"].append(f"{planes} hyper-coded tensors stored as int8 planes with a per-row scale and "
-                                     "zero point, which OpenVINO keeps compressed and decompresses when it compiles")
+            manifest["notes"].append(f"{planes} hyper-coded tensors stored as int8 (int16 where needed) planes with a "
+                                     "per-row scale and zero point, which OpenVINO keeps compressed and "
+                                     "decompresses when it compiles")
         manifest["files"] = {path.name: {"sha256": runtime.file_digest(path), "bytes": path.stat().st_size}
                              for path in [*parts["encoder"], *parts["decoder"], out / "samfx_runtime.py"]}
         _write(out, manifest)
