@@ -138,7 +138,8 @@ def test_lite_medsam_boxes_in_one_call_match_its_own_decoder(tmp_path) -> None:
                                                          sparse_prompt_embeddings=sparse,
                                                          dense_prompt_embeddings=dense, multimask_output=True)
     assert eager_low_res.shape == low_res.shape
-    ious = [mask_iou(a > 0, b > 0) for a, b in zip(low_res.reshape(-1, 64, 64), eager_low_res.numpy().reshape(-1, 64, 64))]
+    eager_masks = eager_low_res.numpy().reshape(-1, 64, 64)
+    ious = [mask_iou(a > 0, b > 0) for a, b in zip(low_res.reshape(-1, 64, 64), eager_masks)]
     assert min(ious) >= 0.999
     np.testing.assert_allclose(scores, eager_scores.numpy(), atol=1e-3)
     # One box at a time gives the same masks as the batch.

@@ -131,7 +131,8 @@ def test_a_changed_file_is_refused_before_loading(exported, tmp_path, format: st
     with pytest.raises(runtime.IntegrityError, match=f"{name} does not match its SHA-256"):
         runtime.load(tampered)
     # The torch-free copy in the directory checks too, and so does the command line.
-    script = f"import sys; sys.path.insert(0, {str(tampered)!r}); import samfx_runtime; samfx_runtime.load({str(tampered)!r})"
+    script = (f"import sys; sys.path.insert(0, {str(tampered)!r}); import samfx_runtime; "
+              f"samfx_runtime.load({str(tampered)!r})")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert run.returncode != 0 and "IntegrityError" in run.stderr and name in run.stderr
     if format == "openvino":
