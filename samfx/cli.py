@@ -10,14 +10,59 @@
     samfx everything photo.jpg --model sam_vit_b --checkpoint sam_vit_b.pth --out masks.json --png masks.png
     samfx compare runs/demo --out runs/demo/pictures       # original vs optimized masks, as PNGs
     samfx compare --bench benchmarks/results/latest.json --out plots   # speed against fidelity
+
+A user error (a bad option, file or value) ends in one line ``samfx: error: ...``
+and exit code 2, never a traceback; output paths are checked before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
+
+__all__ = ["build_parser", "main"]
+
+
+class UsageError(Exception):
+    """A user error the command line reports in one line (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, samfx's prefix, for every subcommand
+        raise UsageError(message)
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be a whole number >= 0 (0: torch's choice), got {text!r}")
+    return value
+
+
+def _check_out_file(path: str | None) -> None:
+    """An output file's directory must exist and be writable; the path must not be a directory."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name")
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {path}: {parent} does not exist or is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: {parent} is not writable")
+
+
+def _check_out_dir(path: str, overwrite: bool = True) -> None:
+    from .serialization import check_output_dir
+
+    check_output_dir(path, overwrite=overwrite)
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -47,6 +92,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from . import models, optimize, save
     from .data import available_images
 
+    _check_out_dir(args.out, overwrite=args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.model and not args.checkpoint:
@@ -63,9 +109,8 @@ def _optimize(args: argparse.Namespace) -> int:
     passes = [p for p in args.passes.split(",") if p]
     optimized = optimize(model, passes, fidelity=images or False, progress=not args.quiet, model_name=name)
     out = Path(args.out)
-    save(optimized, out)
+    save(optimized, out, overwrite=args.overwrite)
     report = optimized.samfx_report
-    report.save(out / "report.json")
     print(report.table())
     print(f"\nwrote {out / 'model.safetensors'}, {out / 'samfx.json'} and {out / 'report.json'}")
     if args.pictures:
@@ -110,6 +155,8 @@ def _everything(args: argparse.Namespace) -> int:
     from . import load, models
     from .segment_everything import EverythingConfig, MaskGenerator
 
+    _check_out_file(args.out)
+    _check_out_file(args.png)
     if args.threads:
         torch.set_num_threads(args.threads)
     if bool(args.model) == bool(args.saved):
@@ -147,6 +194,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     if not args.run_dir and not args.bench:
         raise SystemExit("samfx compare: give a saved run directory, --bench FILE, or both")
+    _check_out_dir(args.out)
     out = Path(args.out)
     if args.bench:
         from .pictures import speed_fidelity_plot
@@ -195,6 +243,7 @@ def _export(args: argparse.Namespace) -> int:
     from . import models, optimize
     from .emit.export import export
 
+    _check_out_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
@@ -207,7 +256,7 @@ def _export(args: argparse.Namespace) -> int:
         result = export(model, args.out, format=format, multimask_output=not args.single_mask, opset=args.opset,
                         external_data=external, verbose=True)
     except (OSError, ValueError) as err:
-        return _fail(err)
+        return _user_error(str(err))
     files = ", ".join(sorted(result.manifest["files"]))
     print(f"\nwrote {args.out}: {files} and samfx_export.json")
     return 0
@@ -216,10 +265,13 @@ def _export(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .emit import runtime
 
+    if args.threads is not None and args.threads < 0:
+        raise UsageError(f"--threads must be a whole number >= 0, got {args.threads}")
+    _check_out_file(args.out)
     try:
         print(runtime.segment(args))
     except (OSError, ValueError, RuntimeError) as err:
-        return _fail(err)
+        return _user_error(str(err))
     return 0
 
 
@@ -228,11 +280,12 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import RUNTIMES, deploy_table, deployment_bench, write_results
 
     if bool(args.passes) == bool(args.saved):
-        return _fail(ValueError("give the optimization: --passes P1,P2 or --saved DIR (from samfx optimize)"))
+        raise UsageError("give the optimization: --passes P1,P2 or --saved DIR (from samfx optimize)")
     runtimes = [r for r in args.runtimes.split(",") if r] if args.runtimes else None
     unknown = sorted(set(runtimes or []) - set(RUNTIMES))
     if unknown:
-        return _fail(ValueError(f"unknown runtimes {unknown}; known: {', '.join(RUNTIMES)}"))
+        raise UsageError(f"unknown runtimes {unknown}; known: {', '.join(RUNTIMES)}")
+    _check_out_file(args.out)
     original = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
     if args.saved:
         optimized = load(args.saved, base=original)
@@ -243,20 +296,15 @@ def _bench(args: argparse.Namespace) -> int:
         result = deployment_bench(original, optimized, runtimes=runtimes, image=args.image, repeats=args.repeats,
                                   warmup=args.warmup, threads=args.threads or None)
     except (OSError, ValueError) as err:
-        return _fail(err)
+        return _user_error(str(err))
     print(deploy_table(result))
     if args.out:
         print(f"wrote {write_results(args.out, result)}")
     return 0
 
 
-def _fail(err: BaseException) -> int:
-    print(f"samfx: error: {err}", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samfx", description="Optimize Segment Anything models with graph passes.")
+    parser = _Parser(prog="samfx", description="Optimize Segment Anything models with graph passes.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the model zoo").set_defaults(run=_models)
     sub.add_parser("passes", help="list the passes").set_defaults(run=_passes)
@@ -265,10 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     opt.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
     opt.add_argument("--passes", default="split_qkv", help="comma-separated passes (default: split_qkv)")
-    opt.add_argument("--out", required=True, help="output directory")
+    opt.add_argument("--out", required=True, help="output directory (an earlier samfx save there is replaced)")
+    opt.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a samfx save")
     opt.add_argument("--images", default="coins,astronaut,coffee", help="package images for the fidelity check")
     opt.add_argument("--no-fidelity", action="store_true", help="skip the fidelity check")
-    opt.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    opt.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     opt.add_argument("--pictures", action="store_true",
                      help="also write PNGs of the original's and the optimized model's masks to OUT/pictures")
@@ -287,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer, default 18)")
     exp.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                      help="ONNX weights in a separate file (auto: above the 2 GB protobuf limit)")
-    exp.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    exp.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
     exp.set_defaults(run=_export)
     from .emit import runtime
@@ -309,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image", default="coins", help="package image: one encoder run, all its boxes in one call")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per candidate (medians)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs per candidate first")
-    bench.add_argument("--threads", type=int, default=2, help="threads of every runtime (0: each runtime's choice)")
+    bench.add_argument("--threads", type=_threads, default=2, help="threads of every runtime (0: each runtime's choice)")
     bench.add_argument("--out", help="write the results as JSON (with the environment and the CPU's ISA)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(run=_bench)
@@ -330,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument("--crop-layers", type=int, default=0)
     every.add_argument("--out", help="write the masks as COCO-style JSON (compressed RLE)")
     every.add_argument("--png", help="write a picture of the masks")
-    every.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    every.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     every.set_defaults(run=_everything)
 
     comp = sub.add_parser("compare", help="pictures: original vs optimized masks, speed against fidelity")
@@ -345,17 +394,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; user errors print one line ``samfx: error: ...`` and return 2."""
     # Two busy-waiting OpenMP pools on two shared cores slow each other several-fold.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        return _user_error(str(exit_.code))
+    except KeyboardInterrupt:
+        print("samfx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns errors into messages
+        if _is_user_error(err):
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+                message = f"{err.filename}: {message}"
+            return _user_error(message)
+        if os.environ.get("SAMFX_DEBUG"):
+            raise
+        print(f"samfx: internal error: {type(err).__name__}: {_one_line(str(err))} "
+              "(please report it; SAMFX_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(err: Exception) -> bool:
+    from .adapters import PromptError
+    from .capture import CaptureError
     from .models import CheckpointError
     from .passes import PassError
 
-    try:
-        return args.run(args)
-    except (CheckpointError, PassError, KeyError) as err:
-        print(f"samfx: error: {err}", file=sys.stderr)
-        return 2
+    if isinstance(err, (UsageError, CheckpointError, PassError, CaptureError, PromptError, KeyError, OSError, ImportError)):
+        return True
+    # onnxruntime's NoSuchFile, InvalidProtobuf, InvalidArgument, Fail: a bad --model-dir.
+    return type(err).__module__.startswith("onnxruntime")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "(no message)"
+
+
+def _user_error(message: str) -> int:
+    message = re.sub(r"^(samfx(?: [a-z-]+)?|run-onnx)(?:: error)?: ", "", message.strip())
+    print(f"samfx: error: {_one_line(message)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

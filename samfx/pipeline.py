@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from .adapters import Adapter, find_adapter
 from .capture import capture
 from .data import DEFAULT_IMAGES
 from .fidelity import compare
+from .models import first_nonfinite
 from .passes.base import PassConfig, PassContext, PassError, get_pass
 from .report import OptimizeReport
 from .stats import model_stats
 
-__all__ = ["optimize", "resolve_passes", "report_of"]
+__all__ = ["history_of", "optimize", "report_of", "resolve_passes", "structure_digest"]
 
 PassSpec = str | PassConfig
 
 
-def resolve_passes(passes: Iterable[PassSpec]) -> tuple[list[PassConfig], list[str]]:
+def resolve_passes(passes: Iterable[PassSpec] | PassSpec) -> tuple[list[PassConfig], list[str]]:
     """Turn names and configs into configs, add required passes, check order.
 
     Returns:
@@ -31,6 +35,8 @@ def resolve_passes(passes: Iterable[PassSpec]) -> tuple[list[PassConfig], list[s
         PassError: an unknown pass, a duplicate, or an order that breaks a
             declared constraint (the message names the order to use).
     """
+    if isinstance(passes, (str, PassConfig)):
+        passes = [passes]  # one pass, not a sequence of one-letter names
     configs: list[PassConfig] = []
     for item in passes:
         if isinstance(item, str):
@@ -65,7 +71,7 @@ def resolve_passes(passes: Iterable[PassSpec]) -> tuple[list[PassConfig], list[s
 
 def optimize(
     model: nn.Module,
-    passes: Sequence[PassSpec] = ("split_qkv",),
+    passes: Sequence[PassSpec] | PassSpec = ("split_qkv",),
     *,
     adapter: Adapter | None = None,
     fidelity: bool | Iterable[str] = False,
@@ -96,8 +102,15 @@ def optimize(
         model_name: the name to put in the report.
         replays: per pass, the replay data of an earlier run (used by :func:`samfx.load`).
 
+    Optimizing an optimized model continues its history: the result carries
+    every call's passes (``optimized.samfx_history``), which :func:`samfx.save`
+    records and :func:`samfx.load` replays in order. A float16/bfloat16 model is
+    optimized as a float32 copy (noted in the report; the ``bf16`` pass lowers
+    precision where it is safe).
+
     Raises:
-        PassError: unknown pass or bad order. CaptureError: the model cannot be
+        PassError: unknown pass or bad order, or weights that are NaN or
+            infinite (the tensor is named). CaptureError: the model cannot be
             captured. Any error inside a pass propagates; the input is unchanged.
 
     Example::
@@ -111,6 +124,19 @@ def optimize(
     configs, notes = resolve_passes(passes)
     if replays is not None and len(replays) != len(configs):
         raise PassError(f"{len(replays)} replay records for {len(configs)} passes")
+    if not isinstance(model, nn.Module):
+        raise PassError(f"optimize takes a SAM-family nn.Module, not {type(model).__name__}")
+    bad = first_nonfinite(model.state_dict())
+    if bad:
+        raise PassError(f"the model's weights are not finite: {bad}; samfx optimizes only finite weights")
+    history = list(getattr(model, "samfx_history", ()))
+    low = sorted({str(t.dtype).removeprefix("torch.") for t in model.state_dict().values()
+                  if t.is_floating_point() and t.dtype != torch.float32})
+    if low and not history:
+        # Shape propagation and MAC counting feed float32 example inputs; a float32 copy
+        # is what the passes (and bf16, for low precision) expect.
+        model = copy.deepcopy(model).float()
+        notes.append(f"the input model is in {', '.join(low)}: optimized a float32 copy")
     adapter = adapter or find_adapter(model)
     before = model_stats(model, adapter)
     start = time.perf_counter()
@@ -142,7 +168,27 @@ def optimize(
         images = DEFAULT_IMAGES if fidelity is True else tuple(fidelity)
         report.fidelity = compare(model, optimized, images, adapter=adapter, progress=progress)
     optimized.samfx_report = report
+    optimized.samfx_history = [*history, {
+        "passes": [{"config": r.config, "replay": r.replay} for r in reports],
+        "input": structure_digest(model),
+        "output": structure_digest(optimized),
+    }]
     return optimized
+
+
+def structure_digest(model: nn.Module) -> str:
+    """A short SHA-256 of a model's state-dict names, shapes and dtypes: equal
+    digests mean the same tensors could be loaded into either."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    return digest.hexdigest()[:16]
+
+
+def history_of(model: nn.Module) -> list[dict[str, Any]]:
+    """The passes of every :func:`optimize` call that made ``model``, oldest first."""
+    report_of(model)
+    return list(model.samfx_history)
 
 
 def report_of(model: nn.Module) -> OptimizeReport:
@@ -150,4 +196,4 @@ def report_of(model: nn.Module) -> OptimizeReport:
     try:
         return model.samfx_report
     except AttributeError:
-        raise ValueError("this model did not come from samfx.optimize") from None
+        raise PassError("this model did not come from samfx.optimize") from None

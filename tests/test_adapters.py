@@ -88,3 +88,50 @@ def test_batched_clicks_match_one_prompt_at_a_time(name: str) -> None:
         masks, scores = predictor.predict(point_coords=click[None], point_labels=np.array([1]), multimask_output=True)
         assert np.allclose(scores, iou[index].numpy(), atol=1e-5)
         assert (masks == (logits[index] > 0).numpy()).all()
+
+
+def test_prompts_are_checked_for_every_family(family_model) -> None:
+    import warnings
+
+    import numpy as np
+
+    from samfx.adapters import PromptError
+
+    name, model = family_model
+    predictor = find_adapter(model).predictor(model)
+    with pytest.raises(PromptError, match="set_image"):
+        predictor.predict(box=np.array([1, 2, 3, 4]))
+    image = samfx.data.package_images(["coins"])[0].image[:96, :128]
+    predictor.set_image(image)
+    for bad, message in [
+        (dict(point_coords=[[np.nan, np.nan]], point_labels=[1]), "finite"),
+        (dict(box=[0, 0, np.inf, 10]), "finite"),
+        (dict(), "at least one point or a box"),
+        (dict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0)), "at least one point or a box"),
+        (dict(point_coords=[[1, 2]]), "point_labels"),
+        (dict(point_coords=[[1, 2]], point_labels=[7]), "labels in"),
+    ]:
+        with pytest.raises(PromptError, match=message):
+            predictor.predict(**bad)
+    with pytest.warns(UserWarning, match="inverted"):
+        inverted, _ = predictor.predict(box=np.array([100, 80, 20, 10]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        upright, _ = predictor.predict(box=np.array([20, 10, 100, 80]))
+    assert np.array_equal(inverted, upright)
+    with pytest.warns(UserWarning, match="outside the 128 x 96 image"):
+        predictor.predict(point_coords=[[5000, 10]], point_labels=[1])
+    with pytest.raises(PromptError, match="H x W x 3 uint8"):
+        predictor.set_image(image.astype(np.float32))
+
+
+def test_a_bare_image_encoder_has_no_predictor_but_takes_token_cluster() -> None:
+    from samfx.adapters import UnsupportedModelError
+
+    encoder = small_model("sam_vit_b").image_encoder
+    with pytest.raises(UnsupportedModelError, match="bare image_encoder .* has no predictor"):
+        find_adapter(encoder).predictor(encoder)
+    fast = samfx.optimize(encoder, [samfx.TokenClusterConfig(location=1, clusters=4)])
+    assert fast.samfx_report.passes[0].changed
+    with pytest.raises(UnsupportedModelError, match="optimize the whole model"):
+        samfx.optimize(encoder, ["token_cluster"])  # tuning measures masks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def test_everything_writes_coco_json_and_a_picture(tmp_path, capsys) -> None:
     open_png(tmp_path / "m.png")
 
 
-def test_optimize_draws_pictures_and_compare_plots_benchmarks(tmp_path) -> None:
+def test_optimize_draws_pictures_and_compare_plots_benchmarks(tmp_path, capsys) -> None:
     from .test_pictures import open_png
 
     run = tmp_path / "run"
@@ -116,8 +117,9 @@ def test_optimize_draws_pictures_and_compare_plots_benchmarks(tmp_path) -> None:
                  "--images", "coins", "--quiet", "--pictures"]) == 0
     open_png(run / "pictures" / "compare_coins.png")
     # A random-init original cannot be rebuilt from the run directory.
-    with pytest.raises(SystemExit, match="random weights, which cannot be rebuilt"):
-        main(["compare", str(run), "--out", str(tmp_path / "p")])
+    capsys.readouterr()
+    assert main(["compare", str(run), "--out", str(tmp_path / "p")]) == 2
+    assert "random weights, which cannot be rebuilt" in capsys.readouterr().err
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"rows": [{"case": "a", "encoder_speedup": 1.3, "fidelity": {"mask_iou_mean": 0.97}}]}))
     assert main(["compare", "--bench", str(bench), "--out", str(tmp_path / "plots")]) == 0
@@ -133,3 +135,87 @@ def test_compare_rebuilds_lite_medsam_and_draws_it(tmp_path, capsys) -> None:
     assert main(["compare", str(run), "--out", str(tmp_path / "pictures")]) == 0
     assert "compare_coins.png" in capsys.readouterr().out
     open_png(tmp_path / "pictures" / "compare_coins.png")
+
+
+def _bad_cases(tmp_path):
+    """Each bad command line a hostile user tried (issue 14), with what the message must name."""
+    import os
+
+    import torch
+
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("hello world\n")
+
+    class Unsafe:
+        def __reduce__(self):
+            return (os.getcwd, ())
+
+    torch.save({"weight": Unsafe()}, tmp_path / "unsafe.pth")
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep me")
+    (tmp_path / "broken_save").mkdir()
+    (tmp_path / "broken_save" / "samfx.json").write_text('{"format": "samfx-model/2", "samfx": 3}')
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    from samfx.emit import runtime
+
+    garbage = {"encoder.onnx": b"\x00" * 64 + b"not a protobuf", "decoder.onnx": b"\x00" * 64}
+    manifest = {"schema": runtime.SCHEMA, "format": "onnx", "preprocessing": {}, "encoder": "encoder.onnx",
+                "decoder": "decoder.onnx", "files": {name: {"sha256": hashlib.sha256(data).hexdigest(),
+                                                            "bytes": len(data)} for name, data in garbage.items()}}
+    (onnx_dir / runtime.MANIFEST).write_text(json.dumps(manifest))  # lists files that are not there
+    garbage_dir = tmp_path / "garbage_onnx"
+    garbage_dir.mkdir()
+    (garbage_dir / runtime.MANIFEST).write_text(json.dumps(manifest))  # files as listed, but not ONNX
+    for name, data in garbage.items():
+        (garbage_dir / name).write_bytes(data)
+    np.save(tmp_path / "image.npy", np.zeros((32, 32, 3), np.uint8))
+    image, out = str(tmp_path / "image.npy"), str(tmp_path / "mask.png")
+    small = ["--model", "sam_vit_b", "--small", "--quiet", "--no-fidelity"]
+    return [
+        (["optimize", *small, "--threads", "-3", "--out", str(tmp_path / "o")], "--threads"),
+        (["optimize", *small, "--passes", "nope", "--out", str(tmp_path / "o")], "unknown pass 'nope'"),
+        (["optimize", *small, "--passes", "split_qkv", "--out", str(tmp_path / "a_file")], "not a directory"),
+        (["optimize", *small, "--out", str(tmp_path / "a_file" / "run")], "is a file"),
+        (["optimize", *small, "--out", str(tmp_path / "theirs")], "not a samfx save"),
+        (["optimize", "--model", "no_such_model", "--out", str(tmp_path / "o")], "unknown model"),
+        (["optimize", "--out", str(tmp_path / "o")], "give --model"),
+        (["optimize", "--model", "sam_vit_b"], "--out"),
+        (["optimize", "--model", "sam_vit_b", "--checkpoint", str(tmp_path / "empty.pth"), "--out", str(tmp_path / "o")],
+         "is empty"),
+        (["optimize", "--model", "sam_vit_b", "--checkpoint", str(tmp_path / "text.pth"), "--out", str(tmp_path / "o")],
+         "truncated or corrupt"),
+        (["optimize", "--model", "sam_vit_b", "--checkpoint", str(tmp_path / "unsafe.pth"),
+          "--out", str(tmp_path / "o")], "unsafe"),
+        (["optimize", "--checkpoint", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")], "does not exist"),
+        (["everything", "coins", "--saved", str(tmp_path / "broken_save")], "SHA-256"),
+        (["everything", "coins", "--saved", str(tmp_path / "nowhere")], "not a saved samfx model"),
+        (["everything", "coins", "--model", "sam_vit_b", "--small", "--out", str(tmp_path / "no" / "m.json")],
+         "does not exist"),
+        (["everything", "coins", "--model", "sam_vit_b", "--small", "--threads", "-3"], "--threads"),
+        (["run-onnx", image, "--model-dir", str(onnx_dir), "--point", "nan,nan", "--out", out], "finite"),
+        (["run-onnx", image, "--model-dir", str(onnx_dir), "--point", "1,2", "--out", out, "--threads", "-3"],
+         "--threads"),
+        (["run-onnx", image, "--model-dir", str(tmp_path / "nowhere"), "--point", "1,2", "--out", out],
+         "samfx_export.json"),
+        (["run-onnx", image, "--model-dir", str(onnx_dir), "--point", "1,2", "--out", out], "encoder.onnx"),
+        (["run-onnx", image, "--model-dir", str(garbage_dir), "--point", "1,2", "--out", out], "encoder.onnx"),
+        (["run-onnx", image, "--model-dir", str(onnx_dir), "--point", "1,2", "--out", str(tmp_path / "no" / "m.png")],
+         "does not exist"),
+        (["export-onnx", "--model", "sam_vit_b", "--small", "--out", str(tmp_path / "a_file")], "not a directory"),
+        (["compare", str(tmp_path / "nowhere"), "--out", str(tmp_path / "pics")], "not a saved samfx model"),
+    ]
+
+
+def test_user_errors_end_in_one_line_and_exit_code_2(tmp_path, capsys) -> None:
+    for argv, named in _bad_cases(tmp_path):
+        code = main(argv)
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == 2, (argv, captured.err)
+        assert "Traceback" not in captured.err + captured.out, argv
+        assert len(lines) == 1 and lines[0].startswith("samfx: error: "), (argv, captured.err)
+        assert named in lines[0], (argv, lines[0])
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "o").exists()

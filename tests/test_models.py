@@ -71,7 +71,31 @@ class _Payload:
 def test_pickle_with_code_is_refused(tmp_path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"weight": torch.zeros(2), "extra": _Payload()}, path)
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match=r"refusing to load .*: it is unsafe, it holds Python objects \(builtins.print\)"):
+        load_checkpoint(path)
+    torch.save({"extra": _Payload()}, path, _use_new_zipfile_serialization=False)  # torch's legacy format
+    with pytest.raises(CheckpointError, match="unsafe"):
+        load_checkpoint(path)
+
+
+def test_empty_and_text_files_named_pth_are_refused(tmp_path) -> None:
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pth is empty"):
+        load_checkpoint(tmp_path / "empty.pth")
+    (tmp_path / "text.pth").write_text("hello world\n")
+    with pytest.raises(CheckpointError, match="text.pth is not a torch checkpoint"):
+        load_checkpoint(tmp_path / "text.pth")
+
+
+def test_a_flipped_exponent_bit_in_a_safetensors_checkpoint_is_detected(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "flipped.safetensors"
+    save_file({"w": torch.ones(4)}, path)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x40  # 1.0 -> infinity
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="w holds 1 NaN/infinite values of 4 .*carry no checksum"):
         load_checkpoint(path)
 
 
@@ -99,3 +123,13 @@ def test_identify_finds_the_architecture() -> None:
     with pytest.raises(CheckpointError, match="several zoo architectures .*lite_medsam"):
         samfx.models.identify(small_model("lite_medsam").state_dict())
 
+
+
+def test_full_size_mobile_sam_is_tinyvit_5m_at_1024_pixels() -> None:
+    model = samfx.models.build("mobile_sam")
+    encoder = model.image_encoder
+    assert encoder.img_size == 1024
+    assert [conv.c.stride for conv in (encoder.patch_embed.seq[0], encoder.patch_embed.seq[2])] == [(2, 2), (2, 2)]
+    assert 5.6e6 < sum(p.numel() for p in encoder.parameters()) < 5.9e6
+    # A forward on fake tensors: the 64 x 64 embedding MobileSAM's TinyViT hard-codes.
+    assert samfx.stats.component_macs(model)["image_encoder"] > 1e10

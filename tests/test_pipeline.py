@@ -110,3 +110,32 @@ def test_report_json_round_trip(tmp_path) -> None:
     data = json.loads(path.read_text())
     assert data["passes"][0]["name"] == "split_qkv"
     assert data["environment"]["torch"] == torch.__version__
+
+
+def test_a_bare_pass_name_is_one_pass() -> None:
+    assert [c.name for c in resolve_passes("split_qkv")[0]] == ["split_qkv"]
+    assert [c.name for c in resolve_passes(samfx.SplitQKVConfig())[0]] == ["split_qkv"]
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor() -> None:
+    model = small_model("sam_vit_b")
+    with torch.no_grad():
+        model.image_encoder.blocks[0].mlp.lin1.weight[0, 0] = float("nan")
+    for passes in (["split_qkv"], ["fuse_attention"], ["prune"], ["bf16"]):
+        with pytest.raises(PassError, match=r"image_encoder\.blocks\.0\.mlp\.lin1\.weight holds 1 NaN"):
+            samfx.optimize(model, passes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_optimized_as_float32_copies(dtype) -> None:
+    model = small_model("sam_vit_b").to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = samfx.optimize(model, ["split_qkv"])
+    assert any("float32 copy" in note for note in fast.samfx_report.notes)
+    assert fast.image_encoder.patch_embed.proj.weight.dtype == torch.float32
+    assert all(v.dtype == dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_quantize_config_errors_surface_when_built() -> None:
+    with pytest.raises(PassError, match="quantize: mode must be one of"):
+        samfx.QuantizeConfig(mode="w3")

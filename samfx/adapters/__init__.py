@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, QKVSite, ShapeCondition,
-                   TokenStage, TraceRecipe, class_name)
+from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, PromptError, QKVLayout, QKVSite,
+                   ShapeCondition, TokenStage, TraceRecipe, UnsupportedModelError, class_name)
 
 __all__ = [
     "PRESENT",
@@ -23,6 +23,7 @@ __all__ = [
     "AttentionSite",
     "ComponentSpec",
     "Predictor",
+    "PromptError",
     "QKVLayout",
     "QKVSite",
     "ShapeCondition",
@@ -37,10 +38,6 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, Adapter] = {}
-
-
-class UnsupportedModelError(TypeError):
-    """No registered adapter recognises the model."""
 
 
 def register_adapter(adapter: Adapter) -> Adapter:

@@ -9,6 +9,7 @@ themselves.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
@@ -25,13 +26,18 @@ __all__ = [
     "AttentionSite",
     "ComponentSpec",
     "Predictor",
+    "PromptError",
     "QKVLayout",
     "QKVSite",
     "ShapeCondition",
     "TokenStage",
     "TraceRecipe",
+    "UnsupportedModelError",
+    "check_image",
+    "check_prompts",
     "class_name",
     "is_norm",
+    "query_projection",
 ]
 
 
@@ -243,19 +249,102 @@ class TokenStage:
     size: tuple[int, int] | None = None
 
 
+class UnsupportedModelError(TypeError):
+    """No registered adapter recognises the model, or it lacks what was asked of it."""
+
+
+class PromptError(ValueError):
+    """An image or prompt a predictor cannot use (the message says why)."""
+
+
+def check_image(image: Any) -> np.ndarray:
+    """``image`` if it is an ``H x W x 3`` uint8 RGB array, else :class:`PromptError`."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        shape = getattr(image, "shape", None)
+        raise PromptError(f"expected an H x W x 3 uint8 RGB array, got {type(image).__name__} "
+                          f"{getattr(image, 'dtype', '')} of shape {shape}")
+    if min(image.shape[:2]) < 1:
+        raise PromptError(f"the image is empty (shape {image.shape})")
+    return image
+
+
+def check_prompts(
+    point_coords: Any, point_labels: Any, box: Any, image_hw: tuple[int, int]
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Prompts as a family predictor takes them, checked once for every family.
+
+    Points are ``N x 2`` pixel ``(x, y)`` with ``N`` labels (1 foreground, 0
+    background, 2/3 box corners); a box is ``x0, y0, x1, y1``. At least one
+    prompt is needed (SAM would otherwise run on its padding point alone);
+    coordinates must be finite; an inverted box has its corners swapped and
+    prompts outside the image are kept, each with a warning.
+
+    Raises:
+        PromptError: no prompt, non-finite or malformed coordinates, or labels
+            that do not match the points.
+
+    Example::
+
+        >>> points, labels, box = check_prompts([[10, 20]], [1], None, (100, 100))
+        >>> points.tolist(), labels.tolist(), box
+        ([[10.0, 20.0]], [1], None)
+    """
+    height, width = image_hw
+    points = labels = None
+    if point_coords is not None:
+        points = np.asarray(point_coords, dtype=np.float32)
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise PromptError(f"point_coords must be N x 2 pixel (x, y), got shape {points.shape}")
+        if point_labels is None:
+            raise PromptError("point_labels are needed with point_coords (1 foreground, 0 background)")
+        labels = np.asarray(point_labels)
+        if labels.shape != (len(points),) or not np.isin(labels, (0, 1, 2, 3)).all():
+            raise PromptError(f"point_labels must be {len(points)} labels in {{0, 1, 2, 3}}, got {labels.tolist()}")
+        if not np.isfinite(points).all():
+            raise PromptError(f"point coordinates must be finite, got {points.tolist()}")
+        if not len(points):
+            points = labels = None
+    if box is not None:
+        box = np.asarray(box, dtype=np.float32).reshape(-1)
+        if box.shape != (4,) or not np.isfinite(box).all():
+            raise PromptError(f"a box is 4 finite numbers x0, y0, x1, y1, got {box.tolist()}")
+        if box[0] > box[2] or box[1] > box[3]:
+            fixed = np.array([min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])],
+                             np.float32)
+            warnings.warn(f"the box {box.tolist()} is inverted (x0 > x1 or y0 > y1); using {fixed.tolist()}",
+                          stacklevel=3)
+            box = fixed
+    if points is None and box is None:
+        raise PromptError("give at least one point or a box: without a prompt SAM segments its padding point")
+    corners = [p for p in ([] if points is None else points.tolist()) + ([] if box is None else
+                                                                          box.reshape(2, 2).tolist())]
+    outside = [c for c in corners if not (0 <= c[0] <= width and 0 <= c[1] <= height)]
+    if outside:
+        warnings.warn(f"prompt coordinates {outside} lie outside the {width} x {height} image", stacklevel=3)
+    return points, labels, box
+
+
 class Predictor:
     """Runs a SAM-family model on one image with point and box prompts.
 
     The interface follows ``segment_anything.SamPredictor``: ``set_image`` once,
     then ``predict`` per prompt. Coordinates are in the image's own pixels (x, y).
+    Images and prompts are checked here (:func:`check_image`,
+    :func:`check_prompts`) for every family; families implement
+    ``_set_image`` and ``_predict``.
     """
 
     #: prompt kinds the model was trained with; box-only models (LiteMedSAM) give
     #: empty masks for single clicks, so segment-everything warns about them.
     trained_prompts: tuple[str, ...] = ("point", "box")
+    _image_hw: tuple[int, int] | None = None
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""
+        self._set_image(check_image(image))
+        self._image_hw = tuple(image.shape[:2])
+
+    def _set_image(self, image: np.ndarray) -> None:
         raise NotImplementedError
 
     @property
@@ -275,7 +364,18 @@ class Predictor:
         box: np.ndarray | None = None,
         multimask_output: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(masks, scores)``: ``M x H x W`` bools and ``M`` predicted IoUs."""
+        """Return ``(masks, scores)``: ``M x H x W`` bools and ``M`` predicted IoUs.
+
+        Raises:
+            PromptError: no image set, no prompt, or bad coordinates (see :func:`check_prompts`).
+        """
+        if self._image_hw is None:
+            raise PromptError("call set_image before predict")
+        points, labels, box = check_prompts(point_coords, point_labels, box, self._image_hw)
+        return self._predict(points, labels, box, multimask_output)
+
+    def _predict(self, point_coords: np.ndarray | None, point_labels: np.ndarray | None, box: np.ndarray | None,
+                 multimask_output: bool) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def predict_points(
@@ -394,6 +494,21 @@ class Adapter:
         raise ValueError(f"{self.name} blocks cannot be resized")
 
     def predictor(self, model: nn.Module) -> Predictor:
+        """The family's own way to run ``model`` on an image with prompts.
+
+        Raises:
+            UnsupportedModelError: ``model`` is a bare component (an image
+                encoder alone cannot turn prompts into masks).
+        """
+        roles = [spec.role for spec in self.components(model)]
+        if "mask_decoder" not in roles:
+            raise UnsupportedModelError(
+                f"a bare {' + '.join(roles) or 'component'} of a {self.name} model has no predictor: prompts need "
+                "the whole model (image encoder, prompt encoder and mask decoder); optimize the whole model, or use "
+                "passes and options that need no masks")
+        return self._predictor(model)
+
+    def _predictor(self, model: nn.Module) -> Predictor:
         raise NotImplementedError(f"adapter {self.name!r} has no predictor")
 
     def encoder_features(self, output: Any) -> list[torch.Tensor]:
@@ -434,6 +549,12 @@ class Adapter:
         masks or the single one, as in the family's predictor.
         """
         raise NotImplementedError(f"adapter {self.name!r} does not describe how to deploy its models")
+
+
+def query_projection(attention: nn.Module) -> nn.Module | None:
+    """The query Linear of an attention whose fused q/k/v projection was split
+    (by ``split_qkv``, under the names it was given), or ``None``."""
+    return getattr(attention, getattr(attention, "samfx_qkv_names", ("q",))[0], None)
 
 
 def is_norm(module: nn.Module) -> bool:

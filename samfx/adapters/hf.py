@@ -166,7 +166,7 @@ class HFSamAdapter(Adapter):
         method = getattr(component_root.get_submodule(node.target), "method", None)
         return {"window_partition": "partition", "window_unpartition": "unpartition"}.get(method)
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         return HFSamPredictor(model)
 
     def encoder_features(self, output):
@@ -262,7 +262,7 @@ class HFSamPredictor(Predictor):
         return self.processor(images=image, return_tensors="pt")["pixel_values"].to(_device(self.model))
 
     @torch.no_grad()
-    def set_image(self, image: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray) -> None:
         inputs = self.processor(images=image, return_tensors="pt")
         self._original = inputs["original_sizes"]
         self._reshaped = inputs["reshaped_input_sizes"]
@@ -280,7 +280,7 @@ class HFSamPredictor(Predictor):
         return np.array([new_w / w, new_h / h], dtype=np.float32)
 
     @torch.no_grad()
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+    def _predict(self, point_coords, point_labels, box, multimask_output):
         device = self.image_embedding.device
         scale = self._scale()
         kwargs: dict[str, Any] = {}

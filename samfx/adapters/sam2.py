@@ -12,7 +12,7 @@ from torch import nn
 
 from . import register_adapter
 from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, TokenStage, TraceRecipe,
-                   class_name)
+                   class_name, query_projection)
 from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import (
     UpstreamPredictor,
@@ -141,7 +141,7 @@ class Sam2Adapter(Adapter):
     def sync_width_attributes(self, component_root: nn.Module) -> None:
         for module in component_root.modules():
             if defining_class(module, _ATTENTION):
-                module.dim, module.dim_out = module.q.in_features, module.proj.out_features
+                module.dim, module.dim_out = query_projection(module).in_features, module.proj.out_features
             elif defining_class(module, _BLOCK):
                 module.dim, module.dim_out = module.norm1.normalized_shape[0], module.mlp.layers[-1].out_features
             elif defining_class(module, _HIERA):
@@ -174,7 +174,7 @@ class Sam2Adapter(Adapter):
         hieradet = sys.modules["sam2.modeling.backbones.hieradet"]
         return {hieradet.window_partition: "partition", hieradet.window_unpartition: "unpartition"}.get(node.target)
 
-    def predictor(self, model: nn.Module) -> Predictor:
+    def _predictor(self, model: nn.Module) -> Predictor:
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         predictor = SAM2ImagePredictor(model)
@@ -264,7 +264,7 @@ class Sam2Predictor(UpstreamPredictor):
     def encoder_input(self, image: np.ndarray) -> torch.Tensor:
         return self._predictor._transforms(image)[None].to(self._predictor.device)
 
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
+    def _predict(self, point_coords, point_labels, box, multimask_output):
         masks, scores, _ = self._predictor.predict(
             point_coords=point_coords, point_labels=point_labels, box=box, multimask_output=multimask_output
         )

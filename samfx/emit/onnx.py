@@ -152,9 +152,14 @@ def _float32(value: Any) -> Any:
 def _to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
              dynamic_shapes: Any, path: Path, opset: int, external_data: bool | None) -> None:
     from ..kernels.onnx_translations import TRANSLATIONS
+    from .few_tokens import reassociate_few_token_attention
+    from .hoist import hoist_batch_invariant
 
     with _Decompose():
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    # Decoders: image-side work once per image, not per prompt; then project the few tokens, not the many.
+    hoist_batch_invariant(program.graph_module)
+    reassociate_few_token_attention(program.graph_module)
     onnx_program = torch.onnx.export(
         program, args, dynamo=True, input_names=input_names, output_names=output_names, opset_version=opset,
         custom_translation_table=dict(TRANSLATIONS), optimize=True, verbose=False,

@@ -422,8 +422,8 @@ def _numbers(text: str, count: int, what: str) -> list[float]:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != count:
-        raise argparse.ArgumentTypeError(f"{what} must be {count} comma-separated numbers, got {text!r}")
+    if len(values) != count or not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"{what} must be {count} comma-separated finite numbers, got {text!r}")
     return values
 
 

@@ -59,7 +59,7 @@ class BF16Config(PassConfig):
     dtype: str = "bfloat16"
     roles: tuple[str, ...] = ("image_encoder", "mask_decoder")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise PassError(f"bf16: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 

@@ -81,7 +81,7 @@ class FuseAttentionConfig(PassConfig):
     rel_pos: str = "blockwise"
     kinds: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.rel_pos not in REL_POS_MODES:
             raise PassError(f"fuse_attention: rel_pos must be one of {REL_POS_MODES}, got {self.rel_pos!r}")
         unknown = set(self.kinds) - set(SITE_KINDS)

@@ -77,7 +77,7 @@ class HyperConfig(PassConfig):
     min_cols: int = 32
     tensors: bool = True
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not 0 < self.rel_error < 1:
             raise PassError(f"hyper: rel_error must be in (0, 1), got {self.rel_error}")
         for entry in self.overrides:

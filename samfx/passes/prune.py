@@ -115,8 +115,7 @@ class PruneConfig(PassConfig):
     calibration_images: int = 8
     noise: float = 0.01
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
+    def validate(self) -> None:
         if any(len(o) != 2 or not isinstance(o[0], str) for o in self.overrides):
             raise PassError(f"prune: overrides are (pattern, ratio) pairs, got {self.overrides!r}")
         ratios = {kind: getattr(self, kind) for kind in _KINDS}

@@ -124,7 +124,7 @@ class QuantizeConfig(PassConfig):
     keep_float: tuple[str, ...] = ()
     group_size: int = 32
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if self.mode not in _MODES:
             raise PassError(f"quantize: mode must be one of {_MODES}, got {self.mode!r}")
         if self.activation_range not in _RANGES:
@@ -135,7 +135,7 @@ class QuantizeConfig(PassConfig):
             raise PassError(f"quantize: min_mask_iou must be in (0, 1], got {self.min_mask_iou}")
         if self.prompts_per_image < 1:
             raise PassError("quantize: prompts_per_image must be at least 1")
-        if self.mode == "w4" and (self.group_size < 2 or self.group_size % 2):
+        if self.group_size < 2 or self.group_size % 2:
             raise PassError(f"quantize: group_size must be an even number >= 2, got {self.group_size}")
 
 
@@ -719,7 +719,6 @@ def _replayed_grids(sites: list[_Site], replay: dict[str, Any]) -> set[str]:
 @register_pass("quantize", QuantizeConfig, after=("split_qkv", "prune", "token_cluster", "fuse_attention"))
 def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassContext) -> PassResult:
     """Post-training int8 quantization (W8A8 on int8 kernels; Q-TinySAM) with calibration."""
-    config.check()
     sites, skipped, folded = _find_sites(captured, config)
     needs_grids = config.mode == "w8a8"
     needs_data = needs_grids or config.min_mask_iou is not None

@@ -16,6 +16,7 @@ left fused and the reason reported; nothing is half-rewritten.
 
 from __future__ import annotations
 
+import keyword
 import math
 import operator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from torch import nn
 
 from ..adapters.base import QKVLayout, QKVSite
 from ..capture import CapturedModel, Component
-from .base import PassConfig, PassContext, PassReport, PassResult, register_pass
+from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
 __all__ = ["SplitQKVConfig", "split_qkv"]
 
@@ -41,6 +42,11 @@ class SplitQKVConfig(PassConfig):
     """
 
     names: tuple[str, str, str] = ("q", "k", "v")
+
+    def validate(self) -> None:
+        if len(set(self.names)) != 3 or not all(n.isidentifier() and not keyword.iskeyword(n) for n in self.names):
+            raise PassError(f"split_qkv: names must be three distinct Python identifiers (attribute names of the "
+                            f"q, k and v Linears), got {self.names!r}")
 
 
 # An emitter adds one op for a part: (graph, part node, part index) -> new node.
@@ -302,6 +308,7 @@ def _split_site(component: Component, site: QKVSite, names: tuple[str, str, str]
     for graph, plan in plans:
         _apply(graph, plan, targets)  # type: ignore[arg-type]
     component.mark_replaced(site.linear)
+    parent.samfx_qkv_names = names  # adapters find the split projections by it (query_projection)
     return None
 
 

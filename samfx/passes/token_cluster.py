@@ -96,9 +96,6 @@ class TokenClusterConfig(PassConfig):
     images: tuple[str, ...] = ("coins", "astronaut", "coffee")
     max_evaluations: int = 16
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise :class:`PassError` naming the first bad option."""
         checks = [

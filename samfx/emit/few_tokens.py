@@ -1,0 +1,237 @@
+"""Attention between a few prompt tokens and many image tokens, reassociated.
+
+A SAM mask decoder's cross-attentions pair ~7 prompt tokens with 4096 image
+tokens, and project the image side to the attention width with a Linear per
+head group: ``X W^T`` costs ``N x C x D`` multiply-adds for ``N`` image tokens,
+while the attention itself only ever needs ``N x (heads x tokens)`` products.
+Matrix products are associative, so each projection of the many can move to the
+few (per head ``h`` with width ``c``):
+
+* keys of many: ``q_h (X W_k,h^T + b_k,h)^T = (q_h W_k,h) X^T + const per row``;
+  the constant drops out of the softmax;
+* values of many: ``P_h (X W_v,h^T + b_v,h) = (P_h X) W_v,h^T + b_v,h`` (rows of
+  ``P`` sum to one);
+* queries of many: ``(X W_q,h^T + b_q,h) k_h^T = X (W_q,h^T k_h^T) + b_q,h k_h^T``;
+* outputs of many: ``concat_h(P_h v_h) W_o^T = sum_h P_h (v_h W_o,h^T)``.
+
+Each costs ``N x heads x tokens x C`` instead of ``N x C x D``: with SAM's 8
+heads, width 128 and a box prompt's 7 tokens, 56 against 128 per image token,
+so the decoder's image-side projections fall to 44% of their MACs. The choice
+is made per site from the exported shapes (a symbolic token count is judged by
+the example the program was exported with; other counts stay correct).
+
+:func:`reassociate_few_token_attention` rewrites an exported program's ATen graph
+in place; outputs are unchanged up to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["reassociate_few_token_attention"]
+
+_aten = torch.ops.aten
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _hint(size: Any) -> int:
+    """An int, or a symbolic size's value in the example the program was exported with."""
+    if isinstance(size, int):
+        return size
+    return int(size.node.shape_env.size_hint(size.node.expr))
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+@dataclass(frozen=True)
+class _Heads:
+    """``transpose(reshape(linear(x, weight, bias), (B, N, h, c)), 1, 2)``."""
+
+    output: fx.Node
+    linear: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    heads: int
+    width: int
+
+
+def _heads(node: Any) -> _Heads | None:
+    if not isinstance(node, fx.Node) or node.target is not _aten.transpose.int or node.args[1:] != (1, 2):
+        return None
+    split = node.args[0]
+    if split.target not in (_aten.reshape.default, _aten.view.default) or _only_user(split) is not node:
+        return None
+    linear = split.args[0]
+    if linear.target is not _aten.linear.default or _only_user(linear) is not split:
+        return None
+    shape = _val(split).shape
+    if len(shape) != 4 or not all(isinstance(s, int) for s in shape[2:]) or _val(linear.args[0]).dim() != 3:
+        return None
+    bias = linear.args[2] if len(linear.args) > 2 else None
+    return _Heads(node, linear, linear.args[0], linear.args[1], bias, shape[2], shape[3])
+
+
+class _Emitter:
+    """Adds nodes before ``anchor`` with fake values, so later passes see shapes."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
+        self.graph, self.anchor = graph, anchor
+        self.mode = torch._guards.detect_fake_mode([_val(n) for n in anchor.all_input_nodes])
+
+    def __call__(self, target: Any, *args: Any) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args)
+        fake = fx.node.map_aggregate(args, lambda a: _val(a) if isinstance(a, fx.Node) else a)
+        with self.mode:
+            node.meta["val"] = target(*fake)
+        return node
+
+
+@dataclass(frozen=True)
+class _Core:
+    """``softmax(scale(q @ k^T)) @ v`` with each operand's head split."""
+
+    scores: fx.Node
+    probs: fx.Node
+    output: fx.Node
+    q: fx.Node
+    k: fx.Node  # (B, h, N, c), before the transpose for the product
+    v: fx.Node
+
+
+def _core(softmax: fx.Node) -> _Core | None:
+    if softmax.target is not _aten.softmax.int or softmax.args[1] not in (-1, 3):
+        return None
+    scores = softmax.args[0]
+    while scores.target in (_aten.div.Tensor, _aten.mul.Tensor) and not isinstance(scores.args[1], fx.Node):
+        if _only_user(scores) is None:
+            return None
+        scores = scores.args[0]
+    if scores.target is not _aten.matmul.default or _only_user(scores) is None:
+        return None
+    q, k_t = scores.args
+    if k_t.target is _aten.permute.default and list(k_t.args[1]) == [0, 1, 3, 2]:
+        k = k_t.args[0]
+    elif k_t.target is _aten.transpose.int and {a % 4 for a in k_t.args[1:]} == {2, 3}:
+        k = k_t.args[0]
+    else:
+        return None
+    output = _only_user(softmax)
+    if output is None or output.target is not _aten.matmul.default or output.args[0] is not softmax:
+        return None
+    return _Core(scores, softmax, output, q, k, output.args[1])
+
+
+def _profitable(many: int, few: int, width: int) -> bool:
+    """Per token of the many, a projection costs ``C x heads x width`` and the
+    product through the few ``C x heads x few``; the few's own projections are
+    negligible once the many outnumber a head's width several times."""
+    return few < width and many >= 4 * width
+
+
+def _projected_once(x: fx.Node, scores: fx.Node) -> bool:
+    """The many's projection runs on one row that broadcasts over a batch of
+    prompts (``share_image_side``): it is already paid once, the product
+    through the few would be paid per prompt."""
+    rows, batch = _val(x).shape[0], _val(scores).shape[0]
+    return isinstance(rows, int) and rows == 1 and not (isinstance(batch, int) and batch == 1)
+
+
+def _rewrite_core(graph: fx.Graph, core: _Core) -> int:
+    done = 0
+    q, k, v = _heads(core.q), _heads(core.k), _heads(core.v)
+    n_q, n_k = (_hint(_val(core.scores).shape[i]) for i in (2, 3))
+    if (k is not None and _profitable(n_k, n_q, k.width) and _only_user(k.output) is not None
+            and not _projected_once(k.x, core.scores)):
+        emit = _Emitter(graph, core.scores)
+        weight = emit(_aten.view.default, k.weight, [k.heads, k.width, _val(k.weight).shape[1]])
+        queries = emit(_aten.matmul.default, core.q, weight)                     # (B, h, Nq, C)
+        keys = emit(_aten.transpose.int, emit(_aten.unsqueeze.default, k.x, 1), 2, 3)  # (B, 1, C, Nk)
+        core.scores.replace_all_uses_with(emit(_aten.matmul.default, queries, keys))
+        done += 1
+    if (v is not None and _profitable(n_k, n_q, v.width) and _only_user(v.output) is core.output
+            and not _projected_once(v.x, core.scores)):
+        emit = _Emitter(graph, core.output)
+        mixed = emit(_aten.matmul.default, core.probs, emit(_aten.unsqueeze.default, v.x, 1))  # (B, h, Nq, C)
+        weight = emit(_aten.view.default, v.weight, [v.heads, v.width, _val(v.weight).shape[1]])
+        values = emit(_aten.matmul.default, mixed, emit(_aten.transpose.int, weight, 1, 2))   # (B, h, Nq, c)
+        if v.bias is not None:
+            values = emit(_aten.add.Tensor, values, emit(_aten.view.default, v.bias, [v.heads, 1, v.width]))
+        core.output.replace_all_uses_with(values)
+        core = _Core(core.scores, core.probs, values, core.q, core.k, core.v)
+        done += 1
+    if (q is not None and _profitable(n_q, n_k, q.width) and _only_user(q.output) is core.scores
+            and not _projected_once(q.x, core.scores)):
+        emit = _Emitter(graph, core.scores)
+        k_t = core.scores.args[1]
+        weight = emit(_aten.view.default, q.weight, [q.heads, q.width, _val(q.weight).shape[1]])
+        keys = emit(_aten.matmul.default, emit(_aten.transpose.int, weight, 1, 2), k_t)      # (B, h, C, Nk)
+        scores = emit(_aten.matmul.default, emit(_aten.unsqueeze.default, q.x, 1), keys)     # (B, h, Nq, Nk)
+        if q.bias is not None:
+            bias = emit(_aten.matmul.default, emit(_aten.view.default, q.bias, [q.heads, 1, q.width]), k_t)
+            scores = emit(_aten.add.Tensor, scores, bias)
+        core.scores.replace_all_uses_with(scores)
+        done += 1
+    done += _rewrite_output(graph, core, n_q, n_k)
+    return done
+
+
+def _rewrite_output(graph: fx.Graph, core: _Core, n_q: int, n_k: int) -> int:
+    """``linear(reshape(transpose(P @ v, 1, 2), (B, Nq, D)), W_o, b_o)`` as one product over heads x tokens."""
+    merge = _only_user(core.output)
+    if merge is None or merge.target is not _aten.transpose.int or merge.args[1:] != (1, 2):
+        return 0
+    flat = _only_user(merge)
+    if flat is None or flat.target not in (_aten.reshape.default, _aten.view.default):
+        return 0
+    project = _only_user(flat)
+    if project is None or project.target is not _aten.linear.default or project.args[0] is not flat:
+        return 0
+    heads, width = _val(core.v).shape[1], _val(core.v).shape[3]
+    if not (isinstance(heads, int) and isinstance(width, int) and _profitable(n_q, n_k, width)):
+        return 0
+    emit = _Emitter(graph, project)
+    weight, bias = project.args[1], project.args[2] if len(project.args) > 2 else None
+    per_head = emit(_aten.permute.default, emit(_aten.view.default, weight, [_val(weight).shape[0], heads, width]),
+                    [1, 2, 0])                                                             # (h, c, C_out)
+    values = emit(_aten.flatten.using_ints, emit(_aten.matmul.default, core.v, per_head), 1, 2)  # (B, h Nk, C_out)
+    probs = emit(_aten.flatten.using_ints, emit(_aten.transpose.int, core.probs, 1, 2), 2, 3)    # (B, Nq, h Nk)
+    out = emit(_aten.matmul.default, probs, values)
+    if bias is not None:
+        out = emit(_aten.add.Tensor, out, bias)
+    project.replace_all_uses_with(out)
+    return 1
+
+
+def reassociate_few_token_attention(gm: fx.GraphModule) -> int:
+    """Project the few tokens instead of the many wherever that saves MACs.
+
+    Args:
+        gm: a graph of ATen ops with ``meta["val"]`` fake tensors (a
+            ``torch.export`` program's ``graph_module``); rewritten in place.
+
+    Returns:
+        How many projections of the many were replaced.
+    """
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is _aten.softmax.int:
+            core = _core(node)
+            if core is not None:
+                done += _rewrite_core(gm.graph, core)
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return done

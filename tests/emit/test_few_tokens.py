@@ -1,0 +1,77 @@
+"""Few-token attention in exported decoders: the projections move to the few, the masks stay."""
+
+from __future__ import annotations
+
+import torch
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+from torch.export import Dim
+from torch.utils.flop_counter import FlopCounterMode
+
+from samfx.emit.few_tokens import reassociate_few_token_attention
+from samfx.emit.hoist import hoist_batch_invariant
+
+
+class _BatchedDecoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        # SAM's decoder at a quarter of its width: heads of width 16 over 16 x 16 image tokens.
+        self.decoder = MaskDecoder(transformer_dim=64, transformer=TwoWayTransformer(
+            depth=2, embedding_dim=64, mlp_dim=128, num_heads=2))
+
+    def forward(self, embeddings, pe, sparse, dense):
+        return self.decoder(embeddings, pe, sparse, dense, False)
+
+
+def _flops(fn, *args) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def _exported(points: int):
+    torch.manual_seed(0)
+    decoder = _BatchedDecoder().eval()
+    embeddings, pe, dense = (torch.randn(1, 64, 16, 16) for _ in range(3))
+    example = (embeddings, pe, torch.randn(3, points, 64), dense)
+    dims = ({}, {}, {0: Dim("n", max=512), 1: Dim("points", max=64)}, {})
+    program = torch.export.export(decoder, example, dynamic_shapes=dims, strict=False)
+    return decoder, program, (embeddings, pe, dense)
+
+
+def test_box_prompts_project_their_tokens_not_the_image_and_keep_their_masks() -> None:
+    decoder, program, (embeddings, pe, dense) = _exported(points=2)
+    before = program.module()
+    hoist_batch_invariant(program.graph_module)
+    hoisted = program.module()
+    # Layer 0's image-to-token output, layer 1's four image-side projections, the final keys and values.
+    assert reassociate_few_token_attention(program.graph_module) == 7
+    inputs = (embeddings, pe, torch.randn(24, 2, 64), dense)
+    with torch.inference_mode():
+        for got, want in zip(program.module()(*inputs), decoder(*inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert _flops(program.module(), *inputs) < 0.75 * _flops(hoisted, *inputs) < 0.75 * _flops(before, *inputs)
+        # Other prompt sizes than the exported example stay correct.
+        many = (embeddings, pe, torch.randn(2, 9, 64), dense)
+        for got, want in zip(program.module()(*many), decoder(*many)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_with_more_tokens_than_a_head_is_wide_keep_their_projections() -> None:
+    _, program, _ = _exported(points=16)
+    assert reassociate_few_token_attention(program.graph_module) == 0
+
+
+def test_projections_of_one_image_row_shared_by_the_prompts_stay_once_per_image() -> None:
+    # After share_image_side the transformer meets the image as one row that broadcasts over the
+    # prompts: its first projections are paid once, going through the prompt tokens would repeat them.
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=64, mlp_dim=128, num_heads=2).eval()
+    image, pe = torch.randn(1, 64, 16, 16), torch.randn(1, 64, 16, 16)
+    program = torch.export.export(transformer, (image, pe, torch.randn(3, 7, 64)),
+                                  dynamic_shapes=({}, {}, {0: Dim("n", max=512)}), strict=False)
+    # Layer 0 only its image-to-token output; layer 1 and the final attention as before.
+    assert reassociate_few_token_attention(program.graph_module) == 1 + 4 + 2
+    tokens = torch.randn(24, 7, 64)
+    with torch.inference_mode():
+        for got, want in zip(program.module()(image, pe, tokens), transformer(image, pe, tokens)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
