@@ -48,3 +48,26 @@ def mask_iou_bar(passes: tuple[str, ...]) -> float:
     if "bf16" in passes:
         return 0.97
     return 0.99 if "quantize" in passes else 0.999
+
+
+def optimized_small(name: str, passes: tuple[str, ...]) -> torch.nn.Module:
+    """The small model of ``name`` after ``passes`` (calibrated on a package image if they need data)."""
+    model = small_model(name)
+    if not passes:
+        return model
+    return samfx.optimize(model, list(passes), calibration_images=[package_images(["coins"])[0].image],
+                          model_name=name)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """``exported(name, passes, format)``: the small model, optimized with ``passes``, exported."""
+
+    def exported_once(name: str, passes: tuple[str, ...] = (), format: str = "onnx") -> Export:
+        key = (name, passes, format)
+        if key not in _EXPORTS:
+            out = Path(tmp_path_factory.mktemp(f"{case_id((name, passes))}-{format}"))
+            _EXPORTS[key] = export(optimized_small(name, passes), out, format=format)
+        return _EXPORTS[key]
+
+    return exported_once
