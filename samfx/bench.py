@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -192,6 +193,21 @@ def _directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def _checkpoint_bytes(model: Any, directory: Path) -> int:
+    """Size on disk of the model for torch: ``samfx.save``'s checkpoint for an optimized
+    model, its weights as safetensors otherwise."""
+    if hasattr(model, "samfx_report"):
+        from .serialization import save
+
+        save(model, directory)
+        return _directory_bytes(directory)
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / "model.safetensors"))
+    return _directory_bytes(directory)
+
+
 def _exported_predictor(predictor: Any) -> Any:
     """An exported model in its runtime, as a :class:`samfx.adapters.Predictor` (for :mod:`samfx.fidelity`)."""
     import torch
@@ -207,7 +223,8 @@ def _exported_predictor(predictor: Any) -> Any:
             return torch.from_numpy(predictor.image_embedding)
 
         def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=True):
-            masks, scores, _ = predictor.predict(point_coords=point_coords, point_labels=point_labels, box=box)
+            masks, scores, _ = predictor.predict(point_coords=point_coords, point_labels=point_labels, box=box,
+                                                 multimask_output=multimask_output)
             return masks, scores
 
     return Exported()
@@ -229,7 +246,7 @@ def deployment_bench(
 
     Per model and runtime: the image encoder on one image, and the decoder on all
     the image's box prompts in one batched call (the SAM-convention decoder with
-    its full-size masks, as exported), each timed by :func:`interleaved` against
+    its full-size masks, single-mask output as for boxes, as exported), each timed by :func:`interleaved` against
     every other candidate after ``warmup`` runs; the size on disk (``samfx.save``'s
     checkpoint for torch, the export for the runtimes), in memory (weights for
     torch, the process's resident growth when the runtime loads the export), and
@@ -259,7 +276,6 @@ def deployment_bench(
     from .emit.export import eval_mode, export
     from .emit.onnx import FullSizeDecoder
     from .fidelity import compare
-    from .serialization import save
     from .stats import weight_bytes
 
     runtimes = list(runtimes or available_runtimes())
@@ -270,6 +286,9 @@ def deployment_bench(
         torch.set_num_threads(threads)
     sample = package_images([image])[0]
     boxes = np.array([p.coords for p in sample.prompts if p.kind == "box"])
+    # Box prompts, single-mask output (SAM's answer to a box; LiteMedSAM's only prompt).
+    fidelity_samples = [dataclasses.replace(s, prompts=[p for p in s.prompts if p.kind == "box"])
+                        for s in package_images(list(fidelity_images))]
     adapter = find_adapter(original)
     scratch = tempfile.TemporaryDirectory() if work_dir is None else None
     root = Path(scratch.name if scratch else work_dir)
@@ -281,7 +300,7 @@ def deployment_bench(
             stack.callback(scratch.cleanup)
         stack.enter_context(eval_mode(original, optimized))
         for label, model in (("original", original), ("optimized", optimized)):
-            deployment = adapter.deployment(model)
+            deployment = adapter.deployment(model, multimask_output=False)
             if deployment.prepare is not None:
                 deployment.prepare()
             manifest = {"preprocessing": deployment.preprocessing.to_dict(),
@@ -294,10 +313,9 @@ def deployment_bench(
                                                                             "mask_input", "has_mask_input",
                                                                             "orig_im_size"))]
             decoder = FullSizeDecoder(deployment)
-            save(model, root / f"{label}-torch")
-            torch_disk = _directory_bytes(root / f"{label}-torch")
+            torch_disk = _checkpoint_bytes(model, root / f"{label}-torch")
             torch_fidelity = 1.0 if model is original else \
-                compare(original, model, fidelity_images, adapter=adapter).box_mask_iou_mean
+                compare(original, model, fidelity_samples, adapter=adapter).box_mask_iou_mean
             for name in runtimes:
                 key = f"{label} / {name}"
                 row: dict[str, Any] = {"case": key, "model": label, "runtime": name}
@@ -312,7 +330,7 @@ def deployment_bench(
                                precision=str(next(model.parameters()).dtype).replace("torch.", ""))
                 else:
                     directory = root / f"{label}-{_FORMAT[name]}"
-                    result = export(model, directory, format=_FORMAT[name], adapter=adapter)
+                    result = export(model, directory, format=_FORMAT[name], adapter=adapter, multimask_output=False)
                     before = _resident_bytes()
                     predictor = exported_runtime.load(directory, threads=threads)
                     after = _resident_bytes()
@@ -321,7 +339,7 @@ def deployment_bench(
                               **feeds}
                     encoders[key] = lambda graphs=graphs: graphs.encode(pixels)
                     decoders[key] = lambda graphs=graphs, inputs=inputs: graphs.decode(inputs)
-                    fidelity = compare(original, _exported_predictor(predictor), fidelity_images, adapter=adapter)
+                    fidelity = compare(original, _exported_predictor(predictor), fidelity_samples, adapter=adapter)
                     row.update(disk_bytes=sum(result.sizes.values()),
                                memory_bytes=None if before is None else after - before,
                                box_mask_iou=fidelity.box_mask_iou_mean, precision=predictor.precision,
