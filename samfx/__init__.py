@@ -17,7 +17,8 @@ from ._version import __version__
 from . import adapters, annotations, data, fidelity, masks, models, passes, presets, segment_everything, stats
 from .capture import CaptureError, CapturedModel, Component, capture
 from .distillation import DistillReport, distill
-from .emit.onnx import export_onnx
+from .emit import runtime
+from .emit.export import export, export_onnx
 from .evaluation import EvalReport, evaluate
 from .models import CheckpointError
 from .passes import (
@@ -64,6 +65,7 @@ __all__ = [
     "data",
     "distill",
     "evaluate",
+    "export",
     "export_onnx",
     "everything",
     "fidelity",
@@ -75,6 +77,7 @@ __all__ = [
     "presets",
     "report_of",
     "resolve_passes",
+    "runtime",
     "save",
     "segment_everything",
     "stats",

@@ -4,8 +4,9 @@
     samfx passes                                    list the passes
     samfx optimize --model lite_medsam --passes fuse_attention,hyper --out runs/demo
     samfx optimize --checkpoint sam_vit_b.pth --passes split_qkv --out runs/b
-    samfx export-onnx --model lite_medsam --passes split_qkv --out runs/onnx
-    samfx run-onnx photo.jpg --model-dir runs/onnx --point 120,80 --out mask.png
+    samfx export --model lite_medsam --format openvino --passes fuse_attention --out runs/ov
+    samfx run photo.jpg --model-dir runs/ov --box 30,40,200,220 --box 5,5,90,80 --out masks.png
+    samfx bench --model lite_medsam --passes quantize --runtimes eager,openvino
     samfx everything photo.jpg --model sam_vit_b --checkpoint sam_vit_b.pth --out masks.json --png masks.png
     samfx compare runs/demo --out runs/demo/pictures       # original vs optimized masks, as PNGs
     samfx compare --bench benchmarks/results/latest.json --out plots   # speed against fidelity
@@ -295,11 +296,11 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_onnx(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace) -> int:
     import torch
 
     from . import models, optimize
-    from .emit.onnx import export_onnx
+    from .emit.export import export
     from .passes import parse_passes
 
     _check_out_dir(args.out)
@@ -310,9 +311,14 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if passes:
         model = optimize(model, passes, progress=not args.quiet, model_name=args.model)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    export_onnx(model, args.out, multimask_output=not args.single_mask, opset=args.opset, external_data=external,
-                verbose=True)
-    print(f"\nwrote {args.out}/encoder.onnx, decoder.onnx, samfx_onnx.json and samfx_runtime.py")
+    format = args.format or ("onnx" if args.command == "export-onnx" else "openvino")
+    try:
+        result = export(model, args.out, format=format, multimask_output=not args.single_mask, opset=args.opset,
+                        external_data=external, verbose=True)
+    except (OSError, ValueError) as err:
+        return _user_error(str(err))
+    files = ", ".join(sorted(result.manifest["files"]))
+    print(f"\nwrote {args.out}: {files} and samfx_export.json")
     return 0
 
 
@@ -344,13 +350,45 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_onnx(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     from .emit import runtime
 
-    if args.threads < 0:
+    if args.threads is not None and args.threads < 0:
         raise UsageError(f"--threads must be a whole number >= 0, got {args.threads}")
     _check_out_file(args.out)
-    return runtime.run(args)
+    try:
+        print(runtime.segment(args))
+    except (OSError, ValueError, RuntimeError) as err:
+        return _user_error(str(err))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import load, models, optimize
+    from .bench import RUNTIMES, deploy_table, deployment_bench, write_results
+
+    if bool(args.passes) == bool(args.saved):
+        raise UsageError("give the optimization: --passes P1,P2 or --saved DIR (from samfx optimize)")
+    runtimes = [r for r in args.runtimes.split(",") if r] if args.runtimes else None
+    unknown = sorted(set(runtimes or []) - set(RUNTIMES))
+    if unknown:
+        raise UsageError(f"unknown runtimes {unknown}; known: {', '.join(RUNTIMES)}")
+    _check_out_file(args.out)
+    original = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
+    if args.saved:
+        optimized = load(args.saved, base=original)
+    else:
+        optimized = optimize(original, parse_passes(args.passes), progress=not args.quiet,
+                             model_name=args.model)
+    try:
+        result = deployment_bench(original, optimized, runtimes=runtimes, image=args.image, repeats=args.repeats,
+                                  warmup=args.warmup, threads=args.threads or None)
+    except (OSError, ValueError) as err:
+        return _user_error(str(err))
+    print(deploy_table(result))
+    if args.out:
+        print(f"wrote {write_results(args.out, result)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,9 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--pictures", action="store_true",
                      help="also write PNGs of the original's and the optimized model's masks to OUT/pictures")
     opt.set_defaults(run=_optimize)
-    exp = sub.add_parser("export-onnx",
-                         help="export encoder.onnx + decoder.onnx (SAM convention), checked in onnxruntime")
+    exp = sub.add_parser("export", aliases=["export-onnx"],
+                         help="export the encoder + decoder (SAM convention) for OpenVINO or onnxruntime, checked "
+                              "against PyTorch, with a manifest of checksums (export-onnx: --format onnx)")
     exp.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
+    exp.add_argument("--format", choices=("openvino", "onnx"), default=None,
+                     help="openvino (IR, default) or onnx (default for the export-onnx alias)")
     exp.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     exp.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
     exp.add_argument("--passes", default="", help="passes with options to run first (default: none)")
@@ -393,15 +434,33 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--single-mask", action="store_true", help="decoder returns the single-mask output")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer, default 18)")
     exp.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
-                     help="weights in a separate file (auto: above the 2 GB protobuf limit)")
+                     help="ONNX weights in a separate file (auto: above the 2 GB protobuf limit)")
     exp.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     exp.add_argument("--quiet", action="store_true", help="no progress bars")
-    exp.set_defaults(run=_export_onnx)
+    exp.set_defaults(run=_export)
     from .emit import runtime
 
-    run = sub.add_parser("run-onnx", help="segment an image with an exported pair (onnxruntime and numpy only)")
+    run = sub.add_parser("run", aliases=["run-onnx"],
+                         help="segment an image with an export of either format (no torch needed)")
     runtime.add_arguments(run)
-    run.set_defaults(run=_run_onnx)
+    run.set_defaults(run=_run)
+
+    bench = sub.add_parser("bench", help="time the original and an optimized model on each runtime "
+                                          "(torch eager, torch.compile, onnxruntime, OpenVINO) with sizes and fidelity")
+    bench.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
+    bench.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
+    bench.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
+    bench.add_argument("--passes", default="", help="comma-separated passes giving the optimized model")
+    bench.add_argument("--saved", help="or: a directory written by `samfx optimize` from --model")
+    bench.add_argument("--runtimes", default="", help="comma-separated subset of eager,compile,onnxruntime,openvino "
+                                                      "(default: all installed)")
+    bench.add_argument("--image", default="coins", help="package image: one encoder run, all its boxes in one call")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per candidate (medians)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per candidate first")
+    bench.add_argument("--threads", type=_threads, default=2, help="threads of every runtime (0: each runtime's choice)")
+    bench.add_argument("--out", help="write the results as JSON (with the environment and the CPU's ISA)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(run=_bench)
 
     every = sub.add_parser("everything", help="segment everything in an image (TinySAM's hierarchical strategy)")
     every.add_argument("image", help="an image file, or a package image name (coins, astronaut, ...)")

@@ -170,7 +170,8 @@ def compare(
     Args:
         original: the reference model, or a predictor of it (e.g. a
             :class:`CachedPredictor` shared by several comparisons).
-        optimized: the model to check (e.g. from :func:`samfx.optimize`).
+        optimized: the model to check (e.g. from :func:`samfx.optimize`), or a
+            predictor of it (e.g. an exported model in its runtime).
         images: names from :func:`samfx.data.available_images` or samples.
         adapter: the family adapter (detected from ``original`` by default).
         max_prompts_per_image: cap on prompts per image (boxes and points alternate).
@@ -178,10 +179,11 @@ def compare(
     """
     from tqdm.auto import tqdm
 
-    adapter = adapter or find_adapter(optimized if isinstance(original, Predictor) else original)
+    if adapter is None and not (isinstance(original, Predictor) and isinstance(optimized, Predictor)):
+        adapter = find_adapter(optimized if isinstance(original, Predictor) else original)
     samples = [s if isinstance(s, ImageSample) else package_images([s])[0] for s in images]
     reference = original if isinstance(original, Predictor) else adapter.predictor(original)
-    candidate = adapter.predictor(optimized)
+    candidate = optimized if isinstance(optimized, Predictor) else adapter.predictor(optimized)
     times: tuple[list[float], list[float]] = ([], [])
     trained = tuple(candidate.trained_prompts)
     ious: dict[str, list[float]] = {}

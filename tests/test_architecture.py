@@ -23,7 +23,7 @@ ROOT = Path(samfx.__file__).parent
 #: A module matches its longest listed prefix (``samfx`` itself is the package root).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("samfx._version", "samfx.codecs", "samfx.kernels", "samfx.data", "samfx.masks", "samfx.models",
-                    "samfx.annotations")),
+                    "samfx.annotations", "samfx.machine")),
     ("runtime modules", ("samfx.modules",)),
     ("capture", ("samfx.adapters", "samfx.capture")),
     ("graph helpers", ("samfx.graph",)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -58,19 +59,43 @@ def test_console_script_is_installed() -> None:
 
 
 def test_export_and_run_commands(tmp_path, capsys) -> None:
-    model_dir = tmp_path / "onnx"
-    assert main(["export-onnx", "--model", "sam_vit_b", "--small", "--single-mask", "--quiet",
+    from samfx.cli import build_parser
+
+    # export-onnx is export with ONNX as the default format (one export here: each takes seconds).
+    assert build_parser().parse_args(["export-onnx", "--model", "m", "--out", "o"]).command == "export-onnx"
+    format = "openvino"
+    model_dir = tmp_path / format
+    assert main(["export", "--model", "sam_vit_b", "--small", "--single-mask", "--quiet",
                  "--out", str(model_dir)]) == 0
-    assert "mask IoU 1.0000" in capsys.readouterr().out  # the check summary is printed
+    printed = capsys.readouterr().out
+    assert "mask IoU 1.0000" in printed and f"{format}: encoder" in printed  # the check summary is printed
     image = package_images(["coins"])[0].image
     Image.fromarray(image).save(tmp_path / "coins.png")
     out = tmp_path / "mask.png"
-    code = main(["run-onnx", str(tmp_path / "coins.png"), "--model-dir", str(model_dir),
+    code = main(["run", str(tmp_path / "coins.png"), "--model-dir", str(model_dir),
                  "--point", "100,120", "--negative", "20,20", "--out", str(out)])
     assert code == 0
     mask = np.asarray(Image.open(out))
     assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
-    assert "mask 0 of 1" in capsys.readouterr().out  # the single-mask decoder
+    assert f"1 mask from {format}" in capsys.readouterr().out
+    # Three boxes in one decoder call: a label image, 1..3.
+    code = main(["run", str(tmp_path / "coins.png"), "--model-dir", str(model_dir), "--box", "10,10,100,100",
+                 "--box", "120,30,200,120", "--box", "200,150,300,290", "--out", str(out)])
+    assert code == 0 and "3 masks" in capsys.readouterr().out
+    assert set(np.unique(np.asarray(Image.open(out)))) <= {0, 1, 2, 3}
+
+
+def test_run_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys) -> None:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    for model_dir, expected in [(tmp_path, "no samfx_export.json"), (tmp_path / "absent", "no samfx_export.json")]:
+        code = main(["run", str(tmp_path / "x.png"), "--model-dir", str(model_dir), "--box", "1,1,5,5",
+                     "--out", str(tmp_path / "m.png")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("samfx: error: ") and expected in err and len(err.splitlines()) == 1
+    assert main(["run", str(tmp_path / "x.png"), "--model-dir", str(tmp_path), "--out", "m.png"]) == 2
+    assert "give at least one --point" in capsys.readouterr().err
+
+
 def test_everything_writes_coco_json_and_a_picture(tmp_path, capsys) -> None:
     from .conftest import open_png
 
@@ -133,13 +158,18 @@ def _bad_cases(tmp_path):
     (tmp_path / "broken_save" / "samfx.json").write_text('{"format": "samfx-model/2", "samfx": 3}')
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
-    (onnx_dir / "samfx_onnx.json").write_text(json.dumps({
-        "format": "samfx-onnx/1", "preprocessing": {}, "encoder": "encoder.onnx", "decoder": "decoder.onnx"}))
+    from samfx.emit import runtime
+
+    garbage = {"encoder.onnx": b"\x00" * 64 + b"not a protobuf", "decoder.onnx": b"\x00" * 64}
+    manifest = {"schema": runtime.SCHEMA, "format": "onnx", "preprocessing": {}, "encoder": "encoder.onnx",
+                "decoder": "decoder.onnx", "files": {name: {"sha256": hashlib.sha256(data).hexdigest(),
+                                                            "bytes": len(data)} for name, data in garbage.items()}}
+    (onnx_dir / runtime.MANIFEST).write_text(json.dumps(manifest))  # lists files that are not there
     garbage_dir = tmp_path / "garbage_onnx"
     garbage_dir.mkdir()
-    (garbage_dir / "samfx_onnx.json").write_text((onnx_dir / "samfx_onnx.json").read_text())
-    (garbage_dir / "encoder.onnx").write_bytes(b"\x00" * 64 + b"not a protobuf")
-    (garbage_dir / "decoder.onnx").write_bytes(b"\x00" * 64)
+    (garbage_dir / runtime.MANIFEST).write_text(json.dumps(manifest))  # files as listed, but not ONNX
+    for name, data in garbage.items():
+        (garbage_dir / name).write_bytes(data)
     np.save(tmp_path / "image.npy", np.zeros((32, 32, 3), np.uint8))
     image, out = str(tmp_path / "image.npy"), str(tmp_path / "mask.png")
     small = ["--model", "sam_vit_b", "--small", "--quiet", "--no-fidelity"]
@@ -168,7 +198,7 @@ def _bad_cases(tmp_path):
         (["run-onnx", image, "--model-dir", str(onnx_dir), "--point", "1,2", "--out", out, "--threads", "-3"],
          "--threads"),
         (["run-onnx", image, "--model-dir", str(tmp_path / "nowhere"), "--point", "1,2", "--out", out],
-         "samfx_onnx.json"),
+         "samfx_export.json"),
         (["run-onnx", image, "--model-dir", str(onnx_dir), "--point", "1,2", "--out", out], "encoder.onnx"),
         (["run-onnx", image, "--model-dir", str(garbage_dir), "--point", "1,2", "--out", out], "encoder.onnx"),
         (["run-onnx", image, "--model-dir", str(onnx_dir), "--point", "1,2", "--out", str(tmp_path / "no" / "m.png")],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("onnxruntime", "triton", "torch_pruning", "transformers", "segment_anything", "sam2", "skimage", "torchao")
+HEAVY = ("onnxruntime", "openvino", "nncf", "onnx", "triton", "torch_pruning", "transformers", "segment_anything", "sam2", "skimage", "torchao")
 
 
 def test_import_samfx_does_not_import_heavy_packages() -> None:

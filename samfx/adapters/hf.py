@@ -230,8 +230,11 @@ class HFPointEmbedding(SamPointEmbedding):
 
 
 def _hf_decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
-    # Hugging Face's decoder takes a point-batch dimension.
-    low_res, iou = decoder(image_embeddings=embeddings[0], image_positional_embeddings=dense_pe,
+    # Hugging Face's decoder takes a point-batch dimension, and adds the dense embeddings
+    # to the image's before repeating them per point batch: a batch of prompts is a batch
+    # of (equal) images with one point batch each.
+    image = embeddings[0].expand(sparse.shape[0], -1, -1, -1)
+    low_res, iou = decoder(image_embeddings=image, image_positional_embeddings=dense_pe,
                            sparse_prompt_embeddings=sparse[:, None], dense_prompt_embeddings=dense,
                            multimask_output=multimask_output)[:2]
     return low_res[:, 0], iou[:, 0]

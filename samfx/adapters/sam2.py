@@ -231,9 +231,10 @@ class Sam2ImageEncoder(nn.Module):
 
 def _sam2_decode(decoder: nn.Module, embeddings, dense_pe, sparse, dense, multimask_output: bool):
     high_res = list(embeddings[1:]) if decoder.use_high_res_features else None
+    # repeat_image: one image's embeddings for a batch of prompts.
     low_res, iou, _, _ = decoder(image_embeddings=embeddings[0], image_pe=dense_pe, sparse_prompt_embeddings=sparse,
                                  dense_prompt_embeddings=dense, multimask_output=multimask_output,
-                                 repeat_image=False, high_res_features=high_res)
+                                 repeat_image=True, high_res_features=high_res)
     return low_res, iou
 
 

@@ -68,8 +68,8 @@ import torch
 from . import TensorCodec, huffman, register_tensor_codec, unhuffman
 from .lattice_layout import LAYOUTS, layout_of, padded_pairs, plane_widths
 
-__all__ = ["A2_RMS", "LatticeCode", "SQRT3_2", "encode", "entropy_bits", "nearest_a2", "pack_codes", "plane_widths",
-           "unpack_codes"]
+__all__ = ["A2_RMS", "LatticeCode", "SQRT3_2", "decode_planes", "encode", "entropy_bits", "nearest_a2", "pack_codes",
+           "plane_widths", "to_planes", "unpack_codes"]
 
 SQRT3_2 = math.sqrt(3.0) / 2
 #: Per-coordinate RMS quantization error of A2 with unit minimum distance: √(G·V) = √(5/72).
@@ -302,7 +302,10 @@ def unpack_codes(codes: torch.Tensor, pairs: int, bits: int) -> torch.Tensor:
 
 
 def decode_rows(codes: torch.Tensor, row_params: torch.Tensor, cols: int, bits: int, nx: int, i0: int, j0: int) -> torch.Tensor:
-    """Reference decode: ``float32 [rows, cols]`` from runtime codes (see the module doc)."""
+    """Reference decode: ``float32 [rows, cols]`` from runtime codes (see the module doc),
+    or from :func:`to_planes`'s planes (``[rows, 2, pairs]`` codes)."""
+    if codes.dim() == 3:
+        return decode_planes(codes, row_params, cols)
     pairs = (cols + 1) // 2
     theta = unpack_codes(codes, pairs, bits)
     ju = theta // nx
@@ -312,6 +315,43 @@ def decode_rows(codes: torch.Tensor, row_params: torch.Tensor, cols: int, bits: 
     params = row_params.float()
     step, center = params[:, 0:1], params[:, 1:2]
     return torch.cat([x * step + center, y * step + center], 1)[:, :cols]
+
+
+def to_planes(code: LatticeCode) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The codes as two signed integers per pair (8-bit, or 16-bit when a coordinate
+    needs more), each an affine function of a weight.
+
+    ``w[r, k] = (Δ_r/2)·X + c_r`` with ``X = 2·(iu + i0) + (ju mod 2)`` and
+    ``w[r, k + pairs] = (Δ_r·√3/2)·Y + c_r`` with ``Y = ju + j0``: per row and half,
+    a scale and a zero point over an integer, the form of weight compression that
+    runtimes decompress natively (OpenVINO keeps ``int8 -> convert -> subtract ->
+    multiply`` compressed in its IR).
+
+    Returns:
+        ``(planes, affine)``: ``int8`` or ``int16 [rows, 2, pairs]`` (X, Y) and
+        ``float32 [rows, 2, 2]`` (scale, zero point of X and of Y); ``None`` when a
+        coordinate needs more than 16 bits.
+    """
+    theta = code.theta()
+    ju = theta // code.nx
+    x = 2 * (theta - ju * code.nx + code.i0) + ju % 2
+    y = ju + code.j0
+    low, high = min(int(x.min()), int(y.min())), max(int(x.max()), int(y.max()))
+    dtype = next((t for t in (torch.int8, torch.int16) if torch.iinfo(t).min <= low and high <= torch.iinfo(t).max),
+                 None)
+    if dtype is None:
+        return None
+    params = code.row_params.float()
+    step, center = params[:, 0], params[:, 1]
+    scale = torch.stack([step / 2, step * SQRT3_2], 1)
+    affine = torch.stack([scale, -center[:, None] / scale], -1)
+    return torch.stack([x, y], 1).to(dtype), affine
+
+
+def decode_planes(planes: torch.Tensor, affine: torch.Tensor, cols: int) -> torch.Tensor:
+    """``float32 [rows, cols]`` from :func:`to_planes`'s planes: ``(X - zero) · scale``."""
+    weight = (planes.float() - affine[..., 1:2]) * affine[..., 0:1]
+    return weight.reshape(planes.shape[0], -1)[:, :cols]
 
 
 def entropy_bits(code: LatticeCode) -> float:

@@ -1,11 +1,13 @@
-"""Emitters: deploy an optimized model as a torch.compile backend or as ONNX.
+"""Emitters: deploy an optimized model as a torch.compile backend, ONNX or OpenVINO IR.
 
 * ``torch.compile(model, backend="samfx")``: samfx's graph rewrites, then
   inductor (:mod:`samfx.emit.compile`, :mod:`samfx.emit.rewrites`).
-* :func:`export_onnx`: ``encoder.onnx`` + ``decoder.onnx`` in the SAM
-  convention, checked in onnxruntime (:mod:`samfx.emit.onnx`).
-* :mod:`samfx.emit.runtime`: runs an exported pair with onnxruntime and numpy
-  only (no torch).
+* :func:`export`: the encoder and decoder in the SAM convention as ONNX
+  (:mod:`samfx.emit.onnx`) or OpenVINO IR (:mod:`samfx.emit.openvino`), with a
+  manifest of checksums and checks (:mod:`samfx.emit.export`);
+  :func:`export_onnx` is its ONNX form.
+* :mod:`samfx.emit.runtime`: runs an export with onnxruntime or OpenVINO and
+  numpy only (no torch).
 
 Submodules load on first use, so ``import samfx`` stays light.
 """
@@ -15,14 +17,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["BackendOptions", "OnnxExport", "export_onnx", "register_rewrite", "samfx_backend"]
+__all__ = ["BackendOptions", "Export", "OnnxExport", "export", "export_onnx", "register_rewrite", "samfx_backend"]
 
 _WHERE = {
     "BackendOptions": "compile",
     "samfx_backend": "compile",
     "register_rewrite": "rewrites",
-    "OnnxExport": "onnx",
-    "export_onnx": "onnx",
+    "Export": "export",
+    "OnnxExport": "export",
+    "export": "export",
+    "export_onnx": "export",
 }
 
 

@@ -1,30 +1,29 @@
-"""``samfx.export_onnx``: an encoder.onnx + decoder.onnx pair in the SAM convention.
+"""The ONNX graphs of an export: an encoder.onnx + decoder.onnx pair in the SAM convention.
 
 The pair is what edge tools (samexporter, anylabeling, transformers.js-style
 apps) expect: ``encoder.onnx`` maps the normalised, padded image to the image
 embeddings; ``decoder.onnx`` takes
 
     image_embeddings (plus ``interm_embeddings`` for SAM-HQ, ``high_res_feats_0/1``
-    for SAM 2), point_coords (1, N, 2), point_labels (1, N), mask_input
-    (1, 1, 4h, 4w), has_mask_input (1,), orig_im_size (2,) as float32
+    for SAM 2), point_coords (B, N, 2), point_labels (B, N), mask_input
+    (B, 1, 4h, 4w), has_mask_input (1,), orig_im_size (2,) as float32
 
-and returns ``masks`` (1, M, H, W) at ``orig_im_size``, ``iou_predictions``
-(1, M) and ``low_res_masks`` (1, M, 4h, 4w). The number of points is dynamic,
-and the full-size masks are computed in the graph from ``orig_im_size`` (the
-resize, the crop of the padding, the resize to the image), so they are right
-for any image size: exporters that trace the postprocessing with a dummy image
-bake its size into the graph.
+and returns ``masks`` (B, M, H, W) at ``orig_im_size``, ``iou_predictions``
+(B, M) and ``low_res_masks`` (B, M, 4h, 4w). ``B`` prompts (the boxes of an
+image, say) are decoded in one call against one image's embeddings; the number
+of points is dynamic, and the full-size masks are computed in the graph from
+``orig_im_size`` (the resize, the crop of the padding, the resize to the
+image), so they are right for any image size: exporters that trace the
+postprocessing with a dummy image bake its size into the graph.
 
 How it is done: each family's adapter describes its deployment
 (:meth:`samfx.adapters.Adapter.deployment`); both graphs are captured with
 ``torch.export`` (non-strict, so samfx's captured components and their passes
 run as they do in PyTorch), samfx ops are lowered through
 :mod:`samfx.kernels.onnx_translations`, and ``torch.onnx`` translates the
-program (opset >= 17; weights above 2 GB go to an external data file). Every
-export is then checked: ``onnx.checker`` on both files, and onnxruntime against
-eager PyTorch on a package image, for several prompts (point counts, a box, a
-mask input) and several image sizes; the differences are in the returned
-:class:`OnnxExport` and in ``samfx_onnx.json``.
+program (opset >= 17; weights above 2 GB go to an external data file).
+:func:`samfx.export` (:mod:`samfx.emit.export`) checks, converts and
+describes the files; :func:`export_onnx` is its ONNX form.
 
 Example (not run as a doctest: an export with its checks takes a minute;
 ``tests/emit/test_onnx.py`` exports the same small model once per session)::
@@ -38,32 +37,24 @@ Example (not run as a doctest: an export with its checks takes a minute;
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..adapters import Adapter, find_adapter
 from ..adapters.deploy import Deployment
-from ..data import package_images
-from ..fidelity import mask_iou
-from . import runtime
 
-__all__ = ["DECODER_INPUTS", "DECODER_OUTPUTS", "OnnxExport", "export_onnx"]
+__all__ = ["DECODER_INPUTS", "DECODER_OUTPUTS", "FullSizeDecoder", "external_files",
+           "graph_signature", "write_pair"]
 
 DECODER_INPUTS = ("point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 _MAX_SIDE = 1 << 15  # largest image side the decoder graph is declared for
 _MAX_POINTS = 1 << 10
+_MAX_PROMPTS = 1 << 12
 
 
 class FullSizeDecoder(nn.Module):
@@ -128,7 +119,9 @@ def _sdpa_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
 class _Decompose(TorchFunctionMode):
     """While tracing for ONNX, calls of SDPA and of samfx ops with a registered
     decomposition run their decomposition instead, so the exported program holds
-    only ops that torch.onnx translates (no second decomposition pass over it)."""
+    only ops that torch.onnx translates (no second decomposition pass over it).
+    Casts to bfloat16 or float16 (the ``bf16`` pass's) become float32: the graphs
+    keep float32 weights, and the runtime's precision setting decides."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,7 +133,14 @@ class _Decompose(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # Ops called as torch.ops.samfx.name arrive as their overload packet.
         decomposition = self.table.get(func) or self.table.get(getattr(func, "default", None))
+        if func is torch.Tensor.to:
+            args = tuple(_float32(a) for a in args)
+            kwargs = {k: _float32(v) for k, v in (kwargs or {}).items()}
         return (decomposition or func)(*args, **(kwargs or {}))
+
+
+def _float32(value: Any) -> Any:
+    return torch.float32 if isinstance(value, torch.dtype) and value in (torch.bfloat16, torch.float16) else value
 
 
 def _to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
@@ -156,230 +156,73 @@ def _to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: lis
         program, args, dynamo=True, input_names=input_names, output_names=output_names, opset_version=opset,
         custom_translation_table=dict(TRANSLATIONS), optimize=True, verbose=False,
     )
+    _drop_debug_info(onnx_program.model)
     onnx_program.save(str(path), external_data=external_data)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the export, the user's flags restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
+def _drop_debug_info(model: Any) -> None:
+    """Remove the exporter's per-node stack traces and module paths: about 1 kB a
+    node, which is most of the file for graphs of many small ops (hyper's decode)."""
+    import onnx_ir
+
+    for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        node.doc_string = None
 
 
-@dataclass
-class OnnxExport:
-    """What :func:`export_onnx` wrote and how the exported graphs compare with eager.
+def write_pair(deployment: Deployment, out: Path, opset: int = 18, external_data: bool | None = None,
+               embeddings: tuple[torch.Tensor, ...] | None = None) -> None:
+    """Write ``encoder.onnx`` and ``decoder.onnx`` of a deployment to ``out``.
 
-    Attributes:
-        directory: the export directory.
-        encoder, decoder: the ONNX files.
-        metadata: the content of ``samfx_onnx.json``.
-        checks: ``encoder``: max and relative difference of the embeddings;
-            ``decoder``: per case (prompt, image size), the mask IoU between
-            onnxruntime's and eager masks and the largest differences.
-        sizes: bytes of each file (external data included).
-        export_s: seconds spent exporting, check_s: checking.
-    """
-
-    directory: Path
-    encoder: Path
-    decoder: Path
-    metadata: dict[str, Any]
-    checks: dict[str, Any] = field(default_factory=dict)
-    sizes: dict[str, int] = field(default_factory=dict)
-    export_s: float = 0.0
-    check_s: float = 0.0
-
-    @property
-    def worst_mask_iou(self) -> float:
-        return min(case["mask_iou"] for case in self.checks["decoder"])
-
-    def summary(self) -> str:
-        enc = self.checks["encoder"]
-        lines = [f"encoder.onnx {self.sizes['encoder'] / 1e6:.1f} MB, decoder.onnx {self.sizes['decoder'] / 1e6:.1f} MB"
-                 f" (exported in {self.export_s:.0f} s)",
-                 f"encoder: onnxruntime vs eager max |diff| {enc['max_abs_diff']:.2e} "
-                 f"(relative {enc['relative_diff']:.2e})"]
-        for case in self.checks["decoder"]:
-            lines.append(f"decoder {case['prompt']:<22} image {case['image_hw'][0]}x{case['image_hw'][1]}: "
-                         f"mask IoU {case['mask_iou']:.4f}, max |diff| masks {case['masks_max_abs_diff']:.2e}, "
-                         f"iou_predictions {case['iou_max_abs_diff']:.2e}")
-        return "\n".join(lines)
-
-
-def _file_bytes(path: Path) -> int:
-    """Size of an ONNX file and of the external data files next to it that it names."""
-    import onnx
-
-    total = path.stat().st_size
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
-    return total + sum((path.parent / name).stat().st_size for name in locations)
-
-
-def export_onnx(
-    model: nn.Module,
-    out_dir: str | Path,
-    *,
-    multimask_output: bool = True,
-    opset: int = 18,
-    external_data: bool | None = None,
-    adapter: Adapter | None = None,
-    check_image: str = "coins",
-    verbose: bool = False,
-) -> OnnxExport:
-    """Export a SAM-family model (plain or from :func:`samfx.optimize`) as ONNX.
-
-    Writes ``encoder.onnx``, ``decoder.onnx`` (see the module documentation for
-    their inputs and outputs), ``samfx_onnx.json`` (preprocessing, names, checks)
-    and ``samfx_runtime.py`` (the torch-free runtime, :mod:`samfx.emit.runtime`).
-
-    Args:
-        model: a model of a supported family; it is not modified.
-        out_dir: directory to write (created if needed).
-        multimask_output: the decoder returns the three candidate masks (True,
-            the predictors' default) or the single-mask output.
-        opset: ONNX opset, at least 17.
-        external_data: weights in a separate ``.data`` file; ``None``: only above
-            the 2 GB protobuf limit.
-        adapter: force a family adapter.
-        check_image: package image the exported graphs are checked on.
-        verbose: print the check summary.
-
-    Raises:
-        ValueError: a bad opset, bfloat16 weights (the bf16 pass), or a model that has
-            no prompt decoder (a bare encoder).
+    The decoder takes a batch of prompts (leading axis of ``point_coords``,
+    ``point_labels`` and ``mask_input``) against one image's embeddings, and any
+    number of points per prompt. ``embeddings``: example encoder outputs to trace
+    the decoder with (default: the deployment's encoder run on a blank image).
     """
     if opset < 17:
         raise ValueError(f"samfx exports with opset 17 or newer (LayerNormalization, Resize with sizes), not {opset}")
-    # Parameters only: hyper's lattice codes keep bfloat16 row parameters in buffers, cast in the graph.
-    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
-        raise ValueError("the model has bfloat16 weights (the bf16 pass), which ONNX cannot carry: its Conv and most "
-                         "other operators have no bfloat16 type, and onnxruntime's CPU provider no bfloat16 kernels; "
-                         "export the model before the bf16 pass")
-    adapter = adapter or find_adapter(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder_path, decoder_path = out / "encoder.onnx", out / "decoder.onnx"
-    with _eval_mode(model), torch.no_grad():
-        deployment = adapter.deployment(model, multimask_output=multimask_output)
-        if deployment.prepare is not None:
-            deployment.prepare()
-        size = deployment.preprocessing.size
-        image = torch.zeros(1, 3, size, size)
-        start = time.perf_counter()
-        names = list(deployment.embedding_names)
-        _to_onnx(deployment.encoder, (image,), ["image"], names, None, encoder_path, opset, external_data)
-        decoder = FullSizeDecoder(deployment)
-        embeddings = tuple(deployment.encoder(image))
-        points = torch.export.Dim("num_points", min=1, max=_MAX_POINTS)
-        example = embeddings + _decoder_example(deployment, 3, (size, size))
-        dynamic = {"inputs": tuple([None] * len(embeddings) + [{1: points}, {1: points}, None, None, None])}
-        _to_onnx(decoder, example, names + list(DECODER_INPUTS), list(DECODER_OUTPUTS), dynamic, decoder_path, opset,
-                 external_data)
-        export_s = time.perf_counter() - start
-        metadata = _metadata(model, adapter, deployment, multimask_output, opset)
-        result = OnnxExport(out, encoder_path, decoder_path, metadata, export_s=export_s)
-        start = time.perf_counter()
-        result.checks = _check(deployment, decoder, result, check_image)
-        result.check_s = time.perf_counter() - start
-    result.sizes = {"encoder": _file_bytes(encoder_path), "decoder": _file_bytes(decoder_path)}
-    metadata["checks"] = result.checks
-    metadata["sizes"] = result.sizes
-    (out / runtime.METADATA).write_text(json.dumps(metadata, indent=2))
-    shutil.copyfile(runtime.__file__, out / "samfx_runtime.py")
-    if verbose:
-        print(result.summary())
-    return result
+    size = deployment.preprocessing.size
+    image = torch.zeros(1, 3, size, size)
+    names = list(deployment.embedding_names)
+    _to_onnx(deployment.encoder, (image,), ["image"], names, None, out / "encoder.onnx", opset, external_data)
+    embeddings = tuple(deployment.encoder(image)) if embeddings is None else embeddings
+    prompts = torch.export.Dim("prompts", min=1, max=_MAX_PROMPTS)
+    points = torch.export.Dim("points", min=1, max=_MAX_POINTS)
+    example = embeddings + _decoder_example(deployment, 2, 3, (size, size))
+    dynamic = {"inputs": tuple([None] * len(embeddings)
+                               + [{0: prompts, 1: points}, {0: prompts, 1: points}, {0: prompts}, None, None])}
+    _to_onnx(FullSizeDecoder(deployment), example, names + list(DECODER_INPUTS), list(DECODER_OUTPUTS), dynamic,
+             out / "decoder.onnx", opset, external_data)
 
 
-def _decoder_example(deployment: Deployment, points: int, image_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-    side = deployment.mask_input_size
-    coords = torch.linspace(1.0, deployment.preprocessing.size - 1.0, 2 * points).reshape(1, points, 2)
-    labels = torch.tensor([[1.0] * (points - 1) + [-1.0]])
-    return coords, labels, torch.zeros(1, 1, side, side), torch.zeros(1), torch.tensor(image_hw, dtype=torch.float32)
-
-
-def _metadata(model: nn.Module, adapter: Adapter, deployment: Deployment, multimask_output: bool,
-              opset: int) -> dict[str, Any]:
-    from .._version import __version__
-
-    report = getattr(model, "samfx_report", None)
-    return {
-        "format": runtime.FORMAT,
-        "samfx": __version__,
-        "family": adapter.name,
-        "model": getattr(model, "samfx_zoo", {}).get("name") if report is None else report.model,
-        "passes": [p.config for p in report.passes] if report is not None else [],
-        "encoder": "encoder.onnx",
-        "decoder": "decoder.onnx",
-        "embeddings": list(deployment.embedding_names),
-        "decoder_inputs": list(deployment.embedding_names) + list(DECODER_INPUTS),
-        "decoder_outputs": list(DECODER_OUTPUTS),
-        "preprocessing": deployment.preprocessing.to_dict(),
-        "mask_input_size": deployment.mask_input_size,
-        "multimask_output": multimask_output,
-        "opset": opset,
-    }
-
-
-def _check(deployment: Deployment, decoder: FullSizeDecoder, export: OnnxExport, image_name: str) -> dict[str, Any]:
-    """onnx.checker on both files; onnxruntime against eager on a package image."""
+def external_files(path: Path) -> list[Path]:
+    """The external data files an ONNX file names."""
     import onnx
-    import onnxruntime
 
-    for path in (export.encoder, export.decoder):
-        onnx.checker.check_model(str(path), full_check=True)
-    options = onnxruntime.SessionOptions()
-    sessions = [onnxruntime.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                for p in (export.encoder, export.decoder)]
-    sample = package_images([image_name])[0]
-    preprocessing = export.metadata["preprocessing"]
-    pixels = runtime.prepare_image(sample.image, preprocessing)
-    eager = [t.numpy() for t in deployment.encoder(torch.from_numpy(pixels))]
-    onnx_embeddings = sessions[0].run(None, {"image": pixels})
-    scale = max(float(np.abs(e).max()) for e in eager) or 1.0
-    encoder_diff = max(float(np.abs(a - b).max()) for a, b in zip(onnx_embeddings, eager))
-    checks: dict[str, Any] = {"encoder": {"max_abs_diff": encoder_diff, "relative_diff": encoder_diff / scale},
-                              "decoder": []}
-    # Prompts of the package image, moved to three image sizes; the decoder runs on the
-    # eager embeddings so that its own difference is measured. The last prompt feeds
-    # back the low-res mask of the previous one, as interactive tools do.
-    box = np.array(next(p.coords for p in sample.prompts if p.kind == "box"))
-    clicks = np.array([p.coords for p in sample.prompts if p.kind == "point"][:3])
-    cases = [
-        ("1 point", {"point_coords": clicks[:1], "point_labels": [1]}),
-        ("3 points", {"point_coords": clicks, "point_labels": [1, 0, 1]}),
-        ("box", {"box": box}),
-        ("box + point + mask", {"box": box, "point_coords": clicks[:1], "point_labels": [1]}),
-    ]
-    height, width = sample.image.shape[:2]
-    sizes = [(height, width), (width + 37, height // 2 + 1), (3 * height, 2 * width + 5)]
-    low_res = None
-    for (label, prompt), image_hw in zip(cases + cases[:2], sizes * 2):
-        factor = np.array([image_hw[1] / width, image_hw[0] / height])
-        moved = {k: np.asarray(v, np.float64).reshape(-1, 2) * factor if k in ("point_coords", "box") else v
-                 for k, v in prompt.items()}
-        if label.endswith("mask"):
-            moved["mask_input"] = low_res[0, :1]
-        feeds = runtime.prompt_inputs(export.metadata, image_hw, **moved)
-        inputs = dict(zip(deployment.embedding_names, eager)) | feeds
-        ordered = [torch.from_numpy(inputs[n]) for n in export.metadata["decoder_inputs"]]
-        masks, iou, low_res = (t.numpy() for t in decoder(*ordered))
-        onnx_masks, onnx_iou, onnx_low_res = sessions[1].run(None, inputs)
-        checks["decoder"].append({
-            "prompt": label,
-            "points": int(feeds["point_coords"].shape[1]),
-            "image_hw": list(image_hw),
-            "mask_iou": min(mask_iou(a > 0, b > 0) for a, b in zip(onnx_masks[0], masks[0])),
-            "masks_max_abs_diff": float(np.abs(onnx_masks - masks).max()),
-            "low_res_max_abs_diff": float(np.abs(onnx_low_res - low_res).max()),
-            "iou_max_abs_diff": float(np.abs(onnx_iou - iou).max()),
-        })
-    return checks
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return sorted(path.parent / name for name in locations)
 
+
+def graph_signature(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, element types and shapes (symbolic axes by name) of an ONNX file's inputs and outputs."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(value: Any) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                "shape": shape}
+
+    return {"inputs": [describe(v) for v in graph.input], "outputs": [describe(v) for v in graph.output]}
+
+
+def _decoder_example(deployment: Deployment, prompts: int, points: int,
+                     image_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    side = deployment.mask_input_size
+    coords = torch.linspace(1.0, deployment.preprocessing.size - 1.0, 2 * prompts * points).reshape(prompts, points, 2)
+    labels = torch.tensor([[1.0] * (points - 1) + [-1.0]] * prompts)
+    return (coords, labels, torch.zeros(prompts, 1, side, side), torch.zeros(1),
+            torch.tensor(image_hw, dtype=torch.float32))

@@ -1,27 +1,32 @@
-"""Run an exported encoder/decoder pair with onnxruntime and numpy only.
+"""Run an exported encoder/decoder pair with onnxruntime or OpenVINO, and numpy.
 
 This file imports neither torch nor the rest of samfx, so an edge device needs
-``onnxruntime`` and ``numpy`` (and Pillow to read and write image files from the
-command line). :func:`samfx.export_onnx` copies it into the export directory as
-``samfx_runtime.py``, next to ``encoder.onnx``, ``decoder.onnx`` and
-``samfx_onnx.json`` (how the family's predictor prepares images and prompts,
-which this runtime follows: resize, normalisation, padding, prompt frame)::
+``numpy`` and the runtime of the export's format (``onnxruntime`` or
+``openvino``; Pillow to read and write image files from the command line).
+:func:`samfx.export` copies it into the export directory as
+``samfx_runtime.py``, next to the graphs and ``samfx_export.json``, the
+manifest: every file with its SHA-256 and size, and how the family's predictor
+prepares images and prompts, which this runtime follows (resize,
+normalisation, padding, prompt frame). Every file is checked against the
+manifest before anything is loaded: a changed or truncated file is refused.
 
-    python samfx_runtime.py photo.jpg --model-dir . --point 120,80 --out mask.png
-    samfx run-onnx photo.jpg --model-dir out/ --box 30,40,200,220 --out mask.png
+    python samfx_runtime.py photo.jpg --model-dir . --box 30,40,200,220 --box 5,5,90,80 --out mask.png
+    samfx run photo.jpg --model-dir out/ --point 120,80 --out mask.png
 
-Example (after ``samfx export-onnx --model lite_medsam --out out/``)::
+Example (after ``samfx export --model lite_medsam --format openvino --out out/``)::
 
-    from samfx.emit.runtime import OnnxPredictor
+    import samfx_runtime   # or: from samfx.emit import runtime as samfx_runtime
 
-    predictor = OnnxPredictor("out/")
-    predictor.set_image(image)                                  # H x W x 3 uint8 RGB
-    masks, scores, low_res = predictor.predict(point_coords=[[120, 80]], point_labels=[1])
+    predictor = samfx_runtime.load("out/")
+    predictor.set_image(image)                                   # H x W x 3 uint8 RGB
+    masks, scores, low_res = predictor.predict(box=[[30, 40, 200, 220], [5, 5, 90, 80]])
+    masks.shape                                                  # (2, 3, H, W): one decoder call
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -29,10 +34,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["FORMAT", "METADATA", "OnnxPredictor", "main", "prepare_image", "prompt_inputs", "resize", "to_model_frame"]
+__all__ = ["FORMATS", "MANIFEST", "SCHEMA", "IntegrityError", "OnnxPredictor", "Predictor", "file_digest", "load",
+           "main", "prepare_image", "prompt_inputs", "read_manifest", "resize", "to_model_frame", "verify_files"]
 
-FORMAT = "samfx-onnx/1"
-METADATA = "samfx_onnx.json"
+SCHEMA = "samfx-export/1"
+MANIFEST = "samfx_export.json"
+#: Export formats and the runtime that runs each.
+FORMATS = {"onnx": "onnxruntime", "openvino": "openvino"}
+PRECISIONS = ("f32", "bf16")
 
 
 def _resample_weights(in_size: int, out_size: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -108,104 +117,307 @@ def to_model_frame(coords: np.ndarray, image_hw: tuple[int, int], preprocessing:
     return np.asarray(coords, np.float64) * np.array([new_w / image_hw[1], new_h / image_hw[0]])
 
 
-def prompt_inputs(metadata: dict[str, Any], image_hw: tuple[int, int], point_coords: Any = None,
+class IntegrityError(ValueError):
+    """A file of an export directory is missing, or differs from what the manifest recorded."""
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    """The manifest of an export directory, checked for its schema and format.
+
+    Raises:
+        FileNotFoundError: no manifest (not a directory written by ``samfx.export``).
+        ValueError: a manifest this runtime cannot read.
+    """
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no {MANIFEST}: not a directory written by samfx.export")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path} has schema {found!r}; this runtime reads {SCHEMA!r}")
+    if manifest.get("format") not in FORMATS:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}; this runtime runs {sorted(FORMATS)}")
+    return manifest
+
+
+def verify_files(model_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists against its recorded size and SHA-256.
+
+    Raises:
+        IntegrityError: naming the first file that is missing or differs.
+    """
+    for name, entry in manifest["files"].items():
+        path = Path(model_dir) / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise IntegrityError(f"the manifest names {name!r}, outside the export directory")
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing (the manifest lists it)")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise IntegrityError(f"{path} has {size} bytes, the manifest recorded {entry['bytes']}: "
+                                 "the file was changed or truncated after export")
+        if file_digest(path) != entry["sha256"]:
+            raise IntegrityError(f"{path} does not match its SHA-256 in {MANIFEST}: the file was changed after export")
+
+
+def _batched(value: Any, trailing: int, what: str) -> np.ndarray | None:
+    """``value`` as float64 with a leading batch axis (``trailing`` axes after it)."""
+    if value is None:
+        return None
+    array = np.asarray(value, np.float64)
+    if array.ndim == trailing:
+        array = array[None]
+    if array.ndim != trailing + 1:
+        raise ValueError(f"{what} has shape {array.shape}; expected {trailing} or {trailing + 1} axes")
+    return array
+
+
+def prompt_inputs(manifest: dict[str, Any], image_hw: tuple[int, int], point_coords: Any = None,
                   point_labels: Any = None, box: Any = None,
                   mask_input: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The decoder's prompt inputs for prompts in the pixels of an ``image_hw`` image.
 
-    The SAM convention: box corners are points labelled 2 and 3; a padding point
-    (label -1) is added where the family's predictor adds one.
+    Prompts may be batched: ``box`` ``(N, 4)``, ``point_coords`` ``(N, P, 2)`` with
+    ``point_labels`` ``(N, P)``, ``mask_input`` ``(N, 1, h, w)``; a prompt without the
+    batch axis is shared by the batch. The SAM convention: box corners are points
+    labelled 2 and 3; a padding point (label -1) is added where the family's
+    predictor adds one.
     """
-    preprocessing = metadata["preprocessing"]
+    preprocessing = manifest["preprocessing"]
+    points = _batched(point_coords, 2, "point_coords")
+    if points is not None and points.shape[-1] != 2:
+        raise ValueError(f"point_coords has shape {np.shape(point_coords)}; points are (x, y) pairs")
+    boxes = _batched(box, 1, "box")
+    if boxes is not None and boxes.shape[-1] != 4:
+        raise ValueError(f"box has shape {np.shape(box)}; a box is x0, y0, x1, y1")
+    if points is None and boxes is None:
+        raise ValueError("give at least one point or a box")
     coords, labels = [], []
-    if point_coords is not None:
-        points = np.asarray(point_coords, np.float64).reshape(-1, 2)
-        if point_labels is None or len(np.asarray(point_labels).reshape(-1)) != len(points):
+    if points is not None:
+        if point_labels is None or np.size(point_labels) not in (points.shape[1], points.shape[0] * points.shape[1]):
             raise ValueError("give one label (1 foreground, 0 background) per point")
         coords.append(points)
-        labels.append(np.asarray(point_labels, np.float64).reshape(-1))
-    if box is not None:
-        coords.append(np.asarray(box, np.float64).reshape(2, 2))
-        labels.append(np.array([2.0, 3.0]))
-    if not coords:
-        raise ValueError("give at least one point or a box")
-    if box is None or preprocessing["pad_point"] == "always":
-        coords.append(np.zeros((1, 2)))
-        labels.append(np.array([-1.0]))
-    frame = to_model_frame(np.concatenate(coords), image_hw, preprocessing)
-    side = metadata["mask_input_size"]
-    mask = np.zeros((1, 1, side, side), np.float32) if mask_input is None else \
-        np.asarray(mask_input, np.float32).reshape(1, 1, side, side)
+        labels.append(np.asarray(point_labels, np.float64).reshape(-1, points.shape[1]))
+    if boxes is not None:
+        coords.append(boxes.reshape(-1, 2, 2))
+        labels.append(np.full((1, 2), [2.0, 3.0]))
+    if boxes is None or preprocessing["pad_point"] == "always":
+        coords.append(np.zeros((1, 1, 2)))
+        labels.append(np.full((1, 1), -1.0))
+    batch = max(len(c) for c in coords + labels)
+    if any(len(c) not in (1, batch) for c in coords + labels):
+        raise ValueError(f"prompt batches differ: {sorted({len(c) for c in coords + labels})}")
+    coords = np.concatenate([np.broadcast_to(c, (batch, *c.shape[1:])) for c in coords], axis=1)
+    labels = np.concatenate([np.broadcast_to(lab, (batch, lab.shape[1])) for lab in labels], axis=1)
+    frame = to_model_frame(coords, image_hw, preprocessing)
+    side = manifest["mask_input_size"]
+    if mask_input is None:
+        mask = np.zeros((batch, 1, side, side), np.float32)
+    else:
+        mask = np.asarray(mask_input, np.float32)
+        if mask.size not in (side * side, batch * side * side):
+            raise ValueError(f"mask_input has shape {mask.shape}; expected ({batch}, 1, {side}, {side}) low-res logits")
+        mask = np.array(np.broadcast_to(mask.reshape(-1, 1, side, side), (batch, 1, side, side)))
     return {
-        "point_coords": frame[None].astype(np.float32),
-        "point_labels": np.concatenate(labels)[None].astype(np.float32),
+        "point_coords": frame.astype(np.float32),
+        "point_labels": labels.astype(np.float32),
         "mask_input": mask,
         "has_mask_input": np.array([float(mask_input is not None)], np.float32),
         "orig_im_size": np.array(image_hw, np.float32),
     }
 
 
-class OnnxPredictor:
-    """Segment with an exported pair: ``set_image`` once, then ``predict`` per prompt.
+class _OnnxRuntimeGraphs:
+    """The encoder and decoder as onnxruntime sessions."""
 
-    Args:
-        model_dir: what :func:`samfx.export_onnx` wrote.
-        threads: onnxruntime intra-op threads (0: onnxruntime's choice).
-        providers: onnxruntime execution providers (default: CPU).
-    """
-
-    def __init__(self, model_dir: str | Path, threads: int = 0, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, model_dir: Path, manifest: dict[str, Any], threads: int | None, precision: str | None,
+                 providers: Sequence[str] | None = None) -> None:
         import onnxruntime
 
-        self.model_dir = Path(model_dir)
-        meta_path = self.model_dir / METADATA
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.model_dir} has no {METADATA}: not a directory written by samfx.export_onnx")
-        self.metadata = json.loads(meta_path.read_text())
-        if self.metadata.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} has format {self.metadata.get('format')!r}; this runtime reads {FORMAT!r}")
-        self.preprocessing = self.metadata["preprocessing"]
+        if precision not in (None, "f32"):
+            raise ValueError(f"onnxruntime's CPU provider runs float32 only, not {precision!r}")
+        self.precision = "f32"
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or 0
+        options.log_severity_level = 3
         providers = list(providers or ["CPUExecutionProvider"])
-        self.encoder = onnxruntime.InferenceSession(str(self.model_dir / self.metadata["encoder"]), options,
-                                                    providers=providers)
-        self.decoder = onnxruntime.InferenceSession(str(self.model_dir / self.metadata["decoder"]), options,
-                                                    providers=providers)
+        try:
+            self.sessions = [onnxruntime.InferenceSession(str(model_dir / manifest[part]), options,
+                                                          providers=providers) for part in ("encoder", "decoder")]
+        except Exception as err:  # onnxruntime raises its own exception types for bad files
+            raise ValueError(f"onnxruntime cannot load {model_dir}: {err}") from None
+
+    def encode(self, pixels: np.ndarray) -> list[np.ndarray]:
+        return self.sessions[0].run(None, {"image": pixels})
+
+    def decode(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[1].run(None, feeds)
+
+
+def native_bf16(core: Any) -> bool:
+    """OpenVINO's CPU plugin multiplies bfloat16 natively on this CPU (AVX-512 BF16, AMX)."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class _OpenVinoGraphs:
+    """The encoder and decoder compiled by OpenVINO's CPU plugin."""
+
+    def __init__(self, model_dir: Path, manifest: dict[str, Any], threads: int | None, precision: str | None,
+                 providers: Sequence[str] | None = None) -> None:
+        import openvino
+
+        if providers:
+            raise ValueError("providers are onnxruntime's; OpenVINO runs on its CPU plugin here")
+        core = openvino.Core()
+        wanted = precision or manifest.get("precision", {}).get("hint", "f32")
+        if wanted not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {wanted!r}")
+        # bf16 only where it is native: emulated, it is slower than float32 and still lossy.
+        # The encoder only: the decoder's size arithmetic on orig_im_size needs exact
+        # integers (303 is 304 in bfloat16), and the decoder is a small part of the time.
+        self.precision = "bf16" if wanted == "bf16" and native_bf16(core) else "f32"
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = [core.compile_model(core.read_model(str(model_dir / manifest[part])), "CPU",
+                                                {**config, "INFERENCE_PRECISION_HINT": precision})
+                             for part, precision in (("encoder", self.precision), ("decoder", "f32"))]
+        except RuntimeError as err:
+            raise ValueError(f"OpenVINO cannot load {model_dir}: {str(err).splitlines()[0]}") from None
+        self.requests = [compiled.create_infer_request() for compiled in self.compiled]
+        # A port has every name the graph gave its tensor; the manifest's is one of them.
+        self.decoder_inputs = [next(name for name in sorted(port.get_names()) if name in manifest["decoder_inputs"])
+                               for port in self.compiled[1].inputs]
+
+    def encode(self, pixels: np.ndarray) -> list[np.ndarray]:
+        request = self.requests[0]
+        request.infer({0: pixels})
+        return [request.get_output_tensor(i).data.copy() for i in range(len(self.compiled[0].outputs))]
+
+    def decode(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = self.requests[1]
+        request.infer({name: feeds[name] for name in self.decoder_inputs})
+        return [request.get_output_tensor(i).data.copy() for i in range(len(self.compiled[1].outputs))]
+
+
+_GRAPHS = {"onnx": _OnnxRuntimeGraphs, "openvino": _OpenVinoGraphs}
+
+
+class Predictor:
+    """Segment with an exported pair: ``set_image`` once, then ``predict`` per prompt batch.
+
+    Every file is checked against the manifest's SHA-256 before the runtime
+    reads it (:class:`IntegrityError` names the file that differs).
+
+    Args:
+        model_dir: what :func:`samfx.export` wrote.
+        threads: runtime threads (``None``: the runtime's choice).
+        precision: OpenVINO's inference precision of the encoder, ``"f32"`` or
+            ``"bf16"`` (``None``: the manifest's hint; bf16 only where the CPU has it
+            natively); the decoder runs in float32.
+        providers: onnxruntime execution providers (default: CPU).
+
+    Attributes:
+        manifest: the content of ``samfx_export.json``.
+        format: ``"onnx"`` or ``"openvino"``.
+        graphs: the runtime's encoder and decoder: ``encode(pixels)`` and
+            ``decode(feeds)`` give the graphs' outputs as numpy arrays.
+        precision: the inference precision the runtime was given.
+    """
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, precision: str | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.manifest = read_manifest(self.model_dir)
+        verify_files(self.model_dir, self.manifest)
+        self.format = self.manifest["format"]
+        self.preprocessing = self.manifest["preprocessing"]
+        self.graphs = _GRAPHS[self.format](self.model_dir, self.manifest, threads, precision, providers)
+        self.precision = self.graphs.precision
         self._embeddings: dict[str, np.ndarray] | None = None
         self._image_hw = (0, 0)
 
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.manifest
+
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""
-        inputs = {self.encoder.get_inputs()[0].name: prepare_image(image, self.preprocessing)}
-        outputs = self.encoder.run(None, inputs)
-        self._embeddings = dict(zip(self.metadata["embeddings"], outputs))
+        outputs = self.graphs.encode(prepare_image(image, self.preprocessing))
+        self._embeddings = dict(zip(self.manifest["embeddings"], outputs))
         self._image_hw = tuple(image.shape[:2])
 
     @property
     def image_embedding(self) -> np.ndarray:
         if self._embeddings is None:
             raise RuntimeError("call set_image first")
-        return self._embeddings[self.metadata["embeddings"][0]]
+        return self._embeddings[self.manifest["embeddings"][0]]
 
     def predict(self, point_coords: Any = None, point_labels: Any = None, box: Any = None,
-                mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for points (``(N, 2)`` pixel x, y with labels) and/or a box
-        (``x0, y0, x1, y1``) on the last image.
+                mask_input: np.ndarray | None = None,
+                multimask_output: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for points (``(P, 2)`` pixel x, y with labels) and/or a box
+        (``x0, y0, x1, y1``) on the last image; ``box`` ``(N, 4)`` (or points
+        ``(N, P, 2)``) decodes N prompts in one decoder call.
+
+        ``multimask_output`` must be the export's (``None``: the export's): the
+        decoder graph holds one of SAM's two mask heads.
 
         Returns:
             ``(masks, scores, low_res_logits)``: ``M x H x W`` bools, ``M`` predicted
-            IoUs, and the low-res logits to pass back as ``mask_input``.
+            IoUs and ``M x h x w`` logits to pass back as ``mask_input``, with a
+            leading ``N`` axis for batched prompts.
         """
         if self._embeddings is None:
             raise RuntimeError("call set_image first")
+        exported = self.manifest["multimask_output"]
+        if multimask_output is not None and bool(multimask_output) != exported:
+            raise ValueError(f"this export's decoder gives the {'multi' if exported else 'single'}-mask output; "
+                             f"export with multimask_output={bool(multimask_output)} for the other")
+        batched = any(value is not None and np.ndim(value) == ndim
+                      for value, ndim in ((box, 2), (point_coords, 3)))
         feeds = {**self._embeddings,
-                 **prompt_inputs(self.metadata, self._image_hw, point_coords, point_labels, box, mask_input)}
-        masks, scores, low_res = self.decoder.run(None, feeds)
-        return masks[0] > 0.0, scores[0], low_res[0]
+                 **prompt_inputs(self.manifest, self._image_hw, point_coords, point_labels, box, mask_input)}
+        masks, scores, low_res = self.graphs.decode(feeds)
+        masks = masks > 0.0
+        return (masks, scores, low_res) if batched else (masks[0], scores[0], low_res[0])
 
 
-def _pair(text: str, count: int, what: str) -> list[float]:
+class OnnxPredictor(Predictor):
+    """:class:`Predictor` of an ONNX export (onnxruntime).
+
+    Args:
+        model_dir: what :func:`samfx.export` wrote with ``format="onnx"``.
+        threads: onnxruntime intra-op threads (0: onnxruntime's choice).
+        providers: onnxruntime execution providers (default: CPU).
+    """
+
+    def __init__(self, model_dir: str | Path, threads: int = 0, providers: Sequence[str] | None = None) -> None:
+        manifest = read_manifest(model_dir)
+        if manifest["format"] != "onnx":
+            raise ValueError(f"{model_dir} holds a {manifest['format']} export; use samfx_runtime.load")
+        super().__init__(model_dir, threads=threads or None, providers=providers)
+
+
+def load(model_dir: str | Path, threads: int | None = None, precision: str | None = None) -> Predictor:
+    """A :class:`Predictor` for an export of either format, its files verified first."""
+    return Predictor(model_dir, threads=threads, precision=precision)
+
+
+def _numbers(text: str, count: int, what: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -216,16 +428,21 @@ def _pair(text: str, count: int, what: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``run-onnx`` arguments (shared by ``samfx run-onnx`` and this file's ``main``)."""
+    """The ``run`` arguments (shared by ``samfx run`` and this file's ``main``)."""
     parser.add_argument("image", help="an image file (PNG, JPEG, ... read with Pillow) or an H x W x 3 uint8 .npy")
-    parser.add_argument("--model-dir", required=True, help="directory written by samfx.export_onnx")
-    parser.add_argument("--point", action="append", default=[], type=lambda t: _pair(t, 2, "--point"),
+    parser.add_argument("--model-dir", required=True, help="directory written by samfx.export (either format)")
+    parser.add_argument("--point", action="append", default=[], type=lambda t: _numbers(t, 2, "--point"),
                         metavar="X,Y", help="foreground point in image pixels (repeatable)")
-    parser.add_argument("--negative", action="append", default=[], type=lambda t: _pair(t, 2, "--negative"),
+    parser.add_argument("--negative", action="append", default=[], type=lambda t: _numbers(t, 2, "--negative"),
                         metavar="X,Y", help="background point (repeatable)")
-    parser.add_argument("--box", type=lambda t: _pair(t, 4, "--box"), metavar="X0,Y0,X1,Y1", help="box prompt")
-    parser.add_argument("--out", required=True, help="mask PNG to write (the highest-scoring mask)")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: its choice)")
+    parser.add_argument("--box", action="append", default=[], type=lambda t: _numbers(t, 4, "--box"),
+                        metavar="X0,Y0,X1,Y1",
+                        help="box prompt (repeatable: all boxes are decoded in one call, points apply to each)")
+    parser.add_argument("--out", required=True,
+                        help="PNG to write: the best mask (one prompt) or labels 1..N (N boxes); .npy: the bools")
+    parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: its choice)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="OpenVINO inference precision (default: the export's hint; bf16 only if native)")
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -234,41 +451,55 @@ def _read_image(path: str) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError:
-        raise SystemExit("reading image files needs Pillow (pip install pillow), or pass an H x W x 3 uint8 .npy") \
+        raise ValueError("reading image files needs Pillow (pip install pillow), or pass an H x W x 3 uint8 .npy") \
             from None
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 
 
-def run(args: argparse.Namespace) -> int:
-    """``run-onnx``: segment one image, write the best mask, print its score."""
-    if not args.point and not args.negative and args.box is None:
-        raise SystemExit("run-onnx: give at least one --point, --negative or --box")
+def segment(args: argparse.Namespace) -> str:
+    """Segment one image with the prompts of ``args``, write ``args.out``; returns what was written.
+
+    Raises:
+        ValueError, OSError: bad prompts, files or export directory (:class:`IntegrityError` included).
+    """
+    if not args.point and not args.negative and not args.box:
+        raise ValueError("give at least one --point, --negative or --box")
     points = args.point + args.negative
     labels = [1] * len(args.point) + [0] * len(args.negative)
-    try:
-        predictor = OnnxPredictor(args.model_dir, threads=args.threads)
-        predictor.set_image(_read_image(args.image))
-        masks, scores, _ = predictor.predict(point_coords=points or None, point_labels=labels or None, box=args.box)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"run-onnx: error: {err}") from None
-    best = int(np.argmax(scores))
-    mask = (masks[best] * 255).astype(np.uint8)
+    predictor = load(args.model_dir, threads=args.threads, precision=args.precision)
+    predictor.set_image(_read_image(args.image))
+    boxes = np.array(args.box).reshape(-1, 4) if args.box else None
+    masks, scores, _ = predictor.predict(point_coords=points or None, point_labels=labels or None, box=boxes)
+    if masks.ndim == 3:
+        masks, scores = masks[None], scores[None]
+    best = scores.argmax(axis=1)
+    chosen = masks[np.arange(len(masks)), best]
     if args.out.endswith(".npy"):
-        np.save(args.out, masks[best])
+        np.save(args.out, chosen if len(chosen) > 1 else chosen[0])
     else:
         from PIL import Image
 
-        Image.fromarray(mask).save(args.out)
-    print(f"wrote {args.out}: mask {best} of {len(scores)}, predicted IoU {scores[best]:.3f}, "
-          f"{int(masks[best].sum())} of {masks[best].size} pixels")
-    return 0
+        labelled = np.zeros(chosen.shape[1:], np.uint8)
+        for index, mask in enumerate(chosen):
+            labelled[mask] = index + 1 if len(chosen) > 1 else 255
+        Image.fromarray(labelled).save(args.out)
+    shown = ", ".join(f"{int(mask.sum())} px (IoU {scores[i, best[i]]:.3f})" for i, mask in enumerate(chosen[:8]))
+    more = f", ... {len(chosen) - 8} more" if len(chosen) > 8 else ""
+    return (f"wrote {args.out}: {len(chosen)} mask{'s' if len(chosen) > 1 else ''} from {predictor.format} "
+            f"({predictor.precision}): {shown}{more}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="samfx_runtime", description="Segment an image with an exported SAM pair.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        print(segment(args))
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"samfx_runtime: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

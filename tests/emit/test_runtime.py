@@ -1,8 +1,10 @@
-"""The torch-free runtime: same masks as each family's own PyTorch predictor."""
+"""The torch-free runtime: same masks as each family's own PyTorch predictor, in both formats;
+batched boxes; files checked against the manifest before loading."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +22,7 @@ from samfx.fidelity import mask_iou
 
 from ..conftest import SMALL_FAMILIES, small_model
 
-# Runs the copy of the runtime that export_onnx puts next to the models, with
+# Runs the copy of the runtime that samfx.export puts next to the models, with
 # torch made unimportable, and saves what it predicts.
 _RUNNER = r"""
 import json, sys
@@ -30,7 +32,7 @@ model_dir, job = sys.argv[1], sys.argv[2]
 sys.path.insert(0, model_dir)
 import samfx_runtime
 data = np.load(job + ".npz", allow_pickle=True)
-predictor = samfx_runtime.OnnxPredictor(model_dir, threads=1)
+predictor = samfx_runtime.load(model_dir, threads=1)
 predictor.set_image(data["image"])
 masks = [predictor.predict(**prompt)[0] for prompt in data["prompts"]]
 np.savez(job + "-out.npz", *masks)
@@ -49,12 +51,14 @@ def _prompts(sample, count: int = 2) -> list[dict]:
     return prompts
 
 
+@pytest.mark.parametrize("format", ["onnx", "openvino"])
 @pytest.mark.parametrize("name", SMALL_FAMILIES)
-def test_runtime_without_torch_matches_the_family_predictor(exported, tmp_path, name: str) -> None:
-    export = exported(name)
+def test_runtime_without_torch_matches_the_family_predictor(exported, tmp_path, name: str, format: str) -> None:
+    export = exported(name, (), format)
     model = small_model(name)
     predictor = samfx.adapters.find_adapter(model).predictor(model)
-    for sample in package_images(["coins", "coffee"]):  # 303 x 384 and 400 x 600
+    images = ["coins", "coffee"] if format == "onnx" else ["coffee"]  # 303 x 384 and 400 x 600
+    for sample in package_images(images):
         prompts = _prompts(sample)
         job = tmp_path / sample.name
         np.savez(f"{job}.npz", image=sample.image, prompts=np.array(prompts, dtype=object))
@@ -91,9 +95,75 @@ def test_uint8_resize_matches_pil_to_one_level() -> None:
         assert difference.max() <= 1 and difference.mean() < 0.02
 
 
+@pytest.mark.parametrize("format", ["onnx", "openvino"])
+def test_boxes_are_decoded_in_one_call(exported, format: str) -> None:
+    predictor = runtime.load(exported("sam2.1_hiera_t", (), format).directory, threads=1)
+    sample = package_images(["coins"])[0]
+    boxes = np.array([p.coords for p in sample.prompts if p.kind == "box"][:5])
+    predictor.set_image(sample.image)
+    masks, scores, low_res = predictor.predict(box=boxes)
+    assert masks.shape == (5, 3, *sample.image.shape[:2]) and scores.shape == (5, 3) and low_res.shape[:2] == (5, 3)
+    for index in (0, 4):
+        one, one_scores, _ = predictor.predict(box=boxes[index])
+        assert mask_iou(one[0], masks[index, 0]) >= 0.999
+        np.testing.assert_allclose(one_scores, scores[index], atol=1e-4)
+    # A point shared by every box, and per-box low-res masks fed back.
+    click = [p.coords for p in sample.prompts if p.kind == "point"][0]
+    again, _, _ = predictor.predict(box=boxes, point_coords=[click], point_labels=[1], mask_input=low_res[:, :1])
+    assert again.shape == masks.shape
+
+
+def _tamper(directory, tmp_path, name: str):
+    """A copy of an export directory with 64 bytes zeroed inside ``name``."""
+    copy = tmp_path / f"tampered-{directory.name}"
+    shutil.copytree(directory, copy)
+    data = bytearray((copy / name).read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    (copy / name).write_bytes(bytes(data))
+    return copy
+
+
+@pytest.mark.parametrize("format, name", [("onnx", "encoder.onnx"), ("openvino", "encoder.bin"),
+                                          ("openvino", "decoder.xml")])
+def test_a_changed_file_is_refused_before_loading(exported, tmp_path, format: str, name: str) -> None:
+    tampered = _tamper(exported("sam_vit_b", (), format).directory, tmp_path, name)
+    with pytest.raises(runtime.IntegrityError, match=f"{name} does not match its SHA-256"):
+        runtime.load(tampered)
+    # The torch-free copy in the directory checks too, and so does the command line.
+    script = (f"import sys; sys.path.insert(0, {str(tampered)!r}); import samfx_runtime; "
+              f"samfx_runtime.load({str(tampered)!r})")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode != 0 and "IntegrityError" in run.stderr and name in run.stderr
+    if format == "openvino":
+        return
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    code = subprocess.run([sys.executable, "-m", "samfx.cli", "run", str(tmp_path / "x.png"), "--model-dir",
+                           str(tampered), "--box", "1,1,5,5", "--out", str(tmp_path / "m.png")],
+                          capture_output=True, text=True)
+    assert code.returncode == 2 and code.stderr.startswith("samfx: error: ") and name in code.stderr
+    assert len(code.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_or_truncated_file_is_refused(exported, tmp_path) -> None:
+    directory = tmp_path / "copy"
+    shutil.copytree(exported("sam_vit_b").directory, directory)
+    (directory / "decoder.onnx").write_bytes((directory / "decoder.onnx").read_bytes()[:1000])
+    with pytest.raises(runtime.IntegrityError, match="decoder.onnx has 1000 bytes"):
+        runtime.load(directory)
+    (directory / "decoder.onnx").unlink()
+    with pytest.raises(runtime.IntegrityError, match="decoder.onnx is missing"):
+        runtime.load(directory)
+    (directory / runtime.MANIFEST).write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        runtime.load(directory)
+
+
 def test_bad_inputs_are_refused_with_the_reason(exported, tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="samfx_onnx.json"):
-        runtime.OnnxPredictor(tmp_path)
+    with pytest.raises(FileNotFoundError, match="samfx_export.json"):
+        runtime.load(tmp_path)
+    with pytest.raises(ValueError, match="openvino export"):
+        runtime.OnnxPredictor(exported("sam_vit_b", (), "openvino").directory)
     predictor = runtime.OnnxPredictor(exported("sam_vit_b").directory)
     with pytest.raises(RuntimeError, match="set_image"):
         predictor.predict(box=[0, 0, 10, 10])
@@ -104,4 +174,8 @@ def test_bad_inputs_are_refused_with_the_reason(exported, tmp_path) -> None:
         predictor.predict()
     with pytest.raises(ValueError, match="one label"):
         predictor.predict(point_coords=[[1, 2], [3, 4]], point_labels=[1])
+    with pytest.raises(ValueError, match="multi-mask output"):
+        predictor.predict(box=[0, 0, 10, 10], multimask_output=False)
+    with pytest.raises(ValueError, match="prompt batches differ"):
+        predictor.predict(box=np.zeros((3, 4)), point_coords=np.zeros((2, 1, 2)), point_labels=[[1], [1]])
     assert cli_main(["run-onnx", "x.png", "--model-dir", str(tmp_path), "--out", str(tmp_path / "m.png")]) == 2
