@@ -128,18 +128,19 @@ def _optimize_images(args: argparse.Namespace, passes: list) -> tuple[list, list
     return samples, split.calibration, split.record(), message
 
 
-def _passes_or_preset(args: argparse.Namespace) -> list:
-    """The pass list of ``--passes`` or of ``--preset`` (whose calibration photos
-    become the calibration set unless ``--calibration`` names others)."""
+def _passes_or_preset(args: argparse.Namespace, default: str) -> list:
+    """The pass list of ``--passes`` (``default`` when not given) or of ``--preset``,
+    whose calibration photos become the calibration set unless ``--calibration``
+    names others."""
     from .passes import parse_passes
     from .presets import get_preset
 
     if args.preset is None:
-        return parse_passes(args.passes or "split_qkv")
+        return parse_passes(args.passes or default)
     if args.passes:
         raise UsageError("give --passes or --preset, not both")
     preset = get_preset(args.preset)
-    args.calibration = args.calibration or ",".join(preset.calibration_images)
+    args.calibration = getattr(args, "calibration", None) or ",".join(preset.calibration_images)
     return list(preset.passes)
 
 
@@ -157,7 +158,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.checkpoint and not name:
         name = models.identify(models.load_checkpoint(args.checkpoint))
         print(f"checkpoint fits the zoo architecture {name}")
-    passes = _passes_or_preset(args)
+    passes = _passes_or_preset(args, default="split_qkv")
     images, calibration, record, message = _optimize_images(args, passes)
     if message:
         print(message)
@@ -300,16 +301,18 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from . import models, optimize
+    from .data import load_images
     from .emit.export import export
-    from .passes import parse_passes
 
     _check_out_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
+    passes = _passes_or_preset(args, default="")
+    calibration = load_images(_comma_list(args.calibration), "calibration")[0] if args.calibration else []
     model = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
-    passes = parse_passes(args.passes)
     if passes:
-        model = optimize(model, passes, progress=not args.quiet, model_name=args.model)
+        model = optimize(model, passes, calibration_images=calibration, progress=not args.quiet,
+                         model_name=args.model)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     format = args.format or ("onnx" if args.command == "export-onnx" else "openvino")
     try:
@@ -430,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     exp.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
     exp.add_argument("--passes", default="", help="passes with options to run first (default: none)")
+    exp.add_argument("--preset", help="a named recipe to run first instead of --passes, e.g. lite_medsam_cpu")
+    exp.add_argument("--calibration", help="calibration images for data-driven passes (names, files, folders, globs)")
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--single-mask", action="store_true", help="decoder returns the single-mask output")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer, default 18)")
