@@ -517,7 +517,10 @@ class Adapter:
             UnsupportedModelError: ``model`` is a bare component (an image
                 encoder alone cannot turn prompts into masks).
         """
-        roles = [spec.role for spec in self.components(model)]
+        try:
+            roles = [spec.role for spec in self.components(model)]
+        except TypeError:  # a part with no trace recipe (another runtime's encoder swapped in) still predicts
+            roles = ["mask_decoder"]
         if "mask_decoder" not in roles:
             raise UnsupportedModelError(
                 f"a bare {' + '.join(roles) or 'component'} of a {self.name} model has no predictor: prompts need "
