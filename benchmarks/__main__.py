@@ -20,6 +20,9 @@ SUITES = {
     "hyper_codec": "hyper against Birkhoff's codec and round-to-nearest integers",
     "hyper_gpu": "hyper's Triton kernels on a GPU",
     "everything": "segment-everything mask generation (run --everything)",
+    "deploy": "hand-made CPU deploy paths (onnxruntime, OpenVINO, NNCF) against samfx's, encoder and 24 boxes",
+    "zoo_smoke": "every full-size zoo model builds and runs once",
+    "eval_folder": "samfx eval on a generated COCO folder",
 }
 #: Suites that are options of another suite's script.
 ALIASES = {"everything": ("run", ["--everything"])}
