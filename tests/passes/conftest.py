@@ -59,5 +59,9 @@ def assert_components_match(original: nn.Module, captured: samfx.CapturedModel, 
             assert len(expected) == len(actual) > 0, role
             for e, a in zip(expected, actual):
                 assert a.dtype == e.dtype, f"{role} {key}: {a.dtype} instead of {e.dtype}"
-                error = (a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)
+                # Relative to the output's size; an output near zero (SAM 2's object-score logit of a
+                # random model, ~0.02) is held to an RMS of 0.1 instead: reduced precision rounds it
+                # absolutely, and on CPUs with native bfloat16 that rounding alone exceeded rtol.
+                scale = e.double().norm().clamp_min(max(0.1 * e.numel() ** 0.5, 1e-30))
+                error = (a.double() - e.double()).norm() / scale
                 assert error <= rtol, f"{role} {key}: relative error {error:.2e}"

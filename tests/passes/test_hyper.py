@@ -99,7 +99,7 @@ def test_replay_refuses_a_different_model(tmp_path) -> None:
     recipe = json.loads((tmp_path / "samfx.json").read_text())
     recipe["history"][0]["passes"][0]["replay"]["coded"]["image_encoder.no_such_layer"] = {"kind": "linear"}
     _reseal(tmp_path, recipe)  # as if samfx had written it: the replay itself must refuse it
-    with pytest.raises(CheckpointError, match="cannot replay optimize call 1: hyper: .*no_such_layer"):
+    with pytest.raises(CheckpointError, match="cannot replay optimize call 1: .*hyper: .*no_such_layer"):
         samfx.load(tmp_path)
 
 
