@@ -41,6 +41,7 @@ from torch import nn
 
 from .adapters import Adapter, Predictor, find_adapter
 from .data import ImageSample, expand_images, image_sample
+from .report import write_json
 
 __all__ = ["EvalError", "EvalReport", "evaluate", "saved_model_and_original"]
 
@@ -96,10 +97,7 @@ class EvalReport:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        return write_json(path, self.to_dict())
 
     def table(self) -> str:
         """The totals as a text table."""

@@ -15,7 +15,7 @@ from .fidelity import FidelityReport
 from .passes.base import PassReport
 from .stats import ModelStats
 
-__all__ = ["OptimizeReport", "environment"]
+__all__ = ["OptimizeReport", "environment", "write_json"]
 
 
 def environment() -> dict[str, Any]:
@@ -34,6 +34,14 @@ def environment() -> dict[str, Any]:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
     }
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """Write a report's dict as indented JSON, creating the folder; the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
 
 
 def _human(value: float, unit: str) -> str:
@@ -74,10 +82,7 @@ class OptimizeReport:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        return write_json(path, self.to_dict())
 
     def table(self) -> str:
         lines = [f"samfx: {self.model} ({self.family} adapter), captured in {self.capture_time_s:.2f} s"]
