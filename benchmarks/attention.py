@@ -17,10 +17,8 @@ reports the peak memory its forward allocates, from the allocator's records.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -28,7 +26,7 @@ import torch  # noqa: E402
 
 import samfx.kernels.rel_pos as kernel_module  # noqa: E402
 from samfx.kernels import rel_pos_attention, rel_pos_attention_reference  # noqa: E402
-from samfx.bench import interleaved  # noqa: E402
+from samfx.bench import interleaved, markdown_table, run_note, write_results  # noqa: E402
 from samfx.kernels.rel_pos import rel_pos_sdpa  # noqa: E402
 
 MODELS = {"vit_b": (12, 64), "vit_h": (16, 80)}
@@ -187,13 +185,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
     def cell(value):
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.2f}"
-        return "-" if value is None else str(value)
+        return value
 
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+    return markdown_table(rows, [(c, lambda r, c=c: cell(r.get(c)), "{}") for c in columns])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "cpu_count": os.cpu_count()}
-    result: dict = {"environment": env}
+    result: dict = {"device": args.device, "repeats": args.repeats}
     if args.device == "cpu":
         budgets = [int(float(m) * 2**20) for m in args.chunk_mib.split(",")]
         result["cores"] = cpu_cores(args.repeats, budgets)
@@ -218,21 +210,18 @@ def main(argv: list[str] | None = None) -> int:
             result["memory"] = cpu_memory()
             print()
             print(table(result["memory"], ["model", "variant", "peak_mb", "reduction", "err"]))
-        print(f"\ntorch {env['torch']}, {env['threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
-              f"{env['cpu_count']} CPUs; medians of {args.repeats} interleaved runs")
+        print(f"\n{run_note(args.repeats)}")
     else:
         import triton
 
-        env.update(device=torch.cuda.get_device_name(), triton=triton.__version__, cuda=torch.version.cuda)
+        gpu = {"gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "cuda": torch.version.cuda}
+        result["gpu"] = gpu
         result["cores"] = gpu_cores(args.repeats, [int(b) for b in args.batches.split(",")])
         print(table(result["cores"], ["model", "layout", "batch", "dtype", "variant", "ms", "speedup", "peak_mb",
                                       "err", "error"]))
-        print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+        print(f"\n{gpu['gpu']}, torch {torch.__version__}, triton {gpu['triton']}, CUDA {gpu['cuda']}; "
               f"median of triton.testing.do_bench over {args.repeats} ms")
-    out = Path(args.out or f"benchmarks/results/attention_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_results(args.out or f'benchmarks/results/attention_{args.device}.json', result)}")
     return 0
 
 

@@ -100,6 +100,7 @@ class RuntimeEncoder(nn.Module):
 
 
 def with_encoder(model: nn.Module, encoder: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` whose image encoder is ``encoder`` (``model`` is untouched)."""
     variant = copy.copy(model)
     variant._modules = dict(model._modules)
     variant._modules["image_encoder"] = encoder

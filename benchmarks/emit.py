@@ -25,13 +25,10 @@ noise, ratios are not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 # Busy-waiting OpenMP threads slow 2-core runs several-fold when the cores are shared.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -40,12 +37,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import samfx  # noqa: E402
-from samfx.bench import interleaved  # noqa: E402
+from samfx.bench import interleaved, markdown_table, run_note, timed, write_results  # noqa: E402
 from samfx.data import package_images  # noqa: E402
 from samfx.emit.compile import samfx_backend  # noqa: E402
 from samfx.emit.runtime import OnnxPredictor  # noqa: E402
 from samfx.fidelity import mask_iou  # noqa: E402
-from samfx.report import environment  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -71,14 +67,7 @@ ONNX_CASES = [
 ]
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds by name (samfx.bench's rotating interleaved turns)."""
+def _medians(fns: dict, repeats: int) -> dict[str, float]:
     return {name: timing.median for name, timing in interleaved(fns, repeats).items()}
 
 
@@ -102,10 +91,10 @@ def bench_compile(repeats: int, scope: str = "encoder") -> dict:
         reference = encoder(x)
         for name, fn in variants.items():
             print(f"compile: first call of {name} ...", file=sys.stderr, flush=True)
-            first = _timed(lambda fn=fn: fn(x))
+            _, first = timed(lambda fn=fn: fn(x))
             error = float((fn(x) - reference).abs().max())
             rows[name] = {"first_call_s": first, "max_abs_diff_vs_eager": error}
-        latency = _interleaved({k: (lambda fn=fn: fn(x)) for k, fn in variants.items()}, repeats)
+        latency = _medians({k: (lambda fn=fn: fn(x)) for k, fn in variants.items()}, repeats)
     for name, row in rows.items():
         row["latency_s"] = latency[name]
         row["compile_s"] = row["first_call_s"] - latency[name] if name != "eager" else 0.0
@@ -115,13 +104,12 @@ def bench_compile(repeats: int, scope: str = "encoder") -> dict:
 
 
 def compile_table(result: dict) -> str:
-    head = f"{'backend':<12}{'latency s':>11}{'x eager':>9}{'compile s':>11}{'max |diff|':>12}"
-    lines = [result["model"], head, "-" * len(head)]
-    for name, r in result["variants"].items():
-        lines.append(f"{name:<12}{r['latency_s']:>11.2f}{r['speedup_vs_eager']:>8.2f}x"
-                     f"{r['compile_s']:>11.1f}{r['max_abs_diff_vs_eager']:>12.1e}")
-    lines.append(f"samfx vs inductor: {result['variants']['samfx']['speedup_vs_inductor']:.2f}x")
-    return "\n".join(lines)
+    rows = [{"backend": name, **r} for name, r in result["variants"].items()]
+    table = markdown_table(rows, [("backend", "backend", "{}"), ("latency s", "latency_s", "{:.2f}"),
+                                  ("x eager", "speedup_vs_eager", "{:.2f}x"), ("compile s", "compile_s", "{:.1f}"),
+                                  ("max abs diff", "max_abs_diff_vs_eager", "{:.1e}")])
+    return (f"{result['model']}\n\n{table}\n\n"
+            f"samfx vs inductor: {result['variants']['samfx']['speedup_vs_inductor']:.2f}x")
 
 
 def bench_onnx_case(case: OnnxCase, repeats: int, threads: int) -> dict:
@@ -136,9 +124,9 @@ def bench_onnx_case(case: OnnxCase, repeats: int, threads: int) -> dict:
         coins = package_images(["coins"])[0]
         box = np.array(next(p.coords for p in coins.prompts if p.kind == "box"))
         with torch.inference_mode():
-            encoder = _interleaved({"torch": lambda: predictor.set_image(coins.image),
+            encoder = _medians({"torch": lambda: predictor.set_image(coins.image),
                                     "onnx": lambda: runtime.set_image(coins.image)}, repeats)
-            decoder = _interleaved({"torch": lambda: predictor.predict(box=box, multimask_output=True),
+            decoder = _medians({"torch": lambda: predictor.predict(box=box, multimask_output=True),
                                     "onnx": lambda: runtime.predict(box=box)}, repeats * 5)
             fidelity = _fidelity(predictor, runtime, case, adapter)
     return {
@@ -175,19 +163,21 @@ def _fidelity(predictor, runtime: OnnxPredictor, case: OnnxCase, adapter) -> dic
 
 
 def onnx_table(rows: list[dict]) -> str:
-    head = (f"{'case':<26}{'enc MB':>8}{'dec MB':>8}{'enc torch s':>12}{'enc ort s':>10}{'x':>6}"
-            f"{'dec torch ms':>13}{'dec ort ms':>11}{'x':>6}{'IoU mean':>10}{'IoU min':>9}{'GT mIoU torch/ort':>19}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        gt = f"{100 * r['gt_miou_torch']:.1f}/{100 * r['gt_miou_onnx']:.1f}" if r["gt_miou_torch"] is not None else "-"
-        encoder_x, decoder_x = r["encoder_torch_s"] / r["encoder_onnx_s"], r["decoder_torch_s"] / r["decoder_onnx_s"]
-        lines.append(
-            f"{r['case']:<26}{r['sizes_bytes']['encoder'] / 1e6:>8.1f}{r['sizes_bytes']['decoder'] / 1e6:>8.1f}"
-            f"{r['encoder_torch_s']:>12.3f}{r['encoder_onnx_s']:>10.3f}{encoder_x:>5.2f}x"
-            f"{1e3 * r['decoder_torch_s']:>13.1f}{1e3 * r['decoder_onnx_s']:>11.1f}{decoder_x:>5.2f}x"
-            f"{r['mask_iou_mean']:>10.4f}{r['mask_iou_min']:>9.4f}{gt:>19}"
-        )
-    return "\n".join(lines)
+    def gt(r: dict) -> str | None:
+        return None if r["gt_miou_torch"] is None else f"{100 * r['gt_miou_torch']:.1f}/{100 * r['gt_miou_onnx']:.1f}"
+
+    return markdown_table(rows, [
+        ("case", "case", "{}"),
+        ("enc MB", lambda r: r["sizes_bytes"]["encoder"] / 1e6, "{:.1f}"),
+        ("dec MB", lambda r: r["sizes_bytes"]["decoder"] / 1e6, "{:.1f}"),
+        ("enc torch s", "encoder_torch_s", "{:.3f}"), ("enc ort s", "encoder_onnx_s", "{:.3f}"),
+        ("x", lambda r: r["encoder_torch_s"] / r["encoder_onnx_s"], "{:.2f}x"),
+        ("dec torch ms", lambda r: 1e3 * r["decoder_torch_s"], "{:.1f}"),
+        ("dec ort ms", lambda r: 1e3 * r["decoder_onnx_s"], "{:.1f}"),
+        ("x", lambda r: r["decoder_torch_s"] / r["decoder_onnx_s"], "{:.2f}x"),
+        ("IoU mean", "mask_iou_mean", "{:.4f}"), ("IoU min", "mask_iou_min", "{:.4f}"),
+        ("GT mIoU torch/ort", gt, "{}"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,15 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_onnx_case(case, args.repeats, args.threads))
         result["onnx"] = rows
         print(onnx_table(rows))
-    env = environment()
-    result["environment"] = env
-    print(f"\ntorch {env['torch']}, {env['torch_threads']} torch threads, onnxruntime {args.threads} intra-op threads, "
-          f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, {env['cpu_count']} CPUs; medians of {args.repeats} interleaved "
-          f"runs (decoder: {5 * args.repeats})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"\n{run_note(args.repeats)} (decoder: {5 * args.repeats}); onnxruntime {args.threads} intra-op threads")
+    print(f"wrote {write_results(args.out, {**result, 'onnxruntime_threads': args.threads})}")
     return 0
 
 

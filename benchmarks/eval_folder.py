@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 import samfx  # noqa: E402
 from samfx.annotations import polygon_mask  # noqa: E402
-from samfx.bench import cpu_isa, write_results  # noqa: E402
+from samfx.bench import cpu_isa, timed, write_results  # noqa: E402
 from samfx.data import package_images  # noqa: E402
 from samfx.masks import rle_encode, rle_to_string  # noqa: E402
 
@@ -99,22 +99,18 @@ def make_coco_folder(folder: Path, count: int, size: int = 256, seed: int = 0) -
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--folder", default="/tmp/samfx-eval-folder", help="where to write the generated folder")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--against", action="store_true", help="also run the original and compare with it")
     parser.add_argument("--out", help="write the timing as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    coco = make_coco_folder(Path(args.folder), args.images)
-    generate_s = time.perf_counter() - start
-    start = time.perf_counter()
-    model = samfx.models.build("lite_medsam")
-    original = samfx.models.build("lite_medsam") if args.against else None
-    build_s = time.perf_counter() - start
+    coco, generate_s = timed(lambda: make_coco_folder(Path(args.folder), args.images))
+    (model, original), build_s = timed(lambda: (samfx.models.build("lite_medsam"),
+                                                samfx.models.build("lite_medsam") if args.against else None))
     cpu = time.process_time()
     report = samfx.evaluate(model, annotations=coco, against=original, progress=True)
     cpu_s = time.process_time() - cpu
@@ -131,7 +127,8 @@ def main() -> None:
           f"{args.threads} threads, {summary['isa']}")
     if args.out:
         print(f"wrote {write_results(args.out, {'eval_folder': summary})}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,8 +4,8 @@
     python -m benchmarks run --everything --case lite_medsam/coins --repeats 3
 
 For each case (a zoo model and a package image) the image is embedded once and
-both strategies segment it from that embedding, interleaved (grid, hierarchical,
-grid, ...), with SAM's and TinySAM's default thresholds. Reported: masks found,
+both strategies segment it from that embedding, in :func:`samfx.bench.interleaved`'s
+rotating turns, with SAM's and TinySAM's default thresholds. Reported: masks found,
 clicks run and skipped, the segmenting time of each strategy (everything after
 the embedding: prompt encoder and decoder calls, filters, NMS, RLE) and their
 ratio, the end-to-end ratio with the embedding counted once per run, and how the
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import samfx
+from samfx.bench import interleaved, markdown_table
 from samfx.data import package_images
 from samfx.segment_everything import EverythingConfig, MaskGenerator, match_masks
 
@@ -57,9 +58,9 @@ def run_case(case: Case, repeats: int, points_per_side: int) -> dict:
         warnings.simplefilter("ignore")  # LiteMedSAM's box-only warning: the table says it
         generator = MaskGenerator(model, EverythingConfig(points_per_side=points_per_side))
     runs: dict[str, list] = {"grid": [], "hierarchical": []}
-    for _ in range(repeats):
-        for strategy in runs:
-            runs[strategy].append(generator.generate(image, strategy))
+    # The generator times its own stages (the embedding apart); the harness supplies the turns.
+    interleaved({strategy: (lambda s=strategy: runs[s].append(generator.generate(image, s))) for strategy in runs},
+                repeats, warmup=0)
     embed_s = runs["grid"][0].timings["embed_s"]
     row: dict = {"case": f"{case.name}/everything", "model": case.model, "image": case.image,
                  "weights": "real" if samfx.models.spec(case.model).pretrained else "random",
@@ -79,16 +80,17 @@ def run_case(case: Case, repeats: int, points_per_side: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'case':<20}{'weights':>8}{'masks g/h':>11}{'clicks g/h (skip)':>19}{'embed s':>9}"
-            f"{'grid s':>9}{'hier s':>9}{'speed-up':>10}{'end-to-end':>11}{'match mIoU':>11}{'recall':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        g, h, f = r["grid"], r["hierarchical"], r["fidelity"]
-        miou = "-" if math.isnan(f["mask_iou_mean"]) else f"{f['mask_iou_mean']:.3f}"
-        lines.append(
-            f"{r['model'] + '/' + r['image']:<20}{r['weights']:>8}{g['masks']:>5}/{h['masks']:<5}"
-            f"{g['clicks']:>8}/{h['clicks']:<4}({h['skipped']:>4}){r['embed_s']:>9.2f}{g['segment_s']:>9.2f}"
-            f"{h['segment_s']:>9.2f}{r['speedup']:>9.2f}x{r['end_to_end_speedup']:>10.2f}x{miou:>11}"
-            f"{f['recall']:>8.2f}"
-        )
-    return "\n".join(lines)
+    def miou(r: dict) -> float | None:
+        value = r["fidelity"]["mask_iou_mean"]
+        return None if math.isnan(value) else value
+
+    return markdown_table(rows, [
+        ("case", lambda r: f"{r['model']}/{r['image']}", "{}"), ("weights", "weights", "{}"),
+        ("masks g/h", lambda r: f"{r['grid']['masks']}/{r['hierarchical']['masks']}", "{}"),
+        ("clicks g/h (skipped)", lambda r: f"{r['grid']['clicks']}/{r['hierarchical']['clicks']} "
+                                          f"({r['hierarchical']['skipped']})", "{}"),
+        ("embed s", "embed_s", "{:.2f}"), ("grid s", lambda r: r["grid"]["segment_s"], "{:.2f}"),
+        ("hier s", lambda r: r["hierarchical"]["segment_s"], "{:.2f}"), ("speed-up", "speedup", "{:.2f}x"),
+        ("end-to-end", "end_to_end_speedup", "{:.2f}x"), ("match mIoU", miou, "{:.3f}"),
+        ("recall", lambda r: r["fidelity"]["recall"], "{:.2f}"),
+    ])

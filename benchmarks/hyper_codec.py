@@ -22,12 +22,10 @@ threads given (``OMP_WAIT_POLICY=PASSIVE``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -38,7 +36,7 @@ from torch import nn  # noqa: E402
 import samfx  # noqa: E402
 from benchmarks.codecs import birkhoff, rtn  # noqa: E402
 from samfx.codecs.lattice import CODES, encode  # noqa: E402
-from samfx.report import environment  # noqa: E402
+from samfx.bench import markdown_table, timed, write_results  # noqa: E402
 
 #: Birkhoff's README (ratio vs safetensors, seconds on its GPU); LiteMedSAM: measured-anchors.md (2-core CPU).
 PUBLISHED = {"sam_vit_b": (4.31, 15.81), "sam_vit_l": (4.68, 41.67), "sam_vit_h": (4.75, 95.33),
@@ -62,9 +60,7 @@ def _dense_size(model: nn.Module, folder: Path) -> int:
 
 
 def _saved_size(model: nn.Module, folder: Path) -> tuple[int, float]:
-    start = time.perf_counter()
-    samfx.save(model, folder)
-    elapsed = time.perf_counter() - start
+    _, elapsed = timed(lambda: samfx.save(model, folder))
     return sum(f.stat().st_size for f in folder.iterdir()), elapsed
 
 
@@ -82,9 +78,7 @@ def _at_bits(weight: torch.Tensor, bits: float) -> torch.Tensor:
 def run_model(name: str, threads: int, time_only: bool) -> dict:
     torch.manual_seed(0)
     model = samfx.models.build(name)
-    start = time.perf_counter()
-    optimized = samfx.optimize(model, ["hyper"], model_name=name)
-    total = time.perf_counter() - start
+    optimized, total = timed(lambda: samfx.optimize(model, ["hyper"], model_name=name))
     report = optimized.samfx_report
     row: dict = {"model": name, "params": report.before.params, "threads": threads,
                  "hyper_pass_s": report.passes[0].time_s, "optimize_s": total,
@@ -102,9 +96,8 @@ def run_model(name: str, threads: int, time_only: bool) -> dict:
 
         # Birkhoff's codec on every parameter, as its compress_params does
         linear_weights = {f"{p}.weight" for p, m in model.named_modules() if isinstance(m, nn.Linear)}
-        start = time.perf_counter()
-        codes = {key: birkhoff.encode(value, key in linear_weights) for key, value in originals.items()}
-        row["birkhoff_s"] = time.perf_counter() - start
+        codes, row["birkhoff_s"] = timed(lambda: {key: birkhoff.encode(value, key in linear_weights)
+                                                  for key, value in originals.items()})
         buffers = {k: v for k, v in model.state_dict().items() if k not in originals}
         codes.update({k: birkhoff.BirkhoffCode(v.float() if v.is_floating_point() else v) for k, v in buffers.items()})
         row["birkhoff_bytes"] = birkhoff.file_size(codes, str(folder / "birkhoff.safetensors"))
@@ -131,9 +124,8 @@ def run_model(name: str, threads: int, time_only: bool) -> dict:
 
         # hyper with each tensor's target at Birkhoff's error on it
         overrides = tuple((path, min(0.5, 0.97 * t["birkhoff"][0])) for path, t in tensors.items())
-        start = time.perf_counter()
-        matched = samfx.optimize(model, [samfx.HyperConfig(overrides=overrides)], model_name=name)
-        row["matched_s"] = time.perf_counter() - start
+        matched, row["matched_s"] = timed(lambda: samfx.optimize(model, [samfx.HyperConfig(overrides=overrides)],
+                                                                 model_name=name))
         size, _ = _saved_size(matched, folder / "matched")
         row.update(matched_bytes=size, matched_ratio=dense / size,
                    matched_resident_ratio=matched.samfx_report.before.weight_bytes / matched.samfx_report.after.weight_bytes)
@@ -157,32 +149,36 @@ def _weighted(tensors: dict, method: str, index: int = 0) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    lines = []
+    parts = []
     for r in rows:
-        published = r.get("birkhoff_published")
-        lines.append(f"\n{r['model']}: {r['params'] / 1e6:.1f} M parameters, hyper pass {r['hyper_pass_s']:.1f} s "
+        parts.append(f"{r['model']}: {r['params'] / 1e6:.1f} M parameters, hyper pass {r['hyper_pass_s']:.1f} s "
                      f"(optimize {r['optimize_s']:.1f} s, {r['threads']} threads), resident weights "
                      f"{r['resident_ratio']:.2f}x smaller; {r['hyper_summary']}")
         if "tensors" not in r:
             continue
         t = r["tensors"]
+        published = r.get("birkhoff_published")
+        worse = f"tensors worse than Birkhoff: {len(r['matched_worse_than_birkhoff'])}/{len(t)}"
+        parts.append(markdown_table([
+            {"checkpoint": "hyper (rel_error 0.02)", "ratio": r["hyper_ratio"], "s": r["hyper_pass_s"]},
+            {"checkpoint": "hyper (Birkhoff error)", "ratio": r["matched_ratio"], "s": r["matched_s"], "note": worse},
+            {"checkpoint": "Birkhoff (reimplemented)", "ratio": r["birkhoff_ratio"], "s": r["birkhoff_s"],
+             "note": f"published: {published[0]:.2f}x in {published[1]:.0f} s" if published else None},
+        ], [("checkpoint", "checkpoint", "{}"), ("ratio", "ratio", "{:.2f}x"), ("time s", "s", "{:.1f}"),
+            ("", "note", "{}")]))
+        numel = sum(v["numel"] for v in t.values())
+        birkhoff_bits = sum(v["birkhoff"][2] * v["numel"] for v in t.values()) / numel
+        methods = [("hyper", "hyper 0.02", None), ("matched", "hyper (Birkhoff error)", None),
+                   ("birkhoff", "Birkhoff", birkhoff_bits), ("hyper@6", "hyper at 6 bits", 6),
+                   ("rtn6", "RTN int6 per channel", 6.0), ("hyper@8", "hyper at 8 bits", 8),
+                   ("rtn8", "RTN int8 per channel", 8.0)]
+        parts.append(markdown_table(
+            [{"method": label, "rel": _weighted(t, m), "mae": _weighted(t, m, 1), "bits": b} for m, label, b in methods],
+            [(f"per-tensor error over {len(t)} tensors", "method", "{}"), ("RMS rel", "rel", "{:.4f}"),
+             ("RMS MAE", "mae", "{:.2e}"), ("bits/w", "bits", "{:.2f}")]))
         better = sum(v["hyper"][0] <= v["birkhoff"][0] for v in t.values())
-        lines.append(f"  {'checkpoint':<28}{'ratio':>8}{'time s':>9}")
-        lines.append(f"  {'hyper (rel_error 0.02)':<28}{r['hyper_ratio']:>7.2f}x{r['hyper_pass_s']:>9.1f}")
-        lines.append(f"  {'hyper (Birkhoff error)':<28}{r['matched_ratio']:>7.2f}x{r['matched_s']:>9.1f}   "
-                     f"tensors worse than Birkhoff: {len(r['matched_worse_than_birkhoff'])}/{len(t)}")
-        lines.append(f"  {'Birkhoff (reimplemented)':<28}{r['birkhoff_ratio']:>7.2f}x{r['birkhoff_s']:>9.1f}"
-                     + (f"   published: {published[0]:.2f}x in {published[1]:.0f} s" if published else ""))
-        lines.append(f"  {'per-tensor error over ' + str(len(t)) + ' tensors':<28}{'RMS rel':>9}{'RMS MAE':>10}{'bits/w':>8}")
-        bits = {"birkhoff": sum(v["birkhoff"][2] * v["numel"] for v in t.values()) / sum(v["numel"] for v in t.values())}
-        for method, label, b in [("hyper", "hyper 0.02", None), ("matched", "hyper (Birkhoff error)", None),
-                                 ("birkhoff", "Birkhoff", bits["birkhoff"]), ("hyper@6", "hyper at 6 bits", 6),
-                                 ("rtn6", "RTN int6 per channel", 6.0), ("hyper@8", "hyper at 8 bits", 8),
-                                 ("rtn8", "RTN int8 per channel", 8.0)]:
-            lines.append(f"  {label:<28}{_weighted(t, method):>9.4f}{_weighted(t, method, 1):>10.2e}"
-                         + (f"{b:>8.2f}" if b is not None else f"{'':>8}"))
-        lines.append(f"  hyper 0.02 no worse than Birkhoff on {better}/{len(t)} tensors")
-    return "\n".join(lines)
+        parts.append(f"hyper 0.02 no worse than Birkhoff on {better}/{len(t)} tensors")
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         rows.append(run_model(name, args.threads, args.time_only))
         print(table(rows[-1:]), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_results(args.out, {'rows': rows})}")
     return 0
 
 

@@ -20,11 +20,11 @@ to time a kernel that is wrong. ``--smoke`` runs tiny shapes (with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
 import torch
+
+from samfx.bench import markdown_table, timed, write_results
 
 SHAPES = {
     "vit_b.qkv": (2304, 768), "vit_b.proj": (768, 768), "vit_b.lin1": (3072, 768), "vit_b.lin2": (768, 3072),
@@ -63,19 +63,16 @@ def run(path: str, tokens: int, out: str | None, smoke: bool) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     codes = torch.load(path)
     configs = SMOKE_CONFIGS if smoke else CONFIGS
-    env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET)",
-           "torch": torch.__version__, "triton": triton.__version__, "tokens": tokens,
-           "allow_tf32": torch.backends.cuda.matmul.allow_tf32}
-    print(env, flush=True)
+    gpu = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET)",
+           "triton": triton.__version__, "tokens": tokens, "allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+    print(gpu, flush=True)
     rows_out = []
     failures: list[str] = []
 
     def timer(fn) -> float:
-        if device == "cuda":
+        if device == "cuda":  # CUDA events: samfx.bench.interleaved's wall clock would time the launches
             return do_bench(fn, warmup=10, rep=40, return_mode="median")
-        start = time.perf_counter()  # the interpreter's smoke run: one call, nothing to compare
-        fn()
-        return (time.perf_counter() - start) * 1e3
+        return timed(fn)[1] * 1e3  # the interpreter's smoke run: one call, nothing to compare
     layouts = []
     for name, entry in codes.items():
         theta = unpack_codes(entry["codes"], (entry["cols"] + 1) // 2, entry["bits"])
@@ -121,15 +118,13 @@ def run(path: str, tokens: int, out: str | None, smoke: bool) -> None:
             print(f"{name:11s} {layout:6s} {dtype_name:4s} b={entry['bits']:2d} fused {best[0]:8.4f} ms  "
                   f"decode {decode_ms:7.4f} + cuBLAS = {two_step_ms:8.4f} ms  (dense cuBLAS {cublas_ms:8.4f})  "
                   f"x{two_step_ms / best[0]:5.2f}  err {best[2]:.1e}", flush=True)
-    print("\nshape        layout dtype  fused ms  decode+cuBLAS ms  speedup  cuBLAS-dense ms")
-    for r in rows_out:
-        print(f"{r['shape']:12s} {r['layout']:6s} {r['dtype']:5s} {r['fused_ms']:9.4f} {r['decode_cublas_ms']:17.4f} "
-              f"{r['speedup_vs_decode_cublas']:8.2f} {r['cublas_ms']:16.4f}")
+    print("\n" + markdown_table(rows_out, [
+        ("shape", "shape", "{}"), ("layout", "layout", "{}"), ("dtype", "dtype", "{}"), ("fused ms", "fused_ms", "{:.4f}"),
+        ("decode+cuBLAS ms", "decode_cublas_ms", "{:.4f}"), ("speedup", "speedup_vs_decode_cublas", "{:.2f}"),
+        ("cuBLAS-dense ms", "cublas_ms", "{:.4f}")]))
     print("\n".join(["failures:"] + failures) if failures else "no failures")
     if out:
-        with open(out, "w") as handle:
-            json.dump({"environment": env, "rows": rows_out, "failures": failures}, handle, indent=2)
-        print(f"wrote {out}")
+        print(f"wrote {write_results(out, {'gpu': gpu, 'rows': rows_out, 'failures': failures})}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,8 @@ real weights and image-encoder latency, side by side in one run.
     python -m benchmarks precision --device cpu --models sam_vit_b --variants fp32,fuse_attention
 
 For each model and variant (a pass list) it reports the image encoder's median
-latency on ``--device`` (one image; SAM ViT-B at 1024 px, LiteMedSAM at 256 px)
-and its speedup over the float32 original, and against the original on
+latency on ``--device`` (one image; SAM ViT-B at 1024 px, LiteMedSAM at 256 px;
+a model's variants timed in :func:`samfx.bench.interleaved`'s turns) and its speedup over the float32 original, and against the original on
 ``coins``: the embedding cosine, the mask IoU over every prompt (LiteMedSAM's
 point prompts give near-empty masks, where a pixel flips the IoU), over box
 prompts only, and the box-prompt mIoU against the ground truth (24 coins).
@@ -19,13 +19,14 @@ import argparse
 import copy
 import os
 import sys
+from typing import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
 import samfx  # noqa: E402
-from samfx.bench import interleaved, markdown_table, write_results  # noqa: E402
+from samfx.bench import interleaved, markdown_table, run_note, write_results  # noqa: E402
 from samfx.passes import BF16Config, FuseAttentionConfig  # noqa: E402
 from samfx.pipeline import resolve_passes, run_passes  # noqa: E402
 
@@ -44,19 +45,20 @@ def optimized(model: torch.nn.Module, configs: tuple) -> torch.nn.Module:
     return captured.model
 
 
-def encoder_latency(model: torch.nn.Module, device: str, repeats: int) -> float:
-    """Median seconds of one image through the encoder, after two warm-up runs (allocator, autotuning)."""
-    encoder = model.image_encoder
-    x = torch.randn(1, 3, encoder.img_size, encoder.img_size, device=device)
+def encoder_runs(models: dict[str, torch.nn.Module], device: str) -> dict[str, Callable[[], None]]:
+    """Per variant, one image through its encoder (synchronised on a GPU), for :func:`interleaved`."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def run() -> None:
-        encoder(x)
+    def run(encoder: torch.nn.Module, x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            encoder(x)
         sync()
 
-    with torch.inference_mode():
-        sync()
-        return interleaved({"encoder": run}, repeats, warmup=2)["encoder"].median
+    runs = {}
+    for name, model in models.items():
+        x = torch.randn(1, 3, model.image_encoder.img_size, model.image_encoder.img_size, device=device)
+        runs[name] = lambda encoder=model.image_encoder, x=x: run(encoder, x)
+    return runs
 
 
 def fidelity(original: torch.nn.Module, candidate: torch.nn.Module, trained: bool) -> dict:
@@ -76,21 +78,25 @@ def run(models: list[str], variants: list[str], device: str, repeats: int) -> li
         original = samfx.models.build(name).eval()  # stays on the CPU: passes run there
         trained = samfx.models.spec(name).pretrained
         reference = copy.deepcopy(original).to(device)
-        base = None
+        candidates = {}
         for variant in variants:
             print(f"  {name} {variant}", file=sys.stderr, flush=True)
             configs = VARIANTS[variant]
-            model = optimized(original, configs).to(device) if configs else reference
-            latency = encoder_latency(model, device, repeats)
-            base = base or latency
+            candidates[variant] = optimized(original, configs).to(device) if configs else reference
+        # Every variant in turns against the others, after two warm-up runs each (allocator, autotuning).
+        runs = encoder_runs(candidates, device)
+        times = interleaved(runs, repeats, warmup=2)
+        base = times[variants[0]].median
+        for variant, model in candidates.items():
+            latency = times[variant].median
             row = {"model": name, "variant": variant, "encoder_ms": 1e3 * latency, "speedup": base / latency}
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-                encoder_latency(model, device, 1)
+                runs[variant]()
                 row["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
             row.update(fidelity(reference, model, trained))
             rows.append(row)
-            del model
+        del candidates, runs
     return rows
 
 
@@ -116,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.models.split(","), args.variants.split(","), args.device, args.repeats)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(table(rows))
-    print(f"\n{device}, {torch.get_num_threads()} CPU threads; encoder latency: median of "
-          f"{args.repeats} after 2 warm-up runs")
+    print(f"\n{device}; {run_note(args.repeats, warmup=2, what='encoder latency')}")
     out = write_results(args.out or f"benchmarks/results/precision_{args.device}.json", {"device": device, "rows": rows})
     print(f"wrote {out}")
     return 0

@@ -27,43 +27,18 @@ decoder quantized. Thread settings are fixed and recorded.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import samfx  # noqa: E402
-from samfx.bench import interleaved  # noqa: E402
-from samfx.report import environment  # noqa: E402
-
-
-
-class OrtEncoder(nn.Module):
-    """An onnxruntime session standing in for a model's image encoder."""
-
-    def __init__(self, session, img_size: int) -> None:
-        super().__init__()
-        self.session, self.img_size = session, img_size
-        self.input = session.get_inputs()[0].name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input: x.detach().numpy()})[0])
-
-
-def _with_encoder(model: nn.Module, encoder: nn.Module) -> nn.Module:
-    """A shallow copy of ``model`` whose image encoder is ``encoder`` (``model`` is untouched)."""
-    variant = copy.copy(model)
-    variant._modules = dict(model._modules)
-    variant._modules["image_encoder"] = encoder
-    return variant
+from benchmarks.deploy import RuntimeEncoder, ort_run, with_encoder  # noqa: E402
+from samfx.bench import interleaved, markdown_table, run_note, timed, write_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,14 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from samfx.emit.quantized_onnx import export, session
+    from samfx.emit.quantized_onnx import export
 
     torch.manual_seed(0)
     model = samfx.models.build(args.model)
     config = samfx.QuantizeConfig(attention_matmuls=args.attention_matmuls)
-    start = time.perf_counter()
-    quantized = samfx.optimize(model, [config], model_name=args.model)
-    optimize_s = time.perf_counter() - start
+    quantized, optimize_s = timed(lambda: samfx.optimize(model, [config], model_name=args.model))
     size = int(model.image_encoder.img_size)
     x = torch.randn(1, 3, size, size)
     tmp = Path(tempfile.mkdtemp(prefix="samfx-quantize-"))
@@ -98,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     encoders = {
         "torch fp32": model.image_encoder,
         "torch int8 (samfx)": quantized.image_encoder,
-        "ort fp32": OrtEncoder(session(fp32_path, args.threads), size),
-        "ort quantize_dynamic": OrtEncoder(session(dynamic_path, args.threads), size),
-        "ort int8 (samfx QDQ)": OrtEncoder(session(int8_path, args.threads), size),
+        "ort fp32": RuntimeEncoder(ort_run(fp32_path, args.threads), size),
+        "ort quantize_dynamic": RuntimeEncoder(ort_run(dynamic_path, args.threads), size),
+        "ort int8 (samfx QDQ)": RuntimeEncoder(ort_run(int8_path, args.threads), size),
     }
     with torch.inference_mode():
         times = [t.median for t in interleaved({n: (lambda e=e: e(x)) for n, e in encoders.items()}, args.repeats).values()]
     models = {"torch fp32": model, "torch int8 (samfx)": quantized}
     for name in ("ort fp32", "ort quantize_dynamic", "ort int8 (samfx QDQ)"):
-        models[name] = _with_encoder(model, encoders[name])
+        models[name] = with_encoder(model, encoders[name])
     rows = []
     for (name, encoder_s), variant in zip(zip(encoders, times), models.values()):
         fidelity = samfx.fidelity.compare(model, variant, images=args.images)
@@ -117,24 +90,20 @@ def main(argv: list[str] | None = None) -> int:
                                                           "gt_miou_optimized")}})
     for row, path in zip(rows[2:], (fp32_path, dynamic_path, int8_path)):
         row["file_mb"] = Path(path).stat().st_size / 1e6
-    head = (f"{'encoder':<24}{'enc s':>8}{'x torch':>9}{'x ort':>8}{'box IoU':>9}{'mIoU':>8}{'cosine':>9}"
-            f"{'GT mIoU':>9}{'MB':>7}")
-    print(f"{args.model}, quantize {config.to_dict()}")
-    print(head + "\n" + "-" * len(head))
-    for r in rows:
-        gt = f"{100 * r['gt_miou_optimized']:>9.1f}" if r["gt_miou_optimized"] is not None else f"{'-':>9}"
-        mb = f"{r['file_mb']:>7.1f}" if r["file_mb"] else f"{'-':>7}"
-        print(f"{r['encoder']:<24}{r['encoder_s']:>8.3f}{r['speedup_vs_torch_fp32']:>8.2f}x"
-              f"{r['speedup_vs_ort_fp32']:>7.2f}x{r['box_mask_iou_mean'] or 1.0:>9.4f}{r['mask_iou_mean']:>8.4f}"
-              f"{r['embedding_cosine_mean']:>9.5f}{gt}{mb}")
-    env = {**environment(), "onnxruntime": ort.__version__, "ort_intra_op_threads": args.threads}
-    print(f"\ntorch {env['torch']}, onnxruntime {env['onnxruntime']}, {args.threads} threads, "
-          f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, {env['cpu_count']} CPUs; medians of {args.repeats} "
-          f"interleaved runs; images {args.images}; optimize took {optimize_s:.0f} s")
-    out = Path(args.out or f"benchmarks/results/quantize-{args.model}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "model": args.model, "config": config.to_dict(),
-                               "repeats": args.repeats, "images": args.images, "rows": rows}, indent=2))
+    print(f"{args.model}, quantize {config.to_dict()}\n")
+    print(markdown_table(rows, [
+        ("encoder", "encoder", "{}"), ("enc s", "encoder_s", "{:.3f}"), ("x torch", "speedup_vs_torch_fp32", "{:.2f}x"),
+        ("x ort", "speedup_vs_ort_fp32", "{:.2f}x"), ("box IoU", lambda r: r["box_mask_iou_mean"] or 1.0, "{:.4f}"),
+        ("mIoU", "mask_iou_mean", "{:.4f}"), ("cosine", "embedding_cosine_mean", "{:.5f}"),
+        ("GT mIoU", lambda r: r["gt_miou_optimized"] and 100 * r["gt_miou_optimized"], "{:.1f}"),
+        ("MB", "file_mb", "{:.1f}"),
+    ]))
+    print(f"\n{run_note(args.repeats)}; onnxruntime {ort.__version__}, {args.threads} intra-op threads; "
+          f"images {args.images}; optimize took {optimize_s:.0f} s")
+    out = write_results(args.out or f"benchmarks/results/quantize-{args.model}.json",
+                        {"model": args.model, "config": config.to_dict(), "onnxruntime": ort.__version__,
+                         "ort_intra_op_threads": args.threads, "repeats": args.repeats, "images": args.images,
+                         "rows": rows})
     print(f"wrote {out}")
     return 0
 

@@ -6,7 +6,7 @@
 
 For each case (a zoo model and a pass list) it reports parameters, weight
 bytes, encoder MACs, the latency of the original and the optimized model
-measured interleaved (A, B, A, B, ...) in the same process, their ratio, and
+measured in :func:`samfx.bench.interleaved`'s rotating turns in the same process, their ratio, and
 fidelity against the original on package images. Thread settings are fixed
 and recorded; absolute times on a shared machine are noise, ratios are not.
 """
@@ -14,13 +14,9 @@ and recorded; absolute times on a shared machine are noise, ratios are not.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 # Busy-waiting OpenMP threads slow 2-core runs several-fold when the cores are shared.
@@ -30,11 +26,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import samfx  # noqa: E402
-from samfx.bench import interleaved  # noqa: E402
+from samfx.bench import interleaved, markdown_table, run_note, timed, write_results  # noqa: E402
 from samfx.data import package_images  # noqa: E402
 from samfx.distillation import DEFAULT_TRAINING_IMAGES  # noqa: E402
 from samfx.passes import PruneConfig  # noqa: E402
-from samfx.report import environment  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -114,10 +109,9 @@ def run_case(case: Case, repeats: int, fidelity: bool) -> dict:
     torch.manual_seed(0)
     model = samfx.models.build(case.model)
     calibration = [sample.image for sample in package_images(list(case.calibration))] if case.calibration else []
-    start = time.perf_counter()
-    optimized = samfx.optimize(model, list(case.passes), fidelity=case.images if fidelity and case.images else False,
-                               model_name=case.model, calibration_images=calibration)
-    total = time.perf_counter() - start
+    optimized, total = timed(lambda: samfx.optimize(
+        model, list(case.passes), fidelity=case.images if fidelity and case.images else False,
+        model_name=case.model, calibration_images=calibration))
     report = optimized.samfx_report
     row = {
         "case": case.name,
@@ -171,37 +165,37 @@ def _change(pair: list[float], unit: float, suffix: str = "") -> str:
     return f"{pair[0] / unit:.1f}->{pair[1] / unit:.1f}{suffix}"
 
 
+def _gt(f: dict | None) -> str | None:
+    return f"{100 * f['gt_miou'][0]:.1f}->{100 * f['gt_miou'][1]:.1f}" if f and f["gt_miou"][0] is not None else None
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'case':<30}{'params':>10}{'MB':>9}{'GMACs':>8}{'enc s':>8}{'enc x':>7}{'dec ms':>8}{'dec x':>7}"
-            f"{'mIoU vs orig':>14}{'cos min':>10}{'GT mIoU':>14}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        f = r.get("fidelity")
-        gt = f and f["gt_miou"][0] is not None
-        lines.append(
-            f"{r['case']:<30}{r['params'][1] / 1e6:>9.2f}M{r['weight_bytes'][1] / 1e6:>9.1f}"
-            f"{r['encoder_macs'][1] / 1e9:>8.1f}"
-            + (f"{r['encoder_optimized_s']:>8.2f}{r['encoder_speedup']:>6.2f}x"
-               f"{1e3 * r['decoder_optimized_s']:>8.1f}{r['decoder_speedup']:>6.2f}x" if "encoder_speedup" in r
-               else f"{'-':>8}{'-':>7}{'-':>8}{'-':>7}")
-            + (f"{f['mask_iou_mean']:>14.4f}{f['embedding_cosine_min']:>10.5f}" if f else f"{'-':>14}{'-':>10}")
-            + (f"{100 * f['gt_miou'][0]:>7.1f}->{100 * f['gt_miou'][1]:<5.1f}" if gt else f"{'-':>14}")
-        )
+    def fidelity(key: str):
+        return lambda r: r["fidelity"][key] if r.get("fidelity") else None
+
+    text = markdown_table(rows, [
+        ("case", "case", "{}"), ("params", lambda r: r["params"][1] / 1e6, "{:.2f}M"),
+        ("MB", lambda r: r["weight_bytes"][1] / 1e6, "{:.1f}"), ("GMACs", lambda r: r["encoder_macs"][1] / 1e9, "{:.1f}"),
+        ("enc s", "encoder_optimized_s", "{:.2f}"), ("enc x", "encoder_speedup", "{:.2f}x"),
+        ("dec ms", lambda r: r.get("decoder_optimized_s") and 1e3 * r["decoder_optimized_s"], "{:.1f}"),
+        ("dec x", "decoder_speedup", "{:.2f}x"), ("mIoU vs orig", fidelity("mask_iou_mean"), "{:.4f}"),
+        ("cos min", fidelity("embedding_cosine_min"), "{:.5f}"), ("GT mIoU", lambda r: _gt(r.get("fidelity")), "{}"),
+    ])
     pruned = [r for r in rows if "encoder_layer_macs" in r]
     if pruned:
-        lines += ["", f"{'pruned encoder':<30}{'params':>16}{'GMACs (all)':>16}{'GMACs (layers)':>18}{'prune s':>9}"
-                      f"{'distill':>9}{'mIoU vs orig':>14}{'GT mIoU':>14}"]
-        for r in pruned:
-            d = r.get("distill")
-            f = d and d.get("fidelity")
-            lines.append(
-                f"{r['case']:<30}{_change(r['params'], 1e6, 'M'):>16}{_change(r['encoder_macs'], 1e9):>16}"
-                f"{_change(r['encoder_layer_macs'], 1e9):>18}"
-                f"{r['pass_s']['prune']:>9.1f}"
-                + (f"{d['steps']:>5} st{f['mask_iou_mean']:>14.4f}" if f else f"{'-':>9}{'-':>14}")
-                + (f"{100 * f['gt_miou'][0]:>7.1f}->{100 * f['gt_miou'][1]:<5.1f}" if f and f["gt_miou"][0] is not None
-                   else f"{'-':>14}"))
-    return "\n".join(lines)
+        def distilled(r: dict) -> dict | None:
+            return r.get("distill") and r["distill"].get("fidelity")
+
+        text += "\n\n" + markdown_table(pruned, [
+            ("pruned encoder", "case", "{}"), ("params", lambda r: _change(r["params"], 1e6, "M"), "{}"),
+            ("GMACs (all)", lambda r: _change(r["encoder_macs"], 1e9), "{}"),
+            ("GMACs (layers)", lambda r: _change(r["encoder_layer_macs"], 1e9), "{}"),
+            ("prune s", lambda r: r["pass_s"]["prune"], "{:.1f}"),
+            ("distill steps", lambda r: distilled(r) and r["distill"]["steps"], "{}"),
+            ("mIoU vs orig", lambda r: distilled(r) and distilled(r)["mask_iou_mean"], "{:.4f}"),
+            ("GT mIoU", lambda r: _gt(distilled(r)), "{}"),
+        ])
+    return text
 
 
 # -- token_cluster: the tuner's choice, Expedit-SAM's presets, activation memory ----------------
@@ -211,20 +205,13 @@ def table(rows: list[dict]) -> str:
 EXPEDIT_PRESETS = ((18, 121), (16, 81), (14, 100), (8, 100), (8, 81), (6, 81))
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def token_cluster_suite(name: str, floor: float, images: tuple[str, ...], presets: tuple[tuple[int, int], ...],
                         repeats: int) -> dict:
     """Tune ``token_cluster`` for ``floor`` on ``images``, then measure the chosen
     setting, the presets and split_qkv + the chosen setting against the original.
 
-    Encoder latency is bracketed: every optimized run sits between two runs of
-    the original in the same process, and its speed-up is the mean of the two
-    over its own time (median over ``repeats`` brackets). Fidelity uses the same
+    Encoder latency: each setting against the original in :func:`samfx.bench.interleaved`'s
+    turns (``repeats`` runs each after a warm-up), the speed-up a ratio of medians. Fidelity uses the same
     images and prompts as the tuner (points and boxes).
     """
     from samfx.fidelity import CachedPredictor, compare
@@ -237,9 +224,7 @@ def token_cluster_suite(name: str, floor: float, images: tuple[str, ...], preset
     reference = CachedPredictor(adapter.predictor(model))
     timer = adapter.predictor(model)
     image = package_images(["coins"])[0].image
-    start = time.perf_counter()
-    result = tune(model, samfx.TokenClusterConfig(floor=floor, images=images))
-    tune_s = time.perf_counter() - start
+    result, tune_s = timed(lambda: tune(model, samfx.TokenClusterConfig(floor=floor, images=images)))
     print(f"{name}: tuner ({tune_s:.0f} s) for mask IoU >= {floor} on {', '.join(images)}\n{result.table()}",
           file=sys.stderr, flush=True)
     settings: list[tuple[str, list]] = []
@@ -249,9 +234,7 @@ def token_cluster_suite(name: str, floor: float, images: tuple[str, ...], preset
     settings += [(f"L{location}/{clusters}", [samfx.TokenClusterConfig(location=location, clusters=clusters)])
                  for location, clusters in presets]
     original_peak = activation_peak_bytes(model, adapter)
-    with torch.inference_mode():
-        timer.set_image(image)  # warm-up
-        previous = _seconds(lambda: timer.set_image(image))
+    original_s = []
     rows = []
     for label, passes in settings:
         print(f"{name}: {label} ...", file=sys.stderr, flush=True)
@@ -259,19 +242,17 @@ def token_cluster_suite(name: str, floor: float, images: tuple[str, ...], preset
         report = optimized.samfx_report
         fidelity = compare(reference, optimized, images, adapter=adapter)
         candidate = adapter.predictor(optimized)
-        speedups, optimized_s = [], []
         with torch.inference_mode():
-            for _ in range(repeats):
-                optimized_s.append(_seconds(lambda: candidate.set_image(image)))
-                after = _seconds(lambda: timer.set_image(image))
-                speedups.append((previous + after) / 2 / optimized_s[-1])
-                previous = after
+            times = interleaved({"original": lambda: timer.set_image(image),
+                                 "optimized": lambda: candidate.set_image(image)}, repeats)
+        original_s.append(times["original"].median)
         cluster = next(p for p in report.passes if p.name == "token_cluster")
         rows.append({
             "model": name, "setting": label, "passes": [p.config for p in report.passes],
             "clustered": cluster.summary,
             "encoder_macs": [report.before.macs["image_encoder"], report.after.macs["image_encoder"]],
-            "encoder_optimized_s": statistics.median(optimized_s), "encoder_speedup": statistics.median(speedups),
+            "encoder_optimized_s": times["optimized"].median,
+            "encoder_speedup": times["original"].median / times["optimized"].median,
             "activation_peak_bytes": [original_peak, activation_peak_bytes(optimized, adapter)],
             "fidelity": {"images": fidelity.images, "prompts": fidelity.prompts,
                          "mask_iou_mean": fidelity.mask_iou_mean, "mask_iou_min": fidelity.mask_iou_min,
@@ -280,22 +261,21 @@ def token_cluster_suite(name: str, floor: float, images: tuple[str, ...], preset
         })
         del optimized, candidate
     return {"model": name, "floor": floor, "images": list(images), "tune_s": tune_s, "tuning": result.to_dict(),
-            "original_encoder_s": previous, "rows": rows}
+            "original_encoder_s": float(np.median(original_s)) if original_s else None, "rows": rows}
 
 
 def token_cluster_table(suites: list[dict]) -> str:
-    head = (f"{'model':<11}{'setting':<17}{'clusters':<44}{'MACs x':>7}{'enc s':>8}{'enc x':>7}"
-            f"{'peak MiB':>15}{'mIoU vs orig':>13}{'worst':>7}{'cos':>8}")
-    lines = [head, "-" * len(head)]
-    for suite in suites:
-        for r in suite["rows"]:
-            macs, peak, f = r["encoder_macs"], r["activation_peak_bytes"], r["fidelity"]
-            lines.append(
-                f"{r['model']:<11}{r['setting']:<17}{r['clustered'].removeprefix('image_encoder: ')[:43]:<44}"
-                f"{macs[0] / macs[1]:>7.2f}{r['encoder_optimized_s']:>8.2f}{r['encoder_speedup']:>6.2f}x"
-                f"{peak[0] / 2**20:>7.0f}->{peak[1] / 2**20:<6.0f}{f['mask_iou_mean']:>13.4f}{f['mask_iou_min']:>7.3f}"
-                f"{f['embedding_cosine_mean']:>8.4f}")
-    return "\n".join(lines)
+    rows = [r for suite in suites for r in suite["rows"]]
+    return markdown_table(rows, [
+        ("model", "model", "{}"), ("setting", "setting", "{}"),
+        ("clusters", lambda r: r["clustered"].removeprefix("image_encoder: ")[:43], "{}"),
+        ("MACs x", lambda r: r["encoder_macs"][0] / r["encoder_macs"][1], "{:.2f}"),
+        ("enc s", "encoder_optimized_s", "{:.2f}"), ("enc x", "encoder_speedup", "{:.2f}x"),
+        ("peak MiB", lambda r: "{:.0f}->{:.0f}".format(*(b / 2**20 for b in r["activation_peak_bytes"])), "{}"),
+        ("mIoU vs orig", lambda r: r["fidelity"]["mask_iou_mean"], "{:.4f}"),
+        ("worst", lambda r: r["fidelity"]["mask_iou_min"], "{:.3f}"),
+        ("cos", lambda r: r["fidelity"]["embedding_cosine_mean"], "{:.4f}"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,10 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.token_cluster:
         return _token_cluster_main(args)
     suite, run, show, note = CASES, lambda c: run_case(c, args.repeats, not args.no_fidelity), table, "latencies"
+    warmup = 1
     if args.everything:
         from benchmarks import everything
 
-        suite, show, note = everything.CASES, everything.table, everything.TIMING_NOTE
+        suite, show, note, warmup = everything.CASES, everything.table, everything.TIMING_NOTE, 0
         run = lambda c: everything.run_case(c, args.repeats, args.points_per_side)  # noqa: E731
     cases = [c for c in suite if not args.case or c.name in args.case]
     if not cases:
@@ -331,12 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {case.name} ...", file=sys.stderr, flush=True)
         rows.append(run(case))
     print(show(rows))
-    env = environment()
-    print(f"\ntorch {env['torch']}, {env['torch_threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
-          f"{env['cpu_count']} CPUs; {note} are medians of {args.repeats} interleaved runs")
-    out = Path(args.out or f"benchmarks/results/{'everything' if args.everything else 'latest'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "repeats": args.repeats, "rows": rows}, indent=2))
+    print(f"\n{run_note(args.repeats, warmup, what=note)}")
+    out = write_results(args.out or f"benchmarks/results/{'everything' if args.everything else 'latest'}.json",
+                        {"repeats": args.repeats, "rows": rows})
     print(f"wrote {out}")
     return 0
 
@@ -347,13 +325,10 @@ def _token_cluster_main(args: argparse.Namespace) -> int:
     suites = [token_cluster_suite(name, args.floor, images, EXPEDIT_PRESETS if name.endswith("vit_h") else (),
                                   args.repeats) for name in args.token_cluster]
     print(token_cluster_table(suites))
-    env = environment()
-    print(f"\ntorch {env['torch']}, {env['torch_threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}, "
-          f"{env['cpu_count']} CPUs; speed-ups are medians of {args.repeats} runs, each between two runs of the "
-          "original; fidelity and peak activation memory (fake tensors) are against the original")
-    out = Path(args.out or "benchmarks/results/token_cluster.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "repeats": args.repeats, "token_cluster": suites}, indent=2))
+    print(f"\n{run_note(args.repeats, what='encoder times (each setting against the original)')}; fidelity and "
+          "peak activation memory (fake tensors) are against the original")
+    out = write_results(args.out or "benchmarks/results/token_cluster.json",
+                        {"repeats": args.repeats, "token_cluster": suites})
     print(f"wrote {out}")
     return 0
 

@@ -17,7 +17,6 @@ import argparse
 import gc
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -26,24 +25,24 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import samfx  # noqa: E402
-from samfx.bench import markdown_table, write_results  # noqa: E402
+from samfx.bench import markdown_table, timed, write_results  # noqa: E402
 
 
 def smoke(name: str, image: np.ndarray) -> dict:
     """Build ``name`` at full size, embed ``image`` and predict one box; the timings and sizes."""
     row: dict = {"model": name}
     try:
-        start = time.perf_counter()
-        model = samfx.models.build(name)
-        row["build_s"] = time.perf_counter() - start
+        model, row["build_s"] = timed(lambda: samfx.models.build(name))
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         predictor = samfx.adapters.find_adapter(model).predictor(model)
-        start = time.perf_counter()
-        with torch.no_grad():
-            predictor.set_image(image)
-            h, w = image.shape[:2]
-            masks, scores = predictor.predict(box=np.array([w / 4, h / 4, 3 * w / 4, 3 * h / 4]))
-        row["forward_s"] = time.perf_counter() - start
+        h, w = image.shape[:2]
+
+        def forward() -> tuple[np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                predictor.set_image(image)
+                return predictor.predict(box=np.array([w / 4, h / 4, 3 * w / 4, 3 * h / 4]))
+
+        (masks, scores), row["forward_s"] = timed(forward)
         row["embedding"] = list(predictor.image_embedding.shape)
         row["masks"] = list(masks.shape)
         finite = bool(np.isfinite(scores).all() and torch.isfinite(predictor.image_embedding).all())

@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .machine import cpu_isa
 
 __all__ = ["RUNTIMES", "Timing", "available_runtimes", "cpu_isa", "deploy_table", "deployment_bench", "interleaved",
-           "markdown_table", "write_results"]
+           "markdown_table", "run_note", "timed", "write_results"]
 
 @dataclass(frozen=True)
 class Timing:
@@ -87,6 +87,36 @@ def interleaved(
             candidates[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: Timing(tuple(samples[name])) for name in names}
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()`` run once: its result and its wall-clock seconds.
+
+    For one-off stages (optimizing, exporting, a first call that compiles), never
+    for comparisons: those go through :func:`interleaved`.
+
+    >>> result, seconds = timed(lambda: sum(range(10)))
+    >>> result, seconds >= 0
+    (45, True)
+    """
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run_note(repeats: int, warmup: int = 1, what: str = "timings") -> str:
+    """The line printed under a benchmark's table: the machine (CPU and ISA), torch
+    and its threads, and how ``what`` were taken (:func:`interleaved`'s settings).
+
+    >>> "medians of 3 interleaved runs after 1 warm-up" in run_note(3)
+    True
+    """
+    from .report import environment
+
+    env, isa = environment(), cpu_isa()
+    return (f"{isa['summary']} ({isa['cpu'] or 'unknown CPU'}, {env['cpu_count']} CPUs), torch {env['torch']}, "
+            f"{env['torch_threads']} threads, OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}; {what}: medians of {repeats} "
+            f"interleaved runs after {warmup} warm-up")
 
 
 Column = tuple[str, "str | Callable[[dict], Any]", str]
