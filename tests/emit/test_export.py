@@ -11,6 +11,7 @@ import torch
 import samfx
 from samfx.emit import runtime
 from samfx.fidelity import mask_iou
+from samfx.machine import cpu_isa
 
 from ..conftest import small_model
 from .conftest import ONNX_CASES, OPENVINO_CASES, case_id, mask_iou_bar
@@ -91,7 +92,7 @@ def test_bf16_model_exports_float32_weights_with_a_bf16_hint(exported, format: s
     precision = export.manifest["precision"]
     assert precision["hint"] == "bf16" and precision["exported_weights"] == "float32"
     assert any("float32" in note for note in export.manifest["notes"])
-    native = samfx.bench.cpu_isa()["native_bf16"]
+    native = cpu_isa()["native_bf16"]
     assert export.checks["precision"] == ("bf16" if native and format == "openvino" else "f32")
 
 
@@ -116,12 +117,13 @@ def test_hyper_export_keeps_the_codes(exported, format: str) -> None:
     assert plain - coded >= 0.55 * coded_bytes, (plain, coded, coded_bytes)
 
 
-def test_lite_medsam_boxes_in_one_call_match_its_own_decoder(tmp_path) -> None:
+def test_lite_medsam_boxes_in_one_call_match_its_own_decoder(exported) -> None:
     """Full-size LiteMedSAM (real weights): coins' 24 boxes decoded in one OpenVINO call
-    against the model's own prompt encoder and mask decoder given all boxes at once."""
-    model = samfx.models.build("lite_medsam").eval()
-    export = samfx.export(model, tmp_path, format="openvino")
-    predictor = runtime.load(tmp_path)
+    against the model's own prompt encoder and mask decoder given all boxes at once.
+    (LiteMedSAM's "small" model is the real one: the export test_export_matches_eager checks.)"""
+    model = small_model("lite_medsam").eval()
+    export = exported("lite_medsam", (), "openvino")
+    predictor = runtime.load(export.directory)
     sample = samfx.data.package_images(["coins"])[0]
     boxes = np.array([p.coords for p in sample.prompts if p.kind == "box"])
     predictor.set_image(sample.image)
