@@ -45,12 +45,12 @@ def test_ground_truth_miou_of_lite_medsam_on_coins(lite_medsam) -> None:
     assert 0.9 < samfx.fidelity.ground_truth_miou(lite_medsam, ["coins"]) < 1.0
 
 
-def test_lite_medsam_fidelity_leads_with_box_prompts(lite_medsam) -> None:
+def test_lite_medsam_fidelity_leads_with_box_prompts(lite_medsam_reference) -> None:
     noisy = small_model("lite_medsam")
     with torch.no_grad():
         for p in noisy.image_encoder.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    report = compare(lite_medsam, noisy, images=["coins"], max_prompts_per_image=6)
+    report = compare(lite_medsam_reference, noisy, images=["coins"], max_prompts_per_image=6)
     assert report.trained_prompts == ["box"]
     assert report.by_prompt["box"]["trained"] and not report.by_prompt["point"]["trained"]
     assert report.by_prompt["box"]["prompts"] == report.by_prompt["point"]["prompts"] == 3

@@ -7,8 +7,14 @@ either succeeds, and then the outputs keep the pass's promise (exact passes:
 equal to float tolerance; lossy ones: finite, same shape), or fails with one
 of samfx's own error types. The input model is never changed.
 
-``SAMFX_FUZZ_CASES`` sets the number of cases (default 200); the seed of
-case ``i`` is ``i``, so a failure is reproduced by its test id. Models are
+The seed of a case is its test id, so a failure is reproduced by it. By
+default the suite runs the fewest of seeds 0-199 that together cover everything
+those 200 draw (:func:`covering_seeds`: each family with each pass, by name
+and with options, run or refused; each pass count per family; each order of
+two neighbouring passes; duplicates; each rule a bad option breaks; each
+valid option value in a run), about half their cost: the other seeds
+repeat those paths with other valid values. ``SAMFX_FUZZ_CASES=N`` runs
+seeds 0 to N-1 instead. Models are
 built once per family (LiteMedSAM as a reduced TinyViT of its architecture:
 its real encoder costs 37 GMACs a run); MAC counting (fake-tensor runs, the
 same for every case and tested elsewhere) is left out to keep each case small.
@@ -34,7 +40,7 @@ from samfx.passes import PassError, get_pass
 from .conftest import SMALL_FAMILIES, encoder_output, image_input, small_model
 
 SAMFX_ERRORS = (PassError, CheckpointError, CaptureError, PromptError, UnsupportedModelError)
-CASES = int(os.environ.get("SAMFX_FUZZ_CASES", "200"))
+POOL = 200
 FAMILY_WEIGHTS = {"sam_vit_b": 5, "sam_hq_vit_b": 3, "sam2.1_hiera_t": 2, "hf_sam_vit_b": 4, "lite_medsam": 3}
 # bf16 is the slowest pass on these models: drawn half as often as the others.
 PASS_WEIGHTS = {"split_qkv": 2, "fuse_attention": 2, "bf16": 1, "hyper": 2, "prune": 2, "quantize": 2,
@@ -136,6 +142,57 @@ def draw_case(seed: int) -> tuple[str, list[tuple[str, dict[str, Any] | None]], 
     return family, passes, any_bad
 
 
+def _broken_rule(name: str, options: dict[str, Any]) -> tuple[str, str, str] | None:
+    """``(pass, option, value)`` of the one option that makes the config invalid, None if it is valid."""
+    config_cls = get_pass(name).config_cls
+    try:
+        config_cls(**options)
+        return None
+    except Exception:  # noqa: BLE001 - any refusal; which option caused it is found below
+        pass
+    for key in options:
+        try:
+            config_cls(**{k: v for k, v in options.items() if k != key})
+        except Exception:  # noqa: BLE001
+            continue
+        return name, key, repr(options[key])
+    return name, "", repr(sorted(options.items()))
+
+
+def case_signature(seed: int) -> set[tuple]:
+    """The paths a case takes: see the module's docstring."""
+    family_name, passes, _ = draw_case(seed)
+    names = [name for name, _ in passes]
+    broken = {("bad", *rule) for name, options in passes if options is not None
+              for rule in [_broken_rule(name, options)] if rule is not None}
+    runs = not broken
+    signature = broken | {("count", family_name, len(passes))}
+    signature |= {("pass", family_name, name, options is None, runs) for name, options in passes}
+    signature |= {("order", a, b, runs) for a, b in zip(names, names[1:])}
+    if len(set(names)) < len(names):
+        signature.add(("duplicate",))
+    if runs:
+        signature |= {("value", name, key, repr(value)) for name, options in passes for key, value in (options or {}).items()}
+    return signature
+
+
+def covering_seeds(pool: int = POOL) -> list[int]:
+    """Greedily, the seeds of ``range(pool)`` that cover every path the whole pool takes,
+    cheapest first per path gained (a case that runs costs its capture and passes; a refused
+    one almost nothing)."""
+    signatures = {seed: case_signature(seed) for seed in range(pool)}
+    cost = {seed: 0.05 if any(part[0] == "bad" for part in sig) else 1 + len(draw_case(seed)[1])
+            for seed, sig in signatures.items()}
+    everything, covered, chosen = set().union(*signatures.values()), set(), []
+    while covered != everything:
+        seed = max(signatures, key=lambda s: (len(signatures[s] - covered) / cost[s], -s))
+        chosen.append(seed)
+        covered |= signatures[seed]
+    return sorted(chosen)
+
+
+SEEDS = list(range(int(os.environ["SAMFX_FUZZ_CASES"]))) if "SAMFX_FUZZ_CASES" in os.environ else covering_seeds()
+
 _FAMILIES: dict[str, tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]] = {}
 
 
@@ -183,7 +240,16 @@ def _no_mac_counting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(samfx.stats, "component_macs", lambda model, adapter=None: {})
 
 
-@pytest.mark.parametrize("seed", range(CASES))
+def test_the_covering_seeds_take_every_path_of_the_pool() -> None:
+    seeds = covering_seeds()
+    assert len(seeds) < POOL / 2
+    assert set().union(*map(case_signature, seeds)) == set().union(*map(case_signature, range(POOL)))
+    paths = set().union(*map(case_signature, seeds))
+    assert {part[1] for part in paths if part[0] == "bad"} == set(PASS_WEIGHTS)  # each pass refuses a bad option
+    assert {part[2] for part in paths if part[0] == "pass" and part[4]} == set(PASS_WEIGHTS)  # and runs
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_random_pass_lists_keep_their_promise_or_fail_cleanly(seed: int) -> None:
     family_name, passes, any_bad = draw_case(seed)
     model, x, reference, digest = family(family_name)
