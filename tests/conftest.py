@@ -42,6 +42,14 @@ def lite_medsam() -> torch.nn.Module:
     return small_model("lite_medsam")
 
 
+@pytest.fixture
+def no_mac_counting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``samfx.optimize`` without counting MACs (fake-tensor runs of every component, before
+    and after the passes: about half an optimize of LiteMedSAM's 37-GMAC encoder), for tests
+    that assert something else; tests/test_stats.py and tests/test_pipeline.py check the counts."""
+    monkeypatch.setattr(samfx.stats, "component_macs", lambda model, adapter=None: {})
+
+
 @pytest.fixture(scope="session")
 def lite_medsam_reference() -> samfx.fidelity.CachedPredictor:
     """The original LiteMedSAM (real weights) as a reference for

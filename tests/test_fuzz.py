@@ -235,9 +235,7 @@ def family(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]
     return _FAMILIES[name]
 
 
-@pytest.fixture(autouse=True)
-def _no_mac_counting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(samfx.stats, "component_macs", lambda model, adapter=None: {})
+pytestmark = pytest.mark.usefixtures("no_mac_counting")
 
 
 def test_the_covering_seeds_take_every_path_of_the_pool() -> None:
