@@ -48,6 +48,19 @@ def _threads(text: str) -> int:
     return value
 
 
+def _min_box_iou(text: str) -> float | None:
+    """``--min-box-iou``: a mask IoU in (0, 1], or ``none`` for no floor."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--min-box-iou is a mask IoU in (0, 1], or none for no floor; got {text!r}")
+    return value
+
+
 def _check_out_file(path: str | None) -> None:
     """An output file's directory must exist and be writable; the path must not be a directory."""
     if path is None:
@@ -128,6 +141,15 @@ def _optimize_images(args: argparse.Namespace, passes: list) -> tuple[list, list
     return samples, split.calibration, split.record(), message
 
 
+def _held_out(samples: list, calibration: list) -> list:
+    """The fidelity samples that are not calibration images: the floor's held-out
+    images (none: the pipeline's default photos)."""
+    from .data import image_digest
+
+    calibrated = {image_digest(image) for image in calibration}
+    return [s for s in samples if image_digest(s.image) not in calibrated]
+
+
 def _passes_or_preset(args: argparse.Namespace, default: str) -> list:
     """The pass list of ``--passes`` (``default`` when not given) or of ``--preset``,
     whose calibration photos become the calibration set unless ``--calibration``
@@ -164,7 +186,8 @@ def _optimize(args: argparse.Namespace) -> int:
         print(message)
     model = models.build(name, small=args.small, checkpoint=args.checkpoint)
     optimized = optimize(model, passes, fidelity=images or False, calibration_images=calibration,
-                         progress=not args.quiet, model_name=name)
+                         progress=not args.quiet, model_name=name, min_box_iou=args.min_box_iou,
+                         held_out_images=_held_out(images, calibration))
     out = Path(args.out)
     optimized.samfx_report.images = record
     save(optimized, out, overwrite=args.overwrite)
@@ -419,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--held-out", type=float, default=0.5, help="fraction of split images held out (default 0.5)")
     opt.add_argument("--split-seed", type=int, default=0, help="seed of the calibration/held-out split")
     opt.add_argument("--no-fidelity", action="store_true", help="skip the fidelity check")
+    opt.add_argument("--min-box-iou", type=_min_box_iou, default=0.97, metavar="X",
+                     help="fidelity floor for lossy passes: box-prompt mask IoU vs the original on the held-out "
+                          "--images; a pass below it backs off or is refused (default 0.97; none: no floor)")
     opt.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     opt.add_argument("--pictures", action="store_true",

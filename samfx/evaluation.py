@@ -168,6 +168,8 @@ def _samples(images: Sequence[Any] | None, annotations: str | Path | None) -> tu
         return found, f"{found.format} annotations {found.source}"
     if not images:
         raise EvalError("give images (package names, files, a directory or a glob) or annotations")
+    if all(isinstance(item, ImageSample) for item in images):  # prompted already (the pipeline's floor)
+        return list(images), "prepared samples"
     return expand_images(images, "evaluation"), "images without annotations"
 
 
@@ -176,7 +178,7 @@ def _sample(item: Any) -> ImageSample:
 
     if isinstance(item, AnnotatedImage):
         return item.sample()
-    return image_sample(item)
+    return item if isinstance(item, ImageSample) else image_sample(item)
 
 
 def _ids(item: Any, sample: ImageSample) -> list[Any]:
@@ -247,7 +249,8 @@ def evaluate(
             a runtime's, say), or a directory written by
             ``samfx optimize`` (its original is then rebuilt to compare against).
         images: package names, image files, directories or glob patterns
-            (:func:`samfx.data.load_images`); with ``annotations``, at most one
+            (:func:`samfx.data.load_images`), or :class:`samfx.data.ImageSample`
+            objects (prompted already); with ``annotations``, at most one
             folder that holds the annotated image files.
         annotations: COCO instance JSON, SA-1B JSON(s) or a MedSAM npz
             (:func:`samfx.annotations.read_annotations`).

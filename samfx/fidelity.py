@@ -144,6 +144,15 @@ class CachedPredictor(Predictor):
             predictions[key] = self.predictor.predict(point_coords, point_labels, box, multimask_output)
         return predictions[key]
 
+    def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The wrapped predictor's batched boxes (:meth:`Predictor.predict_boxes`), run once per batch."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        key = ("boxes", boxes.tobytes())
+        predictions = self._entry()["predictions"]
+        if key not in predictions:
+            predictions[key] = self.predictor.predict_boxes(boxes)
+        return predictions[key]
+
 
 def _timed_set_image(predictor: Predictor, image: np.ndarray) -> float:
     start = time.perf_counter()

@@ -13,7 +13,7 @@ Example::
     >>> import samfx, tempfile
     >>> from pathlib import Path
     >>> model = samfx.optimize(samfx.models.build("sam_vit_b", small=True),
-    ...                        [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)])
+    ...                        [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)], min_box_iou=None)
     >>> export = samfx.export(model, tempfile.mkdtemp(), format="openvino")
     >>> export.manifest["int8"]["encoder"]["int8_layers"] > 0    # matmuls on OpenVINO's int8 kernels
     True
