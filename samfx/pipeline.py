@@ -21,13 +21,15 @@ from .passes.base import (FidelityFloorError, PassConfig, PassContext, PassError
 from .report import OptimizeReport
 from .stats import model_stats
 
-__all__ = ["DEFAULT_MIN_BOX_IOU", "FidelityFloor", "history_of", "optimize", "report_of", "resolve_passes",
+__all__ = ["DEFAULT_MIN_BOX_IOU", "MAX_ATTEMPTS", "FidelityFloor", "history_of", "optimize", "report_of", "resolve_passes",
            "run_passes", "structure_digest"]
 
 PassSpec = str | PassConfig
 
 #: the default fidelity floor: box-prompt mask IoU against the original on held-out images
 DEFAULT_MIN_BOX_IOU = 0.97
+#: configs one lossy pass may try against the floor (the first and its back-offs)
+MAX_ATTEMPTS = 6
 
 
 def resolve_passes(passes: Iterable[PassSpec] | PassSpec) -> tuple[list[PassConfig], list[str]]:
@@ -133,11 +135,12 @@ def _run_one(captured: CapturedModel, info: PassInfo, config: PassConfig, contex
     return result.report
 
 
-def _options(config: PassConfig, first: PassConfig) -> str:
-    """The options of ``config`` that differ from ``first``'s (all of them for ``first``)."""
-    options, base = config.to_dict()["options"], first.to_dict()["options"]
-    changed = {k: v for k, v in options.items() if v != base[k]} if config is not first else {}
-    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "as given"
+def _options(config: PassConfig, tried: Sequence[PassConfig]) -> str:
+    """The options of ``config`` that vary among the configs ``tried``."""
+    options = [c.to_dict()["options"] for c in tried]
+    varying = [k for k in options[0] if any(o[k] != options[0][k] for o in options)]
+    mine = config.to_dict()["options"]
+    return ", ".join(f"{k}={mine[k]}" for k in varying) or "as given"
 
 
 def _guarded(captured: CapturedModel, info: PassInfo, config: PassConfig, context: PassContext,
@@ -170,7 +173,8 @@ def _guarded(captured: CapturedModel, info: PassInfo, config: PassConfig, contex
             break
         if not report.changed and len(attempts) == 1:
             break  # the pass found nothing to do: nothing to guard
-        weaker = info.backoff(current) if info.backoff is not None and report.changed else None
+        weaker = (info.backoff(current) if info.backoff is not None and report.changed
+                  and len(attempts) < MAX_ATTEMPTS else None)
         _restore(captured, before)
         if weaker is None:
             raise FidelityFloorError(_refusal(info, tried, attempts, floor), info.name, floor.min_box_iou, attempts)
@@ -184,8 +188,9 @@ def _guarded(captured: CapturedModel, info: PassInfo, config: PassConfig, contex
 def _refusal(info: PassInfo, tried: list[PassConfig], attempts: list[dict[str, Any]], floor: FidelityFloor) -> str:
     measured = [(c, a) for c, a in zip(tried, attempts) if "box_iou" in a]
     best = max((a for _, a in measured), key=lambda a: a["box_iou"])
-    tried_text = "; ".join(f"{_options(c, tried[0])}: {a['box_iou']:.4f}" for c, a in measured)
+    tried_text = "; ".join(f"{_options(c, tried)}: {a['box_iou']:.4f}" for c, a in measured)
     ended = ("the last weaker config changed nothing" if not attempts[-1]["changed"] else
+             f"{MAX_ATTEMPTS} configs tried" if len(attempts) == MAX_ATTEMPTS else
              "nothing weaker is left" if info.backoff is not None else "the pass has no weaker config")
     return (f"{info.name} keeps a box-prompt mask IoU of at most {best['box_iou']:.4f} against the original on "
             f"{len(floor.samples)} held-out images ({best['boxes']} boxes), below the floor {floor.min_box_iou} "
@@ -214,8 +219,8 @@ def run_passes(
     it was before the first lossy pass) on ``context.held_out_set()`` must
     reach ``min_box_iou``. Below it, the pass is re-run from the model before
     it with its back-off's next weaker config (:attr:`PassInfo.backoff`),
-    until the floor holds; the config kept and every attempt are in the
-    report (``config``, ``fidelity_floor``).
+    until the floor holds (at most :data:`MAX_ATTEMPTS` configs); the config
+    kept and every attempt are in the report (``config``, ``fidelity_floor``).
 
     Raises:
         PassFailed: a pass raised or left a model that fails a check; the message
