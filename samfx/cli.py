@@ -335,7 +335,7 @@ def _export(args: argparse.Namespace) -> int:
     model = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
     if passes:
         model = optimize(model, passes, calibration_images=calibration, progress=not args.quiet,
-                         model_name=args.model)
+                         model_name=args.model, min_box_iou=args.min_box_iou)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     format = args.format or ("onnx" if args.command == "export-onnx" else "openvino")
     try:
@@ -405,7 +405,7 @@ def _bench(args: argparse.Namespace) -> int:
         optimized = load(args.saved, base=original)
     else:
         optimized = optimize(original, parse_passes(args.passes), progress=not args.quiet,
-                             model_name=args.model)
+                             model_name=args.model, min_box_iou=args.min_box_iou)
     try:
         result = deployment_bench(original, optimized, runtimes=runtimes, image=args.image, repeats=args.repeats,
                                   warmup=args.warmup, threads=args.threads or None)
@@ -461,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--passes", default="", help="passes with options to run first (default: none)")
     exp.add_argument("--preset", help="a named recipe to run first instead of --passes, e.g. lite_medsam_cpu")
     exp.add_argument("--calibration", help="calibration images for data-driven passes (names, files, folders, globs)")
+    exp.add_argument("--min-box-iou", type=_min_box_iou, default=0.97, metavar="X",
+                     help="fidelity floor for lossy passes (see samfx optimize; none: no floor)")
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--single-mask", action="store_true", help="decoder returns the single-mask output")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer, default 18)")
@@ -483,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
     bench.add_argument("--passes", default="", help="comma-separated passes giving the optimized model")
     bench.add_argument("--saved", help="or: a directory written by `samfx optimize` from --model")
+    bench.add_argument("--min-box-iou", type=_min_box_iou, default=0.97, metavar="X",
+                       help="fidelity floor for lossy --passes (see samfx optimize; none: no floor)")
     bench.add_argument("--runtimes", default="", help="comma-separated subset of eager,compile,onnxruntime,openvino "
                                                       "(default: all installed)")
     bench.add_argument("--image", default="coins", help="package image: one encoder run, all its boxes in one call")
