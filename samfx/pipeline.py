@@ -254,8 +254,16 @@ def run_passes(
                     raise PassError(f"{info.name} is lossy and the fidelity floor measures box masks, but this "
                                     f"{captured.adapter.name} model has only {sorted(captured.components)}; "
                                     "optimize the whole model, or pass min_box_iou=None to run it unguarded")
+                held_out = context.held_out_set()
+                # Without calibration images, data-driven passes calibrate on their own package photos.
+                own = {name for c in configs if get_pass(c.name).data_driven and not context.calibration_images
+                       for name in getattr(c, "images", ())}
+                overlap = [item for item in held_out if isinstance(item, str) and item in own]
+                if overlap:
+                    raise PassError(f"the held-out images {overlap} are calibration photos of the passes: the "
+                                    "fidelity floor is measured on images no pass calibrates on; give others")
                 floor = FidelityFloor(original if original is not None else copy.deepcopy(captured.model),
-                                      context.held_out_set(), context.min_box_iou, captured.adapter)
+                                      held_out, context.min_box_iou, captured.adapter)
             report = _guarded(captured, info, config, context, floor, earlier)
         else:
             try:

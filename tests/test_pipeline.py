@@ -291,6 +291,9 @@ def test_the_floor_takes_only_held_out_images() -> None:
     everything = [s.image for s in package_images(["coins", "astronaut", "coffee"])]
     with pytest.raises(PassError, match="give held-out images for the fidelity floor"):
         PassContext(calibration_images=everything).held_out_set()
+    with pytest.raises(PassError, match=r"held-out images \['chelsea'\] are calibration photos of the passes"):
+        samfx.optimize(small_model("sam_vit_b"), [samfx.QuantizeConfig(images=("chelsea",))],
+                       held_out_images=["chelsea"])
 
 
 @pytest.mark.parametrize("floor", [0.0, 1.5, True, "high"])
