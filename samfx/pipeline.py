@@ -21,8 +21,8 @@ from .passes.base import (FidelityFloorError, PassConfig, PassContext, PassError
 from .report import OptimizeReport
 from .stats import model_stats
 
-__all__ = ["DEFAULT_MIN_BOX_IOU", "MAX_ATTEMPTS", "FidelityFloor", "history_of", "optimize", "report_of", "resolve_passes",
-           "run_passes", "structure_digest"]
+__all__ = ["DEFAULT_MIN_BOX_IOU", "MAX_ATTEMPTS", "FidelityFloor", "history_of", "optimize", "report_of",
+           "resolve_passes", "run_passes", "structure_digest"]
 
 PassSpec = str | PassConfig
 

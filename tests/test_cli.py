@@ -252,7 +252,8 @@ def _image_folder(folder, count: int = 4):
 def test_optimize_splits_your_images_into_calibration_and_held_out(tmp_path, capsys) -> None:
     _image_folder(tmp_path / "imgs")
     code = main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "prune:mlp=0.3:importance=fluctuation",
-                 "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "run"), "--quiet", "--min-box-iou", "none"])
+                 "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "run"), "--quiet",
+                 "--min-box-iou", "none"])
     assert code == 0
     out = capsys.readouterr().out
     assert "2 calibrate the passes, 2 are held out for fidelity" in out
