@@ -48,6 +48,19 @@ def _threads(text: str) -> int:
     return value
 
 
+def _min_box_iou(text: str) -> float | None:
+    """``--min-box-iou``: a mask IoU in (0, 1], or ``none`` for no floor."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--min-box-iou is a mask IoU in (0, 1], or none for no floor; got {text!r}")
+    return value
+
+
 def _check_out_file(path: str | None) -> None:
     """An output file's directory must exist and be writable; the path must not be a directory."""
     if path is None:
@@ -128,6 +141,15 @@ def _optimize_images(args: argparse.Namespace, passes: list) -> tuple[list, list
     return samples, split.calibration, split.record(), message
 
 
+def _held_out(samples: list, calibration: list) -> list:
+    """The fidelity samples that are not calibration images: the floor's held-out
+    images (none: the pipeline's default photos)."""
+    from .data import image_digest
+
+    calibrated = {image_digest(image) for image in calibration}
+    return [s for s in samples if image_digest(s.image) not in calibrated]
+
+
 def _passes_or_preset(args: argparse.Namespace, default: str) -> list:
     """The pass list of ``--passes`` (``default`` when not given) or of ``--preset``,
     whose calibration photos become the calibration set unless ``--calibration``
@@ -164,7 +186,8 @@ def _optimize(args: argparse.Namespace) -> int:
         print(message)
     model = models.build(name, small=args.small, checkpoint=args.checkpoint)
     optimized = optimize(model, passes, fidelity=images or False, calibration_images=calibration,
-                         progress=not args.quiet, model_name=name)
+                         progress=not args.quiet, model_name=name, min_box_iou=args.min_box_iou,
+                         held_out_images=_held_out(images, calibration))
     out = Path(args.out)
     optimized.samfx_report.images = record
     save(optimized, out, overwrite=args.overwrite)
@@ -312,7 +335,7 @@ def _export(args: argparse.Namespace) -> int:
     model = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
     if passes:
         model = optimize(model, passes, calibration_images=calibration, progress=not args.quiet,
-                         model_name=args.model)
+                         model_name=args.model, min_box_iou=args.min_box_iou)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     format = args.format or ("onnx" if args.command == "export-onnx" else "openvino")
     try:
@@ -382,7 +405,7 @@ def _bench(args: argparse.Namespace) -> int:
         optimized = load(args.saved, base=original)
     else:
         optimized = optimize(original, parse_passes(args.passes), progress=not args.quiet,
-                             model_name=args.model)
+                             model_name=args.model, min_box_iou=args.min_box_iou)
     try:
         result = deployment_bench(original, optimized, runtimes=runtimes, image=args.image, repeats=args.repeats,
                                   warmup=args.warmup, threads=args.threads or None)
@@ -419,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--held-out", type=float, default=0.5, help="fraction of split images held out (default 0.5)")
     opt.add_argument("--split-seed", type=int, default=0, help="seed of the calibration/held-out split")
     opt.add_argument("--no-fidelity", action="store_true", help="skip the fidelity check")
+    opt.add_argument("--min-box-iou", type=_min_box_iou, default=0.97, metavar="X",
+                     help="fidelity floor for lossy passes: box-prompt mask IoU vs the original on the held-out "
+                          "--images; a pass below it backs off or is refused (default 0.97; none: no floor)")
     opt.add_argument("--threads", type=_threads, default=0, help="torch threads (default: torch's choice)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     opt.add_argument("--pictures", action="store_true",
@@ -435,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--passes", default="", help="passes with options to run first (default: none)")
     exp.add_argument("--preset", help="a named recipe to run first instead of --passes, e.g. lite_medsam_cpu")
     exp.add_argument("--calibration", help="calibration images for data-driven passes (names, files, folders, globs)")
+    exp.add_argument("--min-box-iou", type=_min_box_iou, default=0.97, metavar="X",
+                     help="fidelity floor for lossy passes (see samfx optimize; none: no floor)")
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--single-mask", action="store_true", help="decoder returns the single-mask output")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer, default 18)")
@@ -457,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
     bench.add_argument("--passes", default="", help="comma-separated passes giving the optimized model")
     bench.add_argument("--saved", help="or: a directory written by `samfx optimize` from --model")
+    bench.add_argument("--min-box-iou", type=_min_box_iou, default=0.97, metavar="X",
+                       help="fidelity floor for lossy --passes (see samfx optimize; none: no floor)")
     bench.add_argument("--runtimes", default="", help="comma-separated subset of eager,compile,onnxruntime,openvino "
                                                       "(default: all installed)")
     bench.add_argument("--image", default="coins", help="package image: one encoder run, all its boxes in one call")

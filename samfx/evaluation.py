@@ -33,7 +33,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,13 +41,12 @@ from torch import nn
 
 from .adapters import Adapter, Predictor, find_adapter
 from .data import ImageSample, expand_images, image_sample
+from .fidelity import box_masks, mask_ious, pixel_batches
 from .report import write_json
 
 __all__ = ["EvalError", "EvalReport", "evaluate", "saved_model_and_original"]
 
 PROMPT_KINDS = ("box", "point")
-#: decoder outputs at image resolution per batch: bounds memory on large images
-_PIXELS_PER_BATCH = 2**25
 
 
 class EvalError(ValueError):
@@ -184,22 +183,10 @@ def _ids(item: Any, sample: ImageSample) -> list[Any]:
     return list(ids) if ids is not None else list(range(len(sample.objects)))
 
 
-def _batches(count: int, pixels: int) -> Iterator[slice]:
-    step = max(1, _PIXELS_PER_BATCH // max(pixels, 1))
-    for start in range(0, count, step):
-        yield slice(start, min(start + step, count))
-
-
-def _box_masks(predictor: Predictor, boxes: np.ndarray, pixels: int) -> np.ndarray:
-    # A runtime's predictor without batched boxes runs them one by one.
-    run = getattr(predictor, "predict_boxes", None) or (lambda b: Predictor.predict_boxes(predictor, b))
-    return np.concatenate([run(boxes[part])[0] for part in _batches(len(boxes), pixels)])
-
-
 def _point_masks(predictor: Predictor, points: np.ndarray, pixels: int) -> np.ndarray:
     """For each click, the most confident of its masks."""
     out = []
-    for part in _batches(len(points), pixels):
+    for part in pixel_batches(len(points), pixels):
         try:
             if not hasattr(predictor, "predict_points"):
                 raise NotImplementedError
@@ -212,14 +199,6 @@ def _point_masks(predictor: Predictor, points: np.ndarray, pixels: int) -> np.nd
         best = low_res[torch.arange(len(low_res)), scores.argmax(dim=1)]
         out.append((predictor.logits_to_image(best) > 0).cpu().numpy())
     return np.concatenate(out)
-
-
-def _ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of each pair ``a[i]``, ``b[i]`` of ``N x H x W`` masks; two empty masks agree."""
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    inter = np.logical_and(a, b).sum(axis=1)
-    union = np.logical_or(a, b).sum(axis=1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -316,15 +295,15 @@ def evaluate(
                 if runner is None:
                     continue
                 runner.set_image(sample.image)
-                masks[role] = {kind: (_box_masks if kind == "box" else _point_masks)(runner, coords[kind], pixels)
+                masks[role] = {kind: (box_masks if kind == "box" else _point_masks)(runner, coords[kind], pixels)
                                for kind in kinds}
             rows = [{"image": sample.name, "id": ids[i], "area": int(sample.objects[i].sum())} for i in objects]
             for kind in kinds:
-                measures = {"vs_original": _ious(masks["model"][kind], masks["original"][kind])
+                measures = {"vs_original": mask_ious(masks["model"][kind], masks["original"][kind])
                             if reference is not None else None}
                 if sample.has_ground_truth:
-                    measures["gt_iou"] = _ious(masks["model"][kind], truth)
-                    measures["gt_iou_original"] = (_ious(masks["original"][kind], truth)
+                    measures["gt_iou"] = mask_ious(masks["model"][kind], truth)
+                    measures["gt_iou_original"] = (mask_ious(masks["original"][kind], truth)
                                                    if reference is not None else None)
                 for position, row in enumerate(rows):
                     row[kind] = {key: None if values is None else float(values[position])

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -36,7 +36,11 @@ from torch import nn
 from .adapters import Adapter, Predictor, find_adapter
 from .data import DEFAULT_IMAGES, ImageSample, package_images
 
-__all__ = ["CachedPredictor", "FidelityReport", "compare", "ground_truth_miou", "mask_iou"]
+__all__ = ["CachedPredictor", "FidelityReport", "box_masks", "compare", "ground_truth_miou", "mask_iou", "mask_ious",
+           "pixel_batches"]
+
+#: decoder outputs at image resolution per batch: bounds memory on large images
+_PIXELS_PER_BATCH = 2**25
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,6 +49,28 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     if union == 0:
         return 1.0
     return float(np.logical_and(a, b).sum() / union)
+
+
+def mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of each pair ``a[i]``, ``b[i]`` of ``N x H x W`` masks; two empty masks agree."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    inter = np.logical_and(a, b).sum(axis=1)
+    union = np.logical_or(a, b).sum(axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def pixel_batches(count: int, pixels: int) -> Iterator[slice]:
+    """Slices of ``count`` prompts whose masks of ``pixels`` each fit one decoder batch."""
+    step = max(1, _PIXELS_PER_BATCH // max(pixels, 1))
+    for start in range(0, count, step):
+        yield slice(start, min(start + step, count))
+
+
+def box_masks(predictor: Predictor, boxes: np.ndarray, pixels: int) -> np.ndarray:
+    """One mask per box on the current image, the boxes in batches
+    (:meth:`Predictor.predict_boxes`; a runtime's predictor without it runs them one by one)."""
+    run = getattr(predictor, "predict_boxes", None) or (lambda b: Predictor.predict_boxes(predictor, b))
+    return np.concatenate([run(boxes[part])[0] for part in pixel_batches(len(boxes), pixels)])
 
 
 @dataclass
@@ -142,6 +168,15 @@ class CachedPredictor(Predictor):
         predictions = self._entry()["predictions"]
         if key not in predictions:
             predictions[key] = self.predictor.predict(point_coords, point_labels, box, multimask_output)
+        return predictions[key]
+
+    def predict_boxes(self, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The wrapped predictor's batched boxes (:meth:`Predictor.predict_boxes`), run once per batch."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        key = ("boxes", boxes.tobytes())
+        predictions = self._entry()["predictions"]
+        if key not in predictions:
+            predictions[key] = self.predictor.predict_boxes(boxes)
         return predictions[key]
 
 

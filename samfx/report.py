@@ -15,7 +15,7 @@ from .fidelity import FidelityReport
 from .passes.base import PassReport
 from .stats import ModelStats
 
-__all__ = ["OptimizeReport", "environment", "write_json"]
+__all__ = ["OptimizeReport", "environment", "floor_line", "write_json"]
 
 
 def environment() -> dict[str, Any]:
@@ -51,6 +51,31 @@ def _human(value: float, unit: str) -> str:
     return f"{value:.0f} {unit}"
 
 
+def floor_line(record: dict[str, Any]) -> str:
+    """One line on a pass's fidelity floor: the figure kept and any back-off.
+
+    Example::
+
+        >>> floor_line({"min_box_iou": 0.97, "images": ["coins"], "boxes": 24, "backed_off": True,
+        ...             "attempts": [{"options": {"mlp": 0.5}, "box_iou": 0.38},
+        ...                          {"options": {"mlp": 0.25}, "box_iou": 0.98}]})
+        'floor box IoU >= 0.97 on 1 held-out images (24 boxes): 0.9800; backed off from 0.3800 (mlp=0.5 -> mlp=0.25)'
+    """
+    attempts = record["attempts"]
+    last = attempts[-1]
+    if "box_iou" not in last:
+        return f"floor box IoU >= {record['min_box_iou']}: nothing changed, nothing to check"
+    text = (f"floor box IoU >= {record['min_box_iou']} on {len(record['images'])} held-out images "
+            f"({record['boxes']} boxes): {last['box_iou']:.4f}")
+    if record.get("backed_off"):
+        first = attempts[0]
+        changed = [k for k in last["options"] if last["options"][k] != first["options"][k]]
+        before = ", ".join(f"{k}={first['options'][k]}" for k in changed)
+        after = ", ".join(f"{k}={last['options'][k]}" for k in changed)
+        text += f"; backed off from {first['box_iou']:.4f} ({before} -> {after})"
+    return text
+
+
 @dataclass
 class OptimizeReport:
     """Everything :func:`samfx.optimize` measured. ``save`` writes it as JSON."""
@@ -66,6 +91,9 @@ class OptimizeReport:
     environment: dict[str, Any] = field(default_factory=environment)
     #: which images were used for what (:meth:`samfx.data.ImageSplit.record`), when known
     images: dict[str, Any] | None = None
+    #: the fidelity floor lossy passes were held to (``None``: none); each
+    #: pass's attempts are in its ``fidelity_floor``
+    min_box_iou: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +107,7 @@ class OptimizeReport:
             "notes": self.notes,
             "environment": self.environment,
             "images": self.images,
+            "min_box_iou": self.min_box_iou,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -93,6 +122,8 @@ class OptimizeReport:
             lines += [f"{'':<35}skipped: {reason}" for reason in p.skipped[:5]]
             if len(p.skipped) > 5:
                 lines.append(f"{'':<35}... {len(p.skipped) - 5} more skipped (see the JSON report)")
+            if p.fidelity_floor:
+                lines.append(f"{'':<35}{floor_line(p.fidelity_floor)}")
         lines += ["", f"{'':<22}{'original':>14}{'optimized':>14}{'ratio':>9}"]
         rows = [("parameters", self.before.params, self.after.params, ""),
                 ("weight bytes", self.before.weight_bytes, self.after.weight_bytes, "B")]

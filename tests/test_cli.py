@@ -252,7 +252,8 @@ def _image_folder(folder, count: int = 4):
 def test_optimize_splits_your_images_into_calibration_and_held_out(tmp_path, capsys) -> None:
     _image_folder(tmp_path / "imgs")
     code = main(["optimize", "--model", "sam_vit_b", "--small", "--passes", "prune:mlp=0.3:importance=fluctuation",
-                 "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "run"), "--quiet"])
+                 "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "run"), "--quiet",
+                 "--min-box-iou", "none"])
     assert code == 0
     out = capsys.readouterr().out
     assert "2 calibrate the passes, 2 are held out for fidelity" in out
@@ -324,9 +325,23 @@ def test_optimize_takes_a_preset_and_refuses_it_beside_passes(tmp_path, capsys) 
 def test_optimize_with_a_preset_saves_its_passes_calibrated_on_its_photos(tmp_path) -> None:
     out = tmp_path / "p"
     assert main(["optimize", "--model", "sam_vit_b", "--small", "--quiet", "--no-fidelity", "--out", str(out),
-                 "--preset", "lite_medsam_cpu"]) == 0
+                 "--preset", "lite_medsam_cpu", "--min-box-iou", "none"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert [p["name"] for p in report["passes"]] == ["share_image_side", "quantize"]
     from samfx.presets import get_preset
 
     assert report["images"]["calibration"] == list(get_preset("lite_medsam_cpu").calibration_images)
+
+
+def test_optimize_holds_lossy_passes_to_the_floor_or_refuses_in_one_line(tmp_path, capsys) -> None:
+    argv = ["optimize", "--model", "sam_vit_b", "--small", "--passes", "prune:mlp=0.1", "--no-fidelity", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "refused"), "--min-box-iou", "0.9999"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("samfx: error: prune keeps a box-prompt mask IoU of at most") and err.count("\n") == 1
+    assert "--min-box-iou none" in err and not (tmp_path / "refused" / "model.safetensors").exists()
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--min-box-iou", "1.5"]) == 2
+    assert "--min-box-iou is a mask IoU in (0, 1], or none" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "kept"), "--min-box-iou", "0.5"]) == 0
+    assert "floor box IoU >= 0.5 on 3 held-out images (32 boxes)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "kept" / "report.json").read_text())
+    assert report["min_box_iou"] == 0.5 and report["passes"][-1]["fidelity_floor"]["attempts"][0]["box_iou"] >= 0.5

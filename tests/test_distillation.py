@@ -17,7 +17,7 @@ from .conftest import encoder_output, small_model
 
 def _pair() -> tuple[nn.Module, nn.Module]:
     teacher = small_model("sam_vit_b")
-    student = samfx.optimize(teacher, [PruneConfig(mlp=0.5, head_dims=0.25)])
+    student = samfx.optimize(teacher, [PruneConfig(mlp=0.5, head_dims=0.25)], min_box_iou=None)
     return student, teacher
 
 
@@ -47,7 +47,7 @@ def test_distillation_brings_the_student_closer_to_the_teacher() -> None:
 def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch) -> None:
     images = _images()
     reference, teacher = _pair()
-    student = samfx.optimize(teacher, [PruneConfig(mlp=0.5, head_dims=0.25)])
+    student = samfx.optimize(teacher, [PruneConfig(mlp=0.5, head_dims=0.25)], min_box_iou=None)
     straight = samfx.distill(reference, teacher, images, steps=6, lr=1e-3, progress=False)
 
     augment, calls = distill_module._augment, []
@@ -65,7 +65,8 @@ def test_an_interrupted_run_resumes_exactly(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(distill_module, "_augment", augment)
     assert torch.load(checkpoint, weights_only=True)["step"] == 4
 
-    fresh = samfx.optimize(teacher, [PruneConfig(mlp=0.5, head_dims=0.25)])  # a new process would start so
+    # a new process would start so
+    fresh = samfx.optimize(teacher, [PruneConfig(mlp=0.5, head_dims=0.25)], min_box_iou=None)
     resumed = samfx.distill(fresh, teacher, images, steps=6, lr=1e-3, checkpoint=checkpoint, progress=False)
     assert resumed.resumed_from == 4 and resumed.steps == 6
     np.testing.assert_allclose(resumed.losses, straight.losses, rtol=1e-5)

@@ -206,7 +206,7 @@ def test_an_edited_recipe_is_refused(tmp_path) -> None:
 
 
 def test_damaged_compressed_tensors_give_a_checkpoint_error(tmp_path) -> None:
-    samfx.save(samfx.optimize(small_model("sam_vit_b"), [samfx.HyperConfig(min_numel=64)]), tmp_path)
+    samfx.save(samfx.optimize(small_model("sam_vit_b"), [samfx.HyperConfig(min_numel=64)], min_box_iou=None), tmp_path)
     path = tmp_path / "model.safetensors"
     from safetensors import safe_open
 
@@ -226,7 +226,8 @@ def test_damaged_compressed_tensors_give_a_checkpoint_error(tmp_path) -> None:
 
 def test_the_same_optimize_writes_the_same_bytes(tmp_path) -> None:
     model = small_model("sam_vit_b")
-    first, second = (samfx.optimize(model, ["split_qkv", samfx.HyperConfig(min_numel=64)]) for _ in range(2))
+    first, second = (samfx.optimize(model, ["split_qkv", samfx.HyperConfig(min_numel=64)], min_box_iou=None)
+                     for _ in range(2))
     runs = [(first, "a"), (first, "b"), (first, "c"), (second, "d")]  # metadata maps iterate in random order
     for optimized, run in runs:
         samfx.save(optimized, tmp_path / run)
@@ -309,7 +310,7 @@ def test_a_tensor_index_with_a_bad_dtype_is_refused(tmp_path) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    samfx.save(samfx.optimize(small_model("sam_vit_b"), [samfx.HyperConfig(min_numel=64)]), tmp_path)
+    samfx.save(samfx.optimize(small_model("sam_vit_b"), [samfx.HyperConfig(min_numel=64)], min_box_iou=None), tmp_path)
     path = tmp_path / "model.safetensors"
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()

@@ -13,7 +13,8 @@ minute; ``tests/emit/test_export.py`` exports the same quantized small model onc
 
     >>> import samfx, tempfile
     >>> model = samfx.optimize(samfx.models.build("sam_vit_b", small=True),
-    ...                        [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)])  # doctest: +SKIP
+    ...                        [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)],
+    ...                        min_box_iou=None)  # doctest: +SKIP
     >>> export = samfx.export(model, tempfile.mkdtemp(), format="openvino")  # doctest: +SKIP
     >>> export.manifest["int8"]["encoder"]["int8_layers"] > 0    # doctest: +SKIP
     True

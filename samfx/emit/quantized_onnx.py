@@ -10,7 +10,7 @@ Example::
     >>> import torch, samfx
     >>> from samfx.emit.quantized_onnx import export, session
     >>> model = samfx.optimize(samfx.models.build("sam_vit_b", small=True),
-    ...                        [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)])
+    ...                        [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)], min_box_iou=None)
     >>> x = torch.randn(1, 3, 128, 128)
     >>> path = export(model.image_encoder, (x,), "encoder_int8.onnx")  # doctest: +SKIP
     >>> session(path).run(None, {"x": x.numpy()})[0].shape  # doctest: +SKIP

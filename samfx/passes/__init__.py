@@ -8,6 +8,7 @@ Example::
 """
 
 from .base import (
+    FidelityFloorError,
     PassConfig,
     PassContext,
     PassError,
@@ -32,6 +33,7 @@ from .share_image_side import ShareImageSideConfig, share_image_side
 
 __all__ = [
     "BF16Config",
+    "FidelityFloorError",
     "FuseAttentionConfig",
     "HyperConfig",
     "PassConfig",

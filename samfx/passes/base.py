@@ -24,6 +24,8 @@ import numpy as np
 from ..capture import CapturedModel
 
 __all__ = [
+    "BackoffFn",
+    "FidelityFloorError",
     "PassConfig",
     "PassContext",
     "PassError",
@@ -49,6 +51,27 @@ class PassFailed(PassError, RuntimeError):
     ``__cause__``. It is a :class:`PassError` (the CLI reports it in one line)
     and a ``RuntimeError`` (what an error from inside a pass used to be).
     """
+
+
+class FidelityFloorError(PassError):
+    """A lossy pass could not keep the model above the fidelity floor.
+
+    Raised by :func:`samfx.pipeline.run_passes` when the pass's output, and
+    every weaker config its back-off offered, measured a box-prompt mask IoU
+    against the original below ``min_box_iou`` on the held-out images. The
+    message names the pass, the best figure, the floor and what to try; the
+    model is left as it was before the pass.
+
+    Attributes:
+        pass_name: the pass.
+        floor: the ``min_box_iou`` asked for.
+        attempts: per config tried, its options and measured figures.
+    """
+
+    def __init__(self, message: str, pass_name: str = "", floor: float = 0.0,
+                 attempts: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.pass_name, self.floor, self.attempts = pass_name, floor, list(attempts)
 
 
 @dataclass(frozen=True)
@@ -175,17 +198,26 @@ class PassContext:
         progress: whether to show progress bars on long steps.
         replay: what this pass recorded in ``PassReport.replay`` when the model
             was first optimized; given when :func:`samfx.load` redoes the pass.
+        min_box_iou: the fidelity floor the pipeline holds every lossy pass to
+            (box-prompt mask IoU against the original on :meth:`held_out_set`);
+            ``None``: no floor.
+        held_out_images: images (names, files, arrays or
+            :class:`samfx.data.ImageSample`) the floor is measured on; empty:
+            the package's fidelity photos that no pass calibrates on.
     """
 
     calibration_images: list[np.ndarray] = field(default_factory=list)
     seed: int = 0
     progress: bool = False
     replay: dict[str, Any] | None = None
+    min_box_iou: float | None = None
+    held_out_images: list[Any] = field(default_factory=list)
 
     def calibration_set(self, default: Sequence[str | np.ndarray] = ()) -> list[str | np.ndarray]:
-        """The held-out images every data-driven pass of one run calibrates on:
-        the caller's ``calibration_images``, else ``default`` (the pass's
-        package image names). Fidelity is measured on other images.
+        """The images every data-driven pass of one run calibrates on: the
+        caller's ``calibration_images``, else ``default`` (the pass's package
+        image names, which are never among :meth:`held_out_set`'s defaults).
+        Fidelity is measured on other images.
 
         Example::
 
@@ -193,6 +225,45 @@ class PassContext:
             ['chelsea']
         """
         return list(self.calibration_images) or list(default)
+
+    def held_out_set(self) -> list[Any]:
+        """The images the fidelity floor is measured on, never ones a pass
+        calibrates on: the caller's ``held_out_images``, else the package's
+        fidelity photos (:data:`samfx.data.DEFAULT_IMAGES`) that are not among
+        the calibration images.
+
+        Raises:
+            PassError: a held-out image is also a calibration image, or no
+                default photo is left.
+
+        Example::
+
+            >>> PassContext().held_out_set()
+            ['coins', 'astronaut', 'coffee']
+        """
+        from ..data import DEFAULT_IMAGES, ImageSample, image_digest, load_images
+
+        def digests(items: Sequence[Any]) -> dict[str, str]:
+            samples = [i for i in items if isinstance(i, ImageSample)]
+            others = [i for i in items if not isinstance(i, ImageSample)]
+            named = {image_digest(s.image): s.name for s in samples}
+            if others:
+                named.update({image_digest(a): n for a, n in zip(*load_images(others, "held-out"))})
+            return named
+
+        calibration = digests(self.calibration_images) if self.calibration_images else {}
+        if self.held_out_images:
+            overlap = [name for digest, name in digests(self.held_out_images).items() if digest in calibration]
+            if overlap:
+                raise PassError(f"the held-out images {overlap} are also calibration images: the fidelity floor "
+                                "is measured on images no pass calibrates on; give disjoint images")
+            return list(self.held_out_images)
+        held_out = [name for digest, name in digests(list(DEFAULT_IMAGES)).items() if digest not in calibration]
+        if not held_out:
+            raise PassError("the calibration images include every default held-out photo "
+                            f"({', '.join(DEFAULT_IMAGES)}): give held-out images for the fidelity floor "
+                            "(optimize(..., held_out_images=[...]), or --images on the CLI)")
+        return held_out
 
 
 @dataclass
@@ -212,6 +283,10 @@ class PassReport:
         name: the pass (filled in by the pipeline).
         config: the config as a dict (filled in by the pipeline).
         time_s: wall time (filled in by the pipeline).
+        fidelity_floor: for a lossy pass held to a floor (filled in by the
+            pipeline): ``min_box_iou``, the held-out ``images`` and ``boxes``,
+            every config tried with its measured ``box_iou`` (mean and worst)
+            and ``gt_miou`` where there is ground truth, and ``backed_off``.
     """
 
     changed: bool
@@ -222,6 +297,7 @@ class PassReport:
     name: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     time_s: float = 0.0
+    fidelity_floor: dict[str, Any] | None = None
 
 
 @dataclass
@@ -233,6 +309,10 @@ class PassResult:
 PassFn = Callable[[CapturedModel, PassConfig, PassContext], PassResult]
 #: A pass's own postcondition on the model it returned; raises when it does not hold.
 EnsuresFn = Callable[[CapturedModel, PassConfig], None]
+#: A lossy pass's next weaker config (fewer channels pruned, more layers kept
+#: float, ...) after one that fell below the fidelity floor; ``None`` when
+#: nothing weaker is left.
+BackoffFn = Callable[[PassConfig], "PassConfig | None"]
 
 
 @dataclass(frozen=True)
@@ -250,6 +330,9 @@ class PassInfo:
         data_driven: whether the pass may use calibration images (its options say when).
         ensures: the pass's own check of its output, run by the pipeline after
             the general one (graphs lint and run on the meta device).
+        backoff: for a lossy pass, its next weaker config; the pipeline re-runs
+            the pass from the model before it with that config while the
+            output falls below the fidelity floor (``None``: it refuses at once).
     """
 
     name: str
@@ -261,6 +344,13 @@ class PassInfo:
     doc: str = ""
     data_driven: bool = False
     ensures: EnsuresFn | None = None
+    backoff: BackoffFn | None = None
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the pipeline holds the pass to the fidelity floor (every pass
+        that does not promise float-exact outputs)."""
+        return not self.exact
 
 
 _PASSES: dict[str, PassInfo] = {}
@@ -275,11 +365,13 @@ def register_pass(
     exact: bool = False,
     data_driven: bool = False,
     ensures: EnsuresFn | None = None,
+    backoff: BackoffFn | None = None,
 ) -> Callable[[PassFn], PassFn]:
     """Register a pass entry point under ``name``.
 
     ``requires`` and ``after`` order it among other passes; ``ensures`` checks
-    the model it returns (see :class:`PassInfo`).
+    the model it returns; ``backoff`` gives a lossy pass's weaker configs for
+    the fidelity floor (see :class:`PassInfo`).
 
     Example::
 
@@ -306,7 +398,7 @@ def register_pass(
         config_cls.name = name
         doc = (fn.__doc__ or "").strip().splitlines()
         _PASSES[name] = PassInfo(name, config_cls, fn, tuple(requires), tuple(after), exact, doc[0] if doc else "",
-                                 data_driven, ensures)
+                                 data_driven, ensures, backoff)
         return fn
 
     return decorate

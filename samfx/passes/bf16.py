@@ -21,13 +21,14 @@ Example::
 
     >>> import samfx
     >>> sam = samfx.models.build("sam_vit_b", small=True)
-    >>> half = samfx.optimize(sam, ["fuse_attention", "bf16"])
+    >>> half = samfx.optimize(sam, ["fuse_attention", "bf16"], min_box_iou=None)  # random weights
     >>> half.image_encoder.patch_embed.proj.weight.dtype
     torch.bfloat16
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from ..capture import CapturedModel, Component
 from ..graph import module_paths, op_name
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
-__all__ = ["BF16Config", "bf16"]
+__all__ = ["BF16Config", "bf16", "weaker"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # Ops that only read metadata: never cast their inputs.
@@ -180,7 +181,19 @@ def hardware_note(dtype: torch.dtype) -> str:
     return f"CPU ({torch.backends.cpu.get_cpu_capability()}): {str(dtype).replace('torch.', '')} matmuls {kind}"
 
 
-@register_pass("bf16", BF16Config, after=("split_qkv", "fuse_attention"))
+def weaker(config: BF16Config) -> BF16Config | None:
+    """The fidelity floor's back-off: the last listed component kept float32
+    (the mask decoder first, by default); ``None`` when one is left.
+
+    Example::
+
+        >>> weaker(BF16Config()).roles, weaker(BF16Config(roles=("image_encoder",)))
+        (('image_encoder',), None)
+    """
+    return dataclasses.replace(config, roles=config.roles[:-1]) if len(config.roles) > 1 else None
+
+
+@register_pass("bf16", BF16Config, after=("split_qkv", "fuse_attention"), backoff=weaker)
 def bf16(captured: CapturedModel, config: BF16Config, context: PassContext) -> PassResult:
     """Cast components to bfloat16/float16 with float32 islands (norms, IoU head, PE)."""
     low = DTYPES[config.dtype]

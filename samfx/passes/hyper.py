@@ -20,13 +20,14 @@ Example::
 
     >>> import samfx
     >>> model = samfx.models.build("sam_vit_b", small=True)
-    >>> small = samfx.optimize(model, [samfx.HyperConfig(rel_error=0.02)])
+    >>> small = samfx.optimize(model, [samfx.HyperConfig(rel_error=0.02)], min_box_iou=None)  # random weights
     >>> print(small.samfx_report.passes[0].summary)  # doctest: +ELLIPSIS
     coded ... tensors (...% of weights): ... bits/weight in the file, ... in memory, error ...
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from ..kernels import hyper as hyper_ops
 from ..modules.hyper import HyperCoded, HyperConv, HyperLinear, HyperTensor
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
-__all__ = ["HyperConfig", "hyper"]
+__all__ = ["HyperConfig", "hyper", "weaker"]
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,21 @@ def _rel_error(code: LatticeCode, weight: torch.Tensor) -> float:
     return float((decoded - original).norm() / original.norm().clamp_min(1e-30))
 
 
-@register_pass("hyper", HyperConfig, after=("split_qkv", "prune"))
+def weaker(config: HyperConfig) -> HyperConfig | None:
+    """The fidelity floor's back-off: every error target halved; ``None`` below 0.2%.
+
+    Example::
+
+        >>> weaker(HyperConfig()).rel_error, weaker(HyperConfig(rel_error=0.003))
+        (0.01, None)
+    """
+    if config.rel_error / 2 < 0.002:
+        return None
+    overrides = tuple((pattern, rel_error / 2) for pattern, rel_error in config.overrides)
+    return dataclasses.replace(config, rel_error=config.rel_error / 2, overrides=overrides)
+
+
+@register_pass("hyper", HyperConfig, after=("split_qkv", "prune"), backoff=weaker)
 def hyper(captured: CapturedModel, config: HyperConfig, context: PassContext) -> PassResult:
     """Code weights as pairs on the hexagonal lattice; decode-matmul kernels (Birkhoff)."""
     skipped: list[str] = []

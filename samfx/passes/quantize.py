@@ -47,13 +47,15 @@ Example::
 
     >>> import samfx
     >>> sam = samfx.models.build("sam_vit_b", small=True)
-    >>> q = samfx.optimize(sam, [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)])
+    >>> q = samfx.optimize(sam, [samfx.QuantizeConfig(images=("chelsea",), prompts_per_image=1)],
+    ...                    min_box_iou=None)  # random weights: no fidelity floor
     >>> q.samfx_report.passes[0].details["quantized"]["image_encoder"]["linear"]
     8
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -72,7 +74,7 @@ from ..modules.quantized import (DynamicQuantizedLinear, MatMul, QuantizedConv2d
                                  WeightOnlyLinear)
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
-__all__ = ["QuantizeConfig", "quantize"]
+__all__ = ["QuantizeConfig", "quantize", "weaker"]
 
 _MODES = ("w8a8", "w8a8_dynamic", "w8", "w4")
 _RANGES = ("mean_minmax", "mse", "minmax", "percentile")
@@ -559,8 +561,27 @@ def _replayed_grids(sites: list[_Site], replay: dict[str, Any], reduce_range: bo
     return {name for name, s in recorded.items() if not s["quantized"]}
 
 
+#: the mixed-precision floors the fidelity floor's back-off steps through
+_BACKOFF_FLOORS = (0.98, 0.99, 0.995, 0.999)
+
+
+def weaker(config: QuantizeConfig) -> QuantizeConfig | None:
+    """The fidelity floor's back-off: more layers kept float, by raising the
+    mixed-precision floor ``min_mask_iou`` on the calibration prompts through
+    0.98, 0.99, 0.995 and 0.999; ``None`` after that.
+
+    Example::
+
+        >>> [weaker(QuantizeConfig()).min_mask_iou, weaker(QuantizeConfig(min_mask_iou=0.999))]
+        [0.98, None]
+    """
+    current = config.min_mask_iou or 0.0
+    higher = [floor for floor in _BACKOFF_FLOORS if floor > current]
+    return dataclasses.replace(config, min_mask_iou=higher[0]) if higher else None
+
+
 @register_pass("quantize", QuantizeConfig, after=("split_qkv", "prune", "token_cluster", "fuse_attention"),
-               data_driven=True)
+               data_driven=True, backoff=weaker)
 def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassContext) -> PassResult:
     """Post-training int8 quantization (W8A8 on int8 kernels; Q-TinySAM) with calibration."""
     sites, skipped, folded = _find_sites(captured, config)

@@ -56,7 +56,7 @@ def optimized_small(name: str, passes: tuple[str, ...]) -> torch.nn.Module:
     if not passes:
         return model
     return samfx.optimize(model, list(passes), calibration_images=[package_images(["coins"])[0].image],
-                          model_name=name)
+                          model_name=name, min_box_iou=None)
 
 
 @pytest.fixture(scope="session")

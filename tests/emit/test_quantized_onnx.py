@@ -25,7 +25,7 @@ def test_quantized_encoder_runs_in_onnxruntime_on_int8_kernels(tmp_path) -> None
 
     model = small_model("sam_vit_b")
     quantized = samfx.optimize(model, [QuantizeConfig(images=("chelsea",), prompts_per_image=1,
-                                                      attention_matmuls=True)])
+                                                      attention_matmuls=True)], min_box_iou=None)
     x = image_input(model)
     path = export(quantized.image_encoder, (x,), tmp_path / "encoder.onnx")
     run = session(path, threads=1)

@@ -65,7 +65,7 @@ def test_bad_dtype_is_rejected() -> None:
 
 
 def test_save_load_round_trip(tmp_path) -> None:
-    half = samfx.optimize(small_model("sam_vit_b"), ["fuse_attention", "bf16"])
+    half = samfx.optimize(small_model("sam_vit_b"), ["fuse_attention", "bf16"], min_box_iou=None)
     again = samfx.load(samfx.save(half, tmp_path))
     assert again.image_encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     x = torch.randn(1, 3, half.image_encoder.img_size, half.image_encoder.img_size)

@@ -29,7 +29,7 @@ def _counts(model: nn.Module) -> dict[str, int]:
 def test_hyper_codes_every_family_and_stays_close(name: str) -> None:
     model = small_model(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimized = samfx.optimize(model, [SMALL])
+    optimized = samfx.optimize(model, [SMALL], min_box_iou=None)
     counts = _counts(optimized)
     assert counts["hyper_linear"] > 0 and counts["hyper_conv"] > 0
     report = optimized.samfx_report.passes[0]
@@ -46,7 +46,7 @@ def test_hyper_codes_every_family_and_stays_close(name: str) -> None:
 
 
 def test_graph_parameters_become_decoding_modules() -> None:
-    optimized = samfx.optimize(small_model("sam_vit_b"), [HyperConfig(min_numel=256)])
+    optimized = samfx.optimize(small_model("sam_vit_b"), [HyperConfig(min_numel=256)], min_box_iou=None)
     encoder = optimized.image_encoder
     assert isinstance(encoder.pos_embed, HyperTensor)
     graph = next(iter(encoder.__dict__["_samfx_component"].graphs.values()))
@@ -59,7 +59,7 @@ def test_graph_parameters_become_decoding_modules() -> None:
 def test_lite_medsam_keeps_its_masks(lite_medsam: nn.Module, lite_medsam_reference) -> None:
     """Real weights: box-prompt masks at IoU >= 0.97 with the original, and the
     ground-truth mIoU on coins within a point (measured 0.976 and 96.9 -> 96.6)."""
-    optimized = samfx.optimize(lite_medsam, ["hyper"])
+    optimized = samfx.optimize(lite_medsam, ["hyper"], min_box_iou=None)
     fidelity = samfx.fidelity.compare(lite_medsam_reference, optimized, ["coins"])
     assert fidelity.box_mask_iou_mean >= 0.97
     assert fidelity.gt_miou_original - fidelity.gt_miou_optimized < 0.01
@@ -68,7 +68,7 @@ def test_lite_medsam_keeps_its_masks(lite_medsam: nn.Module, lite_medsam_referen
 
 def test_save_load_round_trip_is_exact_and_small(tmp_path) -> None:
     model = small_model("sam2.1_hiera_t")
-    optimized = samfx.optimize(model, [SMALL])
+    optimized = samfx.optimize(model, [SMALL], min_box_iou=None)
     samfx.save(optimized, tmp_path)
     loaded = samfx.load(tmp_path)
     state, again = optimized.state_dict(), loaded.state_dict()
@@ -85,7 +85,7 @@ def test_save_load_round_trip_is_exact_and_small(tmp_path) -> None:
 
 def test_overrides_and_layout() -> None:
     config = HyperConfig(min_numel=1024, layout="uint16", overrides=(("mask_decoder.*", 0.0), ("*.qkv", 0.01)))
-    optimized = samfx.optimize(small_model("sam_vit_b"), [config])
+    optimized = samfx.optimize(small_model("sam_vit_b"), [config], min_box_iou=None)
     assert not any(isinstance(m, HyperLinear) for m in optimized.mask_decoder.modules())
     qkv = optimized.image_encoder.blocks[0].attn.qkv
     assert qkv.codes.dtype == torch.int16
@@ -95,7 +95,7 @@ def test_overrides_and_layout() -> None:
 
 
 def test_replay_refuses_a_different_model(tmp_path) -> None:
-    samfx.save(samfx.optimize(small_model("sam_vit_b"), [SMALL]), tmp_path)
+    samfx.save(samfx.optimize(small_model("sam_vit_b"), [SMALL], min_box_iou=None), tmp_path)
     recipe = json.loads((tmp_path / "samfx.json").read_text())
     recipe["history"][0]["passes"][0]["replay"]["coded"]["image_encoder.no_such_layer"] = {"kind": "linear"}
     _reseal(tmp_path, recipe)  # as if samfx had written it: the replay itself must refuse it
@@ -115,7 +115,7 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path) -> None:
     stay in the graph as integers and the file stays small."""
     ort = pytest.importorskip("onnxruntime")
     model = small_model("sam_vit_b")
-    encoder = samfx.optimize(model, [SMALL]).image_encoder
+    encoder = samfx.optimize(model, [SMALL], min_box_iou=None).image_encoder
     x = image_input(model)
     path = tmp_path / "encoder.onnx"
     with torch.no_grad():

@@ -121,7 +121,7 @@ def test_sam_attention_keeps_its_tables_and_scale() -> None:
 def test_embed_pruning_is_consistent_rounded_and_replays(name: str) -> None:
     model = _model(name)
     config = PruneConfig(mlp=0.5, heads=0.5, head_dims=0.25, embed=0.3, round_to=8)
-    pruned = samfx.optimize(model, [config])
+    pruned = samfx.optimize(model, [config], min_box_iou=None)
     report = pruned.samfx_report.passes[-1]
     assert report.changed and not report.skipped
     widths = [w for (kind_name, (_, w)) in report.details["image_encoder"]["groups"].items()]
@@ -232,7 +232,7 @@ def test_lite_medsam_fidelity_after_pruning_30_percent_of_mlp_channels(lite_meds
     (Measured: magnitude without compensation keeps a ground-truth mIoU of 0.51 only.)"""
     calibration = [sample.image for sample in samfx.data.package_images(list(samfx.distillation.DEFAULT_TRAINING_IMAGES))]
     pruned = samfx.optimize(lite_medsam, [PruneConfig(mlp=0.3, importance="fluctuation")],
-                            calibration_images=calibration)
+                            calibration_images=calibration, min_box_iou=None)
     report = pruned.samfx_report
     report.fidelity = samfx.fidelity.compare(lite_medsam_reference, pruned, ["coins"])
     assert report.after.params < 0.92 * report.before.params  # the MLPs hold about a third of the weights
@@ -244,7 +244,8 @@ def test_pruned_model_composes_with_later_passes_and_exports_to_onnx(tmp_path) -
     ort = pytest.importorskip("onnxruntime")
     model = _model("sam_vit_b")
     config = PruneConfig(mlp=0.5, head_dims=0.5, embed=0.5)
-    pruned, fused = samfx.optimize(model, [config]), samfx.optimize(model, [config, "fuse_attention"])
+    pruned = samfx.optimize(model, [config], min_box_iou=None)
+    fused = samfx.optimize(model, [config, "fuse_attention"], min_box_iou=None)
     assert all(not p.skipped for p in fused.samfx_report.passes)
     x = image_input(model)
     with torch.no_grad():

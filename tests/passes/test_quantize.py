@@ -33,7 +33,7 @@ def _quantized(name: str = "sam_vit_b", **options) -> tuple[nn.Module, nn.Module
     key = f"{name}{sorted(options.items())}"
     if key not in _CACHE:
         model = small_model(name)
-        _CACHE[key] = samfx.optimize(model, [QuantizeConfig(**{**_FAST, **options})])
+        _CACHE[key] = samfx.optimize(model, [QuantizeConfig(**{**_FAST, **options})], min_box_iou=None)
     return small_model(name), _CACHE[key]
 
 
@@ -145,7 +145,7 @@ def test_weight_range_follows_the_cpus_int8_kernels(vnni: bool, monkeypatch: pyt
     import samfx.kernels.quantized as qk
 
     monkeypatch.setattr(qk, "int8_cpu_kernels", lambda: {"onednn": False, "full_range_weights": vnni})
-    quantized = samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**_FAST)])
+    quantized = samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**_FAST)], min_box_iou=None)
     largest = max(int(m.weight.abs().max()) for m in _modules(quantized, QuantizedLinear).values())
     assert largest == (127 if vnni else 63)
     assert quantized.samfx_report.passes[0].replay["weight_qmax"] == largest
@@ -165,8 +165,8 @@ def test_mean_minmax_grids_lie_within_the_minmax_grids() -> None:
 
 def test_calibration_is_deterministic() -> None:
     model = small_model("sam_vit_b")
-    first = samfx.optimize(model, [QuantizeConfig(**_FAST)])
-    second = samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**_FAST)])
+    first = samfx.optimize(model, [QuantizeConfig(**_FAST)], min_box_iou=None)
+    second = samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**_FAST)], min_box_iou=None)
     assert first.samfx_report.passes[0].replay == second.samfx_report.passes[0].replay
     recipe = first.samfx_report.passes[0].replay["calibration"]
     assert recipe["images"] == ["chelsea"] and recipe["seed"] == 0
@@ -210,7 +210,7 @@ def test_quantized_layers_run_under_torch_compile() -> None:
 def test_other_modes(mode: str, kind: type, cosine: float, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CalibrationSet, "build", lambda *a, **k: pytest.fail(f"{mode} needs no calibration"))
     original = small_model("sam_vit_b")
-    quantized = samfx.optimize(original, [QuantizeConfig(mode=mode, group_size=16)])
+    quantized = samfx.optimize(original, [QuantizeConfig(mode=mode, group_size=16)], min_box_iou=None)
     assert len(_modules(quantized.image_encoder, kind)) == len(_modules(original.image_encoder, nn.Linear))
     x = image_input(original)
     with torch.no_grad():
@@ -244,20 +244,21 @@ def test_keep_float_patterns() -> None:
 ])
 def test_bad_options_are_named(options: dict, message: str) -> None:
     with pytest.raises(PassError, match=message):
-        samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**options)])
+        samfx.optimize(small_model("sam_vit_b"), [QuantizeConfig(**options)], min_box_iou=None)
 
 
 def test_the_users_model_is_not_touched() -> None:
     model = small_model("lite_medsam")  # has Conv2d + BatchNorm pairs that the pass folds
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    samfx.optimize(model, [QuantizeConfig(**_FAST)])
+    samfx.optimize(model, [QuantizeConfig(**_FAST)], min_box_iou=None)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_lite_medsam_w8a8_keeps_box_masks_and_ground_truth(lite_medsam: nn.Module, lite_medsam_reference) -> None:
     """Real weights, encoder and decoder in int8: the issue's fidelity targets on held-out coins."""
-    quantized = samfx.optimize(lite_medsam, [QuantizeConfig(images=("chelsea", "camera"), prompts_per_image=2)])
+    quantized = samfx.optimize(lite_medsam, [QuantizeConfig(images=("chelsea", "camera"), prompts_per_image=2)],
+                               min_box_iou=None)
     counts = quantized.samfx_report.passes[0].details["quantized"]
     assert counts["image_encoder"]["linear"] > 0 and counts["mask_decoder"]["linear"] > 0
     report = samfx.fidelity.compare(lite_medsam_reference, quantized, images=["coins"])

@@ -85,7 +85,7 @@ def test_one_cluster_per_token_reproduces_the_original(family: str) -> None:
     build, location, window = FAMILIES[family]
     model = build()
     config = TokenClusterConfig(location=location, clusters=window * window, iterations=0, k=1)
-    optimized = samfx.optimize(model, [config])
+    optimized = samfx.optimize(model, [config], min_box_iou=None)
     report = optimized.samfx_report.passes[0]
     assert report.changed, report.skipped
     assert any("token_cluster" in op for op in _ops(optimized))
@@ -101,7 +101,7 @@ def test_clustering_changes_the_encoder_within_reason(family: str) -> None:
     build, location, window = FAMILIES[family]
     model = build()
     grid = (window - 1, window - 2)  # rectangular: later windows become (w-1) x (w-2)
-    optimized = samfx.optimize(model, [TokenClusterConfig(location=location, clusters=grid)])
+    optimized = samfx.optimize(model, [TokenClusterConfig(location=location, clusters=grid)], min_box_iou=None)
     details = optimized.samfx_report.passes[0].details["image_encoder"]
     assert details["clustered_size"] < details["size"]
     x = image_input(model, 1)
@@ -118,7 +118,7 @@ def test_rewrite_matches_a_hand_written_hourglass() -> None:
     encoder = _padded_sam_encoder()
     location, grid, iterations = 1, 3, 3
     optimized = samfx.optimize(encoder, [TokenClusterConfig(location=location, clusters=grid * grid,
-                                                            iterations=iterations, temperature=0.05)])
+                                                            iterations=iterations, temperature=0.05)], min_box_iou=None)
     image = torch.randn(2, 3, 160, 160)
     by_hand = copy.deepcopy(encoder)
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_rewrite_matches_a_hand_written_hourglass() -> None:
 
 def test_hq_early_features_are_rebuilt_too() -> None:
     model = small_model("sam_hq_vit_b")  # block 1 is global: its output feeds the HQ decoder
-    optimized = samfx.optimize(model, [TokenClusterConfig(location=0, clusters=4)])
+    optimized = samfx.optimize(model, [TokenClusterConfig(location=0, clusters=4)], min_box_iou=None)
     assert optimized.samfx_report.passes[0].details["image_encoder"]["reconstructions"] == 1
     x = image_input(model, 1)
     (_, early), (_, early_new) = model.image_encoder(x), optimized.image_encoder(x)
@@ -151,8 +151,8 @@ def test_hiera_clusters_stay_inside_a_stage() -> None:
     stages = samfx.adapters.find_adapter(model).token_stages(model.image_encoder)
     assert [s.indices for s in stages] == [(0,), (3, 4)]  # blocks 1, 2 and 5 pool
     with pytest.raises(PassError, match="location 2 .* locations for this image_encoder: 0..0, 3..4"):
-        samfx.optimize(model, [TokenClusterConfig(location=2, clusters=81)])
-    optimized = samfx.optimize(model, [TokenClusterConfig(location=3, clusters=81)])
+        samfx.optimize(model, [TokenClusterConfig(location=2, clusters=81)], min_box_iou=None)
+    optimized = samfx.optimize(model, [TokenClusterConfig(location=3, clusters=81)], min_box_iou=None)
     details = optimized.samfx_report.passes[0].details["image_encoder"]
     assert details["size"] == (16, 16) and details["clustered_size"] == (10, 10) and details["blocks"] == 2
     # Stage 3's output is rebuilt once, for the FPN and for stage 4's pooling block.
@@ -162,7 +162,7 @@ def test_hiera_clusters_stay_inside_a_stage() -> None:
 def test_tinyvit_one_cluster_per_token_reproduces_litemedsam(lite_medsam: nn.Module) -> None:
     """TinyViT blocks fix their map size in code: the pass re-traces resized copies."""
     config = TokenClusterConfig(location=2, clusters=196, iterations=0, k=1)  # stage 2: 64x64, 14x14 windows
-    optimized = samfx.optimize(lite_medsam, [config])
+    optimized = samfx.optimize(lite_medsam, [config], min_box_iou=None)
     details = optimized.samfx_report.passes[0].details["image_encoder"]
     assert details["size"] == details["clustered_size"] == (64, 64) and details["blocks"] == 6
     x = torch.rand(1, 3, 256, 256)
@@ -171,7 +171,7 @@ def test_tinyvit_one_cluster_per_token_reproduces_litemedsam(lite_medsam: nn.Mod
 
 
 def test_tinyvit_blocks_run_on_the_cluster_map(lite_medsam: nn.Module) -> None:
-    optimized = samfx.optimize(lite_medsam, [TokenClusterConfig(location=4, clusters=81)])
+    optimized = samfx.optimize(lite_medsam, [TokenClusterConfig(location=4, clusters=81)], min_box_iou=None)
     details = optimized.samfx_report.passes[0].details["image_encoder"]
     assert details["clustered_size"] == (41, 41) and details["blocks"] == 4
     block, original = optimized.image_encoder.layers[2].blocks[4], lite_medsam.image_encoder.layers[2].blocks[4]
@@ -195,24 +195,26 @@ def test_real_weights_fidelity_on_litemedsam(lite_medsam: nn.Module, lite_medsam
     features it makes every weight about 1, so a token becomes the L2-scaled
     sum of its 20 nearest clusters and the embedding is lost (cosine < 0.5)."""
     good = samfx.fidelity.compare(lite_medsam_reference, samfx.optimize(
-        lite_medsam, [TokenClusterConfig(location=7, clusters=121, norm="sum", temperature=10.0)]), ["coins"])
+        lite_medsam, [TokenClusterConfig(location=7, clusters=121, norm="sum", temperature=10.0)],
+        min_box_iou=None), ["coins"])
     assert good.gt_miou_original > 0.96 and good.gt_miou_optimized > 0.94
     assert good.embedding_cosine_mean > 0.95 and good.mask_iou_mean > 0.65
     # Expedit-SAM's own temperature loses the embedding here (suite time: one image's cosine).
-    literal = samfx.optimize(lite_medsam, [TokenClusterConfig(location=7, clusters=121)])
+    literal = samfx.optimize(lite_medsam, [TokenClusterConfig(location=7, clusters=121)], min_box_iou=None)
     assert samfx.fidelity.compare(lite_medsam_reference, literal, ["coins"],
                                   max_prompts_per_image=1).embedding_cosine_mean < 0.5
 
 
 def test_tinyvit_after_a_block_rewrite_is_a_reported_skip(lite_medsam: nn.Module) -> None:
-    optimized = samfx.optimize(lite_medsam, ["split_qkv", TokenClusterConfig(location=2, clusters=81)])
+    optimized = samfx.optimize(lite_medsam, ["split_qkv", TokenClusterConfig(location=2, clusters=81)],
+                               min_box_iou=None)
     report = optimized.samfx_report.passes[1]
     assert not report.changed and "rewritten by an earlier pass" in report.skipped[0]
     assert "run token_cluster first" in report.skipped[0]
 
 
 def test_tinyvit_needs_square_windows(lite_medsam: nn.Module) -> None:
-    optimized = samfx.optimize(lite_medsam, [TokenClusterConfig(location=2, clusters=(9, 10))])
+    optimized = samfx.optimize(lite_medsam, [TokenClusterConfig(location=2, clusters=(9, 10))], min_box_iou=None)
     report = optimized.samfx_report.passes[0]
     assert not report.changed and "square windows, not 9x10" in report.skipped[0]
 
@@ -232,13 +234,14 @@ def test_a_location_outside_the_encoder_is_refused_and_the_model_untouched() -> 
     model = small_model("sam_vit_b")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PassError, match="location 9 .* 0..1"):
-        samfx.optimize(model, [TokenClusterConfig(location=9, clusters=4)])
+        samfx.optimize(model, [TokenClusterConfig(location=9, clusters=4)], min_box_iou=None)
     assert type(model.image_encoder).__name__ == "ImageEncoderViT" and "_samfx_component" not in vars(model.image_encoder)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_too_many_clusters_for_the_window_is_a_reported_skip() -> None:
-    optimized = samfx.optimize(small_model("sam_vit_b"), [TokenClusterConfig(location=0, clusters=(5, 2))])
+    optimized = samfx.optimize(small_model("sam_vit_b"), [TokenClusterConfig(location=0, clusters=(5, 2))],
+                               min_box_iou=None)
     report = optimized.samfx_report.passes[0]
     assert not report.changed and "5x2 clusters do not fit 4x4 windows" in report.skipped[0]
 
@@ -253,8 +256,8 @@ def test_composes_with_split_qkv(order) -> None:
     model = _padded_sam_encoder()
     cluster = TokenClusterConfig(location=1, clusters=9)
     passes = [cluster if name == "token_cluster" else name for name in order]
-    both = samfx.optimize(model, passes)
-    alone = samfx.optimize(model, [cluster])
+    both = samfx.optimize(model, passes, min_box_iou=None)
+    alone = samfx.optimize(model, [cluster], min_box_iou=None)
     assert all(p.changed for p in both.samfx_report.passes)
     assert not any(n.endswith(".qkv") for n, _ in both.named_modules())
     x = torch.randn(1, 3, 160, 160)
@@ -264,7 +267,7 @@ def test_composes_with_split_qkv(order) -> None:
 
 def test_save_and_load_replay_the_clusters(tmp_path) -> None:
     model = small_model("sam_vit_b")
-    optimized = samfx.optimize(model, [TokenClusterConfig(location=0, clusters=(2, 3))])
+    optimized = samfx.optimize(model, [TokenClusterConfig(location=0, clusters=(2, 3))], min_box_iou=None)
     again = samfx.load(samfx.save(optimized, tmp_path / "tc"))
     assert again.samfx_report.passes[0].replay == {"location": 0, "clusters": [2, 3]}
     x = image_input(model, 1)
@@ -292,7 +295,7 @@ def test_tuner_picks_the_cheapest_setting_above_the_floor() -> None:
 def test_pass_tunes_when_no_location_is_given() -> None:
     model = small_model("sam_vit_b")
     config = TokenClusterConfig(floor=0.5, cluster_choices=(9, 16), images=("coins",), max_evaluations=3)
-    optimized = samfx.optimize(model, [config])
+    optimized = samfx.optimize(model, [config], min_box_iou=None)
     report = optimized.samfx_report.passes[0]
     tuning = report.details["tuning"]
     assert report.changed and tuning["chosen"]["mask_iou"] >= 0.5
@@ -303,7 +306,7 @@ def test_predictors_run_on_the_clustered_model() -> None:
     from segment_anything import SamPredictor
 
     model = small_model("sam_vit_b")
-    optimized = samfx.optimize(model, [TokenClusterConfig(location=1, clusters=9)])
+    optimized = samfx.optimize(model, [TokenClusterConfig(location=1, clusters=9)], min_box_iou=None)
     predictor = SamPredictor(optimized)
     predictor.set_image((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
     masks, scores, _ = predictor.predict(point_coords=np.array([[40, 30]]), point_labels=np.array([1]))

@@ -45,13 +45,14 @@ Example::
 
     >>> import samfx
     >>> sam = samfx.models.build("sam_vit_b", small=True)
-    >>> slim = samfx.optimize(sam, [samfx.PruneConfig(mlp=0.5, head_dims=0.5)])
+    >>> slim = samfx.optimize(sam, [samfx.PruneConfig(mlp=0.5, head_dims=0.5)], min_box_iou=None)  # random weights
     >>> slim.image_encoder.blocks[0].mlp.lin1.out_features, slim.image_encoder.blocks[0].attn.q.out_features
     (128, 32)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ from .depgraph import DependencyAnalysis, Group, attention_projections, index_ma
 from .importance import IMPORTANCES, accumulate_gradients, get_importance, input_statistics
 from .selection import Edit, edits_of, select_attention, select_channels
 
-__all__ = ["IMPORTANCES", "PruneConfig", "decode_replay", "prune"]
+__all__ = ["IMPORTANCES", "PruneConfig", "decode_replay", "prune", "weaker"]
 
 _KINDS = ("mlp", "heads", "head_dims", "embed")
 
@@ -232,7 +233,23 @@ def _summary(groups: list[Group], attention: dict[str, Any]) -> dict[str, Any]:
     return kinds
 
 
-@register_pass("prune", PruneConfig, requires=("split_qkv",), data_driven=True)
+def weaker(config: PruneConfig) -> PruneConfig | None:
+    """The fidelity floor's back-off: every ratio halved; ``None`` once the
+    largest would fall below 5%.
+
+    Example::
+
+        >>> weaker(PruneConfig(mlp=0.5, heads=0.25)).mlp, weaker(PruneConfig(mlp=0.08))
+        (0.25, None)
+    """
+    ratios = {kind: round(getattr(config, kind) / 2, 4) for kind in _KINDS}
+    overrides = tuple((pattern, round(ratio / 2, 4)) for pattern, ratio in config.overrides)
+    if max([*ratios.values(), *(r for _, r in overrides)]) < 0.05:
+        return None
+    return dataclasses.replace(config, **ratios, overrides=overrides)
+
+
+@register_pass("prune", PruneConfig, requires=("split_qkv",), data_driven=True, backoff=weaker)
 def prune(captured: CapturedModel, config: PruneConfig, context: PassContext) -> PassResult:
     """Structural pruning of image-encoder widths (DepGraph via torch-pruning; SlimSAM)."""
     skipped: list[str] = []

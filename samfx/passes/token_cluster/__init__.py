@@ -30,13 +30,14 @@ Example::
 
     >>> import samfx
     >>> sam = samfx.models.build("sam_vit_b", small=True)
-    >>> fast = samfx.optimize(sam, [samfx.TokenClusterConfig(location=1, clusters=4)])
+    >>> fast = samfx.optimize(sam, [samfx.TokenClusterConfig(location=1, clusters=4)], min_box_iou=None)
     >>> print(fast.samfx_report.passes[0].summary)
     image_encoder: 8x8 tokens -> 4x4 clusters before block 1 (2x2 per 4x4 window)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ...capture import CapturedModel
@@ -44,10 +45,29 @@ from ..base import PassContext, PassReport, PassResult, register_pass
 from .rewrite import TokenClusterConfig, _apply, _setting, _summary, cluster_grid
 from .tune import Candidate, TuneResult, tune
 
-__all__ = ["Candidate", "TokenClusterConfig", "TuneResult", "cluster_grid", "token_cluster", "tune"]
+__all__ = ["Candidate", "TokenClusterConfig", "TuneResult", "cluster_grid", "token_cluster", "tune", "weaker"]
 
 
-@register_pass("token_cluster", TokenClusterConfig, data_driven=True)
+def weaker(config: TokenClusterConfig) -> TokenClusterConfig | None:
+    """The fidelity floor's back-off: fewer tokens clustered. A tuned config
+    raises its tuning floor halfway to 1 (0.9 -> 0.95 -> 0.975 -> 0.9875;
+    ``None`` beyond 0.99); a given setting keeps one more row and column of
+    clusters per window (a grid as large as the window clusters nothing, and
+    the back-off ends there).
+
+    Example::
+
+        >>> weaker(TokenClusterConfig()).floor, weaker(TokenClusterConfig(location=2, clusters=81)).clusters
+        (0.95, (10, 10))
+    """
+    if config.location is None:
+        floor = round(1 - (1 - config.floor) / 2, 6)
+        return dataclasses.replace(config, floor=floor) if floor <= 0.99 else None
+    rows, cols = cluster_grid(config.clusters)
+    return dataclasses.replace(config, clusters=(rows + 1, cols + 1))
+
+
+@register_pass("token_cluster", TokenClusterConfig, data_driven=True, backoff=weaker)
 def token_cluster(captured: CapturedModel, config: TokenClusterConfig, context: PassContext) -> PassResult:
     """Cluster encoder tokens mid-way and rebuild them before the neck (Expedit-SAM)."""
     tuning: dict[str, Any] | None = None

@@ -48,7 +48,9 @@ class TokenClusterConfig(PassConfig):
             grid from half the window's side to one short of it, 49..169 for
             SAM's 14x14 windows).
         locations: tuning: locations to try (empty: every block that can be one).
-        images: tuning: package images to use when no calibration images are given.
+        images: tuning: package images to use when no calibration images are
+            given (calibration photos: never the held-out ones the fidelity
+            floor and reports are measured on).
         max_evaluations: tuning: settings to run on the images at most.
     """
 
@@ -63,7 +65,7 @@ class TokenClusterConfig(PassConfig):
     floor: float = 0.90
     cluster_choices: tuple[int, ...] = ()
     locations: tuple[int, ...] = ()
-    images: tuple[str, ...] = ("coins", "astronaut", "coffee")
+    images: tuple[str, ...] = ("chelsea", "rocket", "camera")
     max_evaluations: int = 16
 
     def validate(self) -> None:
