@@ -695,12 +695,26 @@ def _trace_variant(
     outcomes: dict[str, bool],
 ) -> fx.Graph:
     try:
-        return _RecipeTracer(recipe, None, outcomes).trace(root, concrete_args=concrete or None)
+        graph = _RecipeTracer(recipe, None, outcomes).trace(root, concrete_args=concrete or None)
     except _NeedRanks:
         if example is None:
             raise CaptureError("tracing needs tensor ranks but the adapter gave no example inputs") from None
         ranks = _observe_input_ranks(root, example)
-        return _RecipeTracer(recipe, ranks, outcomes).trace(root, concrete_args=concrete or None)
+        graph = _RecipeTracer(recipe, ranks, outcomes).trace(root, concrete_args=concrete or None)
+    # Upstream code may compute what it never uses (Hugging Face's Hiera attention
+    # computes its probabilities, then calls SDPA): passes should not see it.
+    graph.eliminate_dead_code(is_impure_node=_may_have_effects)
+    return graph
+
+
+def _may_have_effects(node: fx.Node) -> bool:
+    """Whether removing ``node`` when its result is unused could change what the
+    graph does: anything but a pure function or method call (module calls may be
+    opaque methods that write in place; in-place methods end with ``_``)."""
+    if node.op not in ("call_function", "call_method", "get_attr"):
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.target is input_check or name.endswith("_") or node.is_impure()
 
 
 @dataclass

