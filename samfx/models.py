@@ -173,6 +173,8 @@ def _sam2(size: str, small: bool) -> nn.Module:
 
 _HF_VISION = {  # hidden size, MLP width, layers, heads (SlimSAM from its builder; see docs)
     "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+    "vit_l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]),
+    "vit_h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
     "slimsam_50": dict(hidden_size=384, mlp_dim=1536, num_hidden_layers=12, num_attention_heads=12,
                        global_attn_indexes=[2, 5, 8, 11]),
     "slimsam_77": dict(hidden_size=168, mlp_dim=696, num_hidden_layers=12, num_attention_heads=12,
@@ -180,8 +182,13 @@ _HF_VISION = {  # hidden size, MLP width, layers, heads (SlimSAM from its builde
 }
 
 
-def _hf_sam(variant: str, small: bool) -> nn.Module:
-    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+def _hf_sam(variant: str, small: bool, hq: bool = False) -> nn.Module:
+    if hq:
+        from transformers import (SamHQConfig as SamConfig, SamHQMaskDecoderConfig as SamMaskDecoderConfig,
+                                  SamHQModel as SamModel, SamHQPromptEncoderConfig as SamPromptEncoderConfig,
+                                  SamHQVisionConfig as SamVisionConfig)
+    else:
+        from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
     if small:
         vision = SamVisionConfig(hidden_size=64, mlp_dim=128, num_hidden_layers=2, num_attention_heads=2,
@@ -189,10 +196,12 @@ def _hf_sam(variant: str, small: bool) -> nn.Module:
                                  num_pos_feats=16)
         prompt = SamPromptEncoderConfig(hidden_size=32, image_size=128, image_embedding_size=8)
         decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                                       iou_head_hidden_dim=32)
+                                       iou_head_hidden_dim=32, **({"vit_dim": 64} if hq else {}))
         config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
     else:
-        config = SamConfig(vision_config=SamVisionConfig(**_HF_VISION[variant]))
+        vision = SamVisionConfig(**_HF_VISION[variant])
+        decoder = SamMaskDecoderConfig(vit_dim=vision.hidden_size) if hq else SamMaskDecoderConfig()
+        config = SamConfig(vision_config=vision, mask_decoder_config=decoder)
     return SamModel(config)
 
 
@@ -269,6 +278,10 @@ for _size in _SAM2_CONFIGS:
                         partial(lambda small, s: _sam2(s, small), s=_size)))
 _register(ModelSpec("hf_sam_vit_b", "hf_sam", "transformers", "Hugging Face SamModel, ViT-B config",
                     partial(_hf_sam, "vit_b")))
+for _vit in ("vit_b", "vit_l", "vit_h"):
+    _register(ModelSpec(f"hf_sam_hq_{_vit}", "hf_sam_hq", "transformers",
+                        f"Hugging Face SamHQModel, HQ-SAM {_vit.upper().replace('_', '-')} config",
+                        partial(_hf_sam, _vit, hq=True)))
 _register(ModelSpec("hf_slimsam_50", "hf_sam", "transformers", "SlimSAM-50 architecture as a SamModel config",
                     partial(_hf_sam, "slimsam_50")))
 _register(ModelSpec("hf_slimsam_77", "hf_sam", "transformers", "SlimSAM-77 architecture as a SamModel config",
