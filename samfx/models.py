@@ -213,9 +213,9 @@ _HF_HIERA = {  # embed dim, heads, blocks per stage, global attention blocks, wi
     "base_plus": (112, 2, [2, 3, 16, 3], [12, 16, 20], [8, 4, 14, 7], [14, 14]),
     "large": (144, 2, [2, 6, 36, 4], [23, 33, 43], [8, 4, 16, 8], [7, 7]),
 }
-# Small: the sam2 small config's trunk (256 px, one block per stage but two in the third, a
-# global block) at width 32, with a 32-wide decoder.
-_SMALL_HIERA = (32, 1, [1, 1, 2, 1], [3], [8, 4, 14, 7], [7, 7])
+# Small: 256 px, width 32, one block per stage but three in the third (pooling, windowed,
+# global: a token stage with a windowed block), with a 32-wide decoder.
+_SMALL_HIERA = (32, 1, [1, 1, 3, 1], [4], [8, 4, 14, 7], [7, 7])
 
 
 def _hf_sam2(variant: str, small: bool) -> nn.Module:

@@ -192,8 +192,10 @@ class HFSam2Adapter(Adapter):
         return None
 
     def _precision_island(self, path: str, module: nn.Module) -> bool:
-        # The object-score head gates whole masks; the sine encoding needs float32 arguments.
-        return (is_score_head(path) or path.rpartition(".")[2] == "pred_obj_score_head"
+        # The object-score head gates whole masks; the sine encoding needs float32 arguments;
+        # the decoder's high-resolution projections are run by ``get_image_features`` on the
+        # encoder's float32 maps, outside the decoder's graph.
+        return (is_score_head(path) or path.rpartition(".")[2] in ("pred_obj_score_head", "conv_s0", "conv_s1")
                 or defining_class(module, "SinePositionEmbedding") is not None)
 
     def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
