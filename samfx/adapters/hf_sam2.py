@@ -22,7 +22,7 @@ from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QK
 from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import defining_class, is_score_head, projection_width
 
-__all__ = ["HFSam2Adapter", "HFSam2ImageEncoder", "HFSam2PointEmbedding", "HFSam2Predictor", "HFSam3TrackerAdapter"]
+__all__ = ["HFSam2Adapter", "HFSam2ImageEncoder", "HFSam2PointEmbedding", "HFSam2Predictor", "HFSam3TrackerAdapter", "HFEdgeTamAdapter"]
 
 _SAM2 = "transformers.models.sam2.modeling_sam2."
 _SAM3 = "transformers.models.sam3.modeling_sam3."
@@ -375,6 +375,54 @@ class HFSam3TrackerAdapter(HFSam2Adapter):
         return super()._precision_island(path, module) or defining_class(module, "RotaryEmbedding") is not None
 
 
+def _repvit_body(self: nn.Module, pixel_values: torch.Tensor, return_dict: bool | None = None) -> tuple[Any, ...]:
+    """``EdgeTamVisionModel.forward`` with its timm backbone called directly (the
+    wrapper's output bookkeeping aside), without the output-recording decorators."""
+    features = self.backbone.timm_model(pixel_values)
+    intermediate = [feature.permute(0, 2, 3, 1) for feature in features]
+    fpn_hidden_states, fpn_position_encoding = self.neck(intermediate)
+    levels = self.num_feature_levels
+    return intermediate[-1], fpn_hidden_states[-levels:][::-1], fpn_position_encoding[-levels:][::-1]
+
+
+class HFEdgeTamAdapter(HFSam2Adapter):
+    """``transformers.EdgeTamModel``: SAM 2's prompt encoder and decoder on a RepViT
+    backbone (timm's ``repvit_m1``, convolutions only: no attention, no token map)
+    with SAM 2's FPN neck."""
+
+    name = "hf_edgetam"
+    module = "transformers.models.edgetam.modeling_edgetam"
+    model_classes = (module + ".EdgeTamModel",)
+    vision_output = module + ".EdgeTamVisionEncoderOutput"
+
+    def components(self, model: nn.Module) -> list[ComponentSpec]:
+        return [self._vision_spec(model.vision_encoder, "vision_encoder"), self._prompt_spec(model.prompt_encoder),
+                self._decoder_spec(model)]
+
+    def _vision_spec(self, encoder: nn.Module, path: str) -> ComponentSpec:
+        size = 16 * encoder.config.backbone_feature_sizes[-1][0]
+
+        def example() -> dict[str, Any]:
+            return {"pixel_values": torch.zeros(1, 3, size, size, device=_device(encoder))}
+
+        recipe = TraceRecipe(trace_body=_repvit_body,
+                             output_wrapper=partial(_vision_output, output_class=self.vision_output),
+                             leaf_modules=(self.module + ".EdgeTamSinePositionEmbedding",))
+        return ComponentSpec("image_encoder", path, recipe, example)
+
+    def token_stages(self, component_root: nn.Module) -> list[TokenStage]:
+        return []
+
+    def window_call(self, component_root: nn.Module, node: Any) -> str | None:
+        return None
+
+    def mlp_hidden_layers(self, component_root: nn.Module) -> list[str]:
+        return []
+
+    def parameter_channel_dims(self, component_root: nn.Module) -> dict[str, int]:
+        return {}
+
+
 def query_projection_width(attention: nn.Module) -> int:
     """Query width of an attention with separate ``q_proj`` (or split ``q``) projections."""
     query = query_projection(attention) or attention.q_proj
@@ -505,3 +553,4 @@ class HFSam2Predictor(Predictor):
 
 register_adapter(HFSam2Adapter())
 register_adapter(HFSam3TrackerAdapter())
+register_adapter(HFEdgeTamAdapter())

@@ -1,5 +1,6 @@
-"""Hugging Face SAM 2 and SAM-HQ classes (``Sam2Model``, ``SamHQModel``):
-capture, every pass, export and the runtime, on small configs.
+"""Hugging Face SAM 2, SAM-HQ and SAM 3 tracker classes (``Sam2Model``,
+``SamHQModel``, ``Sam3TrackerModel``): capture, every pass, export and the
+runtime, on small configs.
 
 Each family's small model gets ordinary random weights: the Hub initialisation
 leaves these small towers' mask logits near 1e-10, where mask comparisons would
@@ -24,10 +25,12 @@ from samfx.passes import PruneConfig, TokenClusterConfig
 from ..conftest import encoder_output, image_input, small_model
 from ..passes.test_prune import _check_attention_attributes, _prune, _split, _zeroed
 
-# zoo name -> (adapter, {role: (attention kinds, count)}, fused q/k/v projections)
+# zoo name -> (adapter, {role: (attention kinds, count)}, fused q/k/v projections, token stages)
 FAMILIES = {
-    "hf_sam2.1_hiera_tiny": ("hf_sam2", {"image_encoder": ({"hiera"}, 6), "mask_decoder": ({"decoder"}, 7)}, 6),
-    "hf_sam_hq_vit_b": ("hf_sam_hq", {"image_encoder": ({"hf_vit"}, 2), "mask_decoder": ({"decoder"}, 7)}, 2),
+    "hf_sam2.1_hiera_tiny": ("hf_sam2", {"image_encoder": ({"hiera"}, 6), "mask_decoder": ({"decoder"}, 7)}, 6, 2),
+    "hf_sam_hq_vit_b": ("hf_sam_hq", {"image_encoder": ({"hf_vit"}, 2), "mask_decoder": ({"decoder"}, 7)}, 2, 1),
+    # SAM 3's ViT: separate q/k/v projections; its rotary tables are fixed per window: no token stage.
+    "hf_sam3_tracker": ("hf_sam3_tracker", {"image_encoder": ({"rope"}, 2), "mask_decoder": ({"decoder"}, 7)}, 0, 0),
 }
 NAMES = sorted(FAMILIES)
 
@@ -79,7 +82,7 @@ def _worst_iou(masks: list[np.ndarray], reference: list[np.ndarray]) -> float:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_adapter_describes_the_family(name: str) -> None:
-    family, sites, qkv = FAMILIES[name]
+    family, sites, qkv, stages = FAMILIES[name]
     model = family_model(name)
     adapter = samfx.adapters.find_adapter(model)
     assert adapter.name == family and samfx.models.spec(name).family == family
@@ -92,7 +95,7 @@ def test_adapter_describes_the_family(name: str) -> None:
     assert len(adapter.qkv_sites(encoder)) == qkv
     assert adapter.precision_islands(model.mask_decoder)  # the IoU head and the norms
     assert adapter.mlp_hidden_layers(encoder)
-    assert adapter.token_stages(encoder)
+    assert len(adapter.token_stages(encoder)) == stages
 
 
 def _assert_same_outputs(model: nn.Module, optimized: nn.Module, rtol: float) -> None:
@@ -130,7 +133,9 @@ def test_exact_passes_are_exact_and_the_processor_recipe_works_unchanged(name: s
     captured = samfx.capture(model)
     reports = samfx.pipeline.run_passes(captured, samfx.resolve_passes(["split_qkv", "fuse_attention"])[0],
                                         samfx.passes.PassContext())
-    assert reports[0].changed and all(r.skipped == [] for r in reports), [r.skipped for r in reports]
+    assert reports[0].changed == bool(FAMILIES[name][2]) and all(r.skipped == [] for r in reports)
+    fused = reports[1].details["attentions"]
+    assert sum(fused["image_encoder"].values()) == FAMILIES[name][1]["image_encoder"][1]
     assert not any(n.endswith(".qkv") for n, _ in captured.model.named_modules())
     _assert_same_outputs(model, captured.model, rtol=1e-5)
     # The transformers docs' recipe, on the optimized module: processor, model, post-processing.
@@ -177,11 +182,15 @@ def test_lossy_passes_apply_and_stay_drop_ins(name: str, pass_name: str, eager_e
     assert cosine >= LOSSY[pass_name]
 
 
+# RoPE pairs dims under a fixed table: whole heads only
+PRUNE = {"hf_sam3_tracker": PruneConfig(mlp=0.5, heads=0.5)}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_pruned_encoder_computes_what_the_zeroed_original_computes(name: str) -> None:
     model = family_model(name)
     split = _split(model)
-    pruned, report = _prune(split, PruneConfig(mlp=0.5, heads=0.5, head_dims=0.25))
+    pruned, report = _prune(split, PRUNE.get(name, PruneConfig(mlp=0.5, heads=0.5, head_dims=0.25)))
     assert report.changed and not report.skipped, report.skipped
     assert samfx.stats.parameter_count(pruned) < samfx.stats.parameter_count(model)
     _check_attention_attributes(pruned)
@@ -195,7 +204,15 @@ def test_pruned_encoder_computes_what_the_zeroed_original_computes(name: str) ->
 CLUSTER_AT = {"hf_sam2.1_hiera_tiny": (3, 14), "hf_sam_hq_vit_b": (0, 4)}
 
 
-@pytest.mark.parametrize("name", NAMES)
+def test_rope_heads_are_pruned_whole_and_dims_refused() -> None:
+    model = family_model("hf_sam3_tracker")
+    with pytest.raises(samfx.PassError, match="RoPE rotates pairs of dims"):
+        samfx.optimize(model, [PruneConfig(mlp=0.0, heads=0.0, head_dims=0.5)])
+    with pytest.raises(samfx.PassError, match="no stage of blocks"):
+        samfx.optimize(model, ["token_cluster"])
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTER_AT))
 def test_one_cluster_per_token_reproduces_the_encoder(name: str) -> None:
     model = family_model(name)
     location, window = CLUSTER_AT[name]
