@@ -24,6 +24,7 @@ import copy
 import inspect
 import itertools
 import linecache
+import operator
 import sys
 import types
 from dataclasses import dataclass, field
@@ -701,10 +702,30 @@ def _trace_variant(
             raise CaptureError("tracing needs tensor ranks but the adapter gave no example inputs") from None
         ranks = _observe_input_ranks(root, example)
         graph = _RecipeTracer(recipe, ranks, outcomes).trace(root, concrete_args=concrete or None)
+    _fold_parameter_dtypes(graph, root)
     # Upstream code may compute what it never uses (Hugging Face's Hiera attention
     # computes its probabilities, then calls SDPA): passes should not see it.
     graph.eliminate_dead_code(is_impure_node=_may_have_effects)
     return graph
+
+
+def _fold_parameter_dtypes(graph: fx.Graph, root: nn.Module) -> None:
+    """Replace reads of a parameter's ``dtype`` by the traced dtype.
+
+    Hugging Face casts layer inputs to the layer's weight dtype
+    (``x.to(conv.weight.dtype)``); once a pass swaps the layer (int8 weights) or
+    casts it (bfloat16, with its own casts around every op), that read would give
+    the wrong compute dtype. The float32 the graph was traced with is the right one.
+    """
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target is getattr else None
+        if not (isinstance(source, fx.Node) and source.op == "get_attr" and node.args[1] == "dtype"):
+            continue
+        dtype = operator.attrgetter(source.target)(root).dtype
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: dtype if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: dtype if a is node else a)
+        graph.erase_node(node)
 
 
 def _may_have_effects(node: fx.Node) -> bool:

@@ -153,9 +153,8 @@ def test_exact_passes_are_exact_and_the_processor_recipe_works_unchanged(name: s
 
 # Lossy passes: applied, drop-ins (the predictor runs the processor recipe on them), and
 # the image embedding's cosine to the original's on a photo. Masks are not compared: this
-# random model's logits sit near the threshold. quantize's bar is loose for Hiera, whose
-# random-weight activations carry outliers that per-tensor int8 grids cut (cosine 0.92).
-LOSSY = {"bf16": 0.999, "hyper": 0.99, "quantize": 0.9}
+# random model's logits sit near the threshold.
+LOSSY = {"bf16": 0.999, "hyper": 0.99, "quantize": 0.99}
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +192,13 @@ def test_pruned_encoder_computes_what_the_zeroed_original_computes(name: str) ->
     pruned, report = _prune(split, PRUNE.get(name, PruneConfig(mlp=0.5, heads=0.5, head_dims=0.25)))
     assert report.changed and not report.skipped, report.skipped
     assert samfx.stats.parameter_count(pruned) < samfx.stats.parameter_count(model)
-    _check_attention_attributes(pruned)
+    if FAMILIES[name][2]:  # q/k/v were fused, and split under the names the helper checks
+        _check_attention_attributes(pruned)
+    else:
+        for site in samfx.adapters.find_adapter(pruned).attention_sites(pruned.vision_encoder):
+            attention = pruned.vision_encoder.get_submodule(site.path)
+            assert attention.num_attention_heads * attention.head_dim == attention.q_proj.out_features
+            assert attention.k_proj.out_features == attention.v_proj.out_features == attention.o_proj.in_features
     x = image_input(model)
     with torch.no_grad():
         expected, actual = encoder_output(_zeroed(split, report), x), encoder_output(pruned, x)
@@ -250,7 +255,9 @@ def test_export_and_runtime_match_eager(name: str, format: str, exports, eager_m
     assert export.checks["encoder"]["relative_diff"] < 1e-4
     assert min(case["mask_iou"] for case in export.checks["decoder"]) >= 0.999
     assert export.manifest["family"] == FAMILIES[name][0]
+    # Against the family's own predictor, whose preprocessing (transformers' resize) the
+    # runtime reimplements in numpy: 0.99, as tests/emit/test_runtime.py holds every family.
     predictor = runtime.load(export.directory, threads=1)
     predictor.set_image(_image())
     masks = [predictor.predict(**prompt)[0] for prompt in _prompts()]
-    assert _worst_iou(masks, eager_masks[name]) >= 0.999
+    assert _worst_iou(masks, eager_masks[name]) >= 0.99
