@@ -1,6 +1,6 @@
-"""Hugging Face SAM 2, SAM-HQ and SAM 3 tracker classes (``Sam2Model``,
-``SamHQModel``, ``Sam3TrackerModel``): capture, every pass, export and the
-runtime, on small configs.
+"""Hugging Face SAM 2, SAM-HQ, SAM 3 tracker and EdgeTAM classes (``Sam2Model``,
+``SamHQModel``, ``Sam3TrackerModel``, ``EdgeTamModel``): capture, every pass,
+export and the runtime, on small configs.
 
 Each family's small model gets ordinary random weights: the Hub initialisation
 leaves these small towers' mask logits near 1e-10, where mask comparisons would
@@ -31,6 +31,8 @@ FAMILIES = {
     "hf_sam_hq_vit_b": ("hf_sam_hq", {"image_encoder": ({"hf_vit"}, 2), "mask_decoder": ({"decoder"}, 7)}, 2, 1),
     # SAM 3's ViT: separate q/k/v projections; its rotary tables are fixed per window: no token stage.
     "hf_sam3_tracker": ("hf_sam3_tracker", {"image_encoder": ({"rope"}, 2), "mask_decoder": ({"decoder"}, 7)}, 0, 0),
+    # RepViT: convolutions only.
+    "hf_edgetam": ("hf_edgetam", {"image_encoder": (set(), 0), "mask_decoder": ({"decoder"}, 7)}, 0, 0),
 }
 NAMES = sorted(FAMILIES)
 
@@ -94,7 +96,7 @@ def test_adapter_describes_the_family(name: str) -> None:
     encoder = model.vision_encoder
     assert len(adapter.qkv_sites(encoder)) == qkv
     assert adapter.precision_islands(model.mask_decoder)  # the IoU head and the norms
-    assert adapter.mlp_hidden_layers(encoder)
+    assert bool(adapter.mlp_hidden_layers(encoder)) == (name != "hf_edgetam")
     assert len(adapter.token_stages(encoder)) == stages
 
 
@@ -135,7 +137,8 @@ def test_exact_passes_are_exact_and_the_processor_recipe_works_unchanged(name: s
                                         samfx.passes.PassContext())
     assert reports[0].changed == bool(FAMILIES[name][2]) and all(r.skipped == [] for r in reports)
     fused = reports[1].details["attentions"]
-    assert sum(fused["image_encoder"].values()) == FAMILIES[name][1]["image_encoder"][1]
+    assert sum(fused.get("image_encoder", {}).values()) == FAMILIES[name][1]["image_encoder"][1]
+    assert fused["mask_decoder"] == {"already sdpa": 7}
     assert not any(n.endswith(".qkv") for n, _ in captured.model.named_modules())
     _assert_same_outputs(model, captured.model, rtol=1e-5)
     # The transformers docs' recipe, on the optimized module: processor, model, post-processing.
@@ -170,8 +173,12 @@ def _embedding(model: nn.Module) -> torch.Tensor:
     return predictor.image_embedding.flatten()
 
 
-@pytest.mark.parametrize("pass_name", sorted(LOSSY))
-@pytest.mark.parametrize("name", NAMES)
+# EdgeTAM's convolutions take quantize (the pass its phone target wants); its other lossy
+# passes run the same code on the same layer kinds as the other families'.
+LOSSY_CASES = [(name, p) for name in NAMES for p in sorted(LOSSY) if name != "hf_edgetam" or p == "quantize"]
+
+
+@pytest.mark.parametrize("name, pass_name", LOSSY_CASES)
 def test_lossy_passes_apply_and_stay_drop_ins(name: str, pass_name: str, eager_embeddings) -> None:
     model = family_model(name)
     optimized = samfx.optimize(model, [pass_name], calibration_images=[_image()], model_name=name)
@@ -185,7 +192,7 @@ def test_lossy_passes_apply_and_stay_drop_ins(name: str, pass_name: str, eager_e
 PRUNE = {"hf_sam3_tracker": PruneConfig(mlp=0.5, heads=0.5)}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "hf_edgetam"])  # RepViT declares no MLPs
 def test_pruned_encoder_computes_what_the_zeroed_original_computes(name: str) -> None:
     model = family_model(name)
     split = _split(model)
