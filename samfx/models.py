@@ -249,7 +249,8 @@ def _hf_sam3_tracker(small: bool) -> nn.Module:
     # 112 px: an 8 x 8 token map, 4 x 4 windows and a global block, tiled from a 4 x 4 pretraining grid.
     vit = Sam3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                         image_size=112, window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
-    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=32,
+                              backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
     return Sam3TrackerModel(Sam3TrackerConfig(
         vision_config=vision, prompt_encoder_config=Sam3TrackerPromptEncoderConfig(hidden_size=32, image_size=112),
         mask_decoder_config=Sam3TrackerMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2,

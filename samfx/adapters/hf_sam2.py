@@ -22,7 +22,8 @@ from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QK
 from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
 from .sam import defining_class, is_score_head, projection_width
 
-__all__ = ["HFSam2Adapter", "HFSam2ImageEncoder", "HFSam2PointEmbedding", "HFSam2Predictor", "HFSam3TrackerAdapter", "HFEdgeTamAdapter"]
+__all__ = ["HFEdgeTamAdapter", "HFSam2Adapter", "HFSam2ImageEncoder", "HFSam2PointEmbedding", "HFSam2Predictor",
+           "HFSam3TrackerAdapter"]
 
 _SAM2 = "transformers.models.sam2.modeling_sam2."
 _SAM3 = "transformers.models.sam3.modeling_sam3."

@@ -108,7 +108,8 @@ def _assert_same_outputs(model: nn.Module, optimized: nn.Module, rtol: float) ->
     torch.manual_seed(3)
     pixels = torch.randn(2, 3, size, size)
     side = model.prompt_encoder.image_embedding_size[0]
-    calls = [dict(input_points=torch.tensor([[[[10.0, 20.0], [50.0, 40.0]]]] * 2), input_labels=torch.tensor([[[1, 0]]] * 2)),
+    calls = [dict(input_points=torch.tensor([[[[10.0, 20.0], [50.0, 40.0]]]] * 2),
+                  input_labels=torch.tensor([[[1, 0]]] * 2)),
              dict(input_boxes=torch.tensor([[[10.0, 20.0, 100.0, 120.0]]] * 2), multimask_output=False),
              dict(input_points=torch.tensor([[[[30.0, 60.0]]]] * 2), input_masks=torch.randn(2, 1, 4 * side, 4 * side))]
     for call in calls:
