@@ -24,6 +24,7 @@ import copy
 import inspect
 import itertools
 import linecache
+import operator
 import sys
 import types
 from dataclasses import dataclass, field
@@ -695,12 +696,46 @@ def _trace_variant(
     outcomes: dict[str, bool],
 ) -> fx.Graph:
     try:
-        return _RecipeTracer(recipe, None, outcomes).trace(root, concrete_args=concrete or None)
+        graph = _RecipeTracer(recipe, None, outcomes).trace(root, concrete_args=concrete or None)
     except _NeedRanks:
         if example is None:
             raise CaptureError("tracing needs tensor ranks but the adapter gave no example inputs") from None
         ranks = _observe_input_ranks(root, example)
-        return _RecipeTracer(recipe, ranks, outcomes).trace(root, concrete_args=concrete or None)
+        graph = _RecipeTracer(recipe, ranks, outcomes).trace(root, concrete_args=concrete or None)
+    _fold_parameter_dtypes(graph, root)
+    # Upstream code may compute what it never uses (Hugging Face's Hiera attention
+    # computes its probabilities, then calls SDPA): passes should not see it.
+    graph.eliminate_dead_code(is_impure_node=_may_have_effects)
+    return graph
+
+
+def _fold_parameter_dtypes(graph: fx.Graph, root: nn.Module) -> None:
+    """Replace reads of a parameter's ``dtype`` by the traced dtype.
+
+    Hugging Face casts layer inputs to the layer's weight dtype
+    (``x.to(conv.weight.dtype)``); once a pass swaps the layer (int8 weights) or
+    casts it (bfloat16, with its own casts around every op), that read would give
+    the wrong compute dtype. The float32 the graph was traced with is the right one.
+    """
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target is getattr else None
+        if not (isinstance(source, fx.Node) and source.op == "get_attr" and node.args[1] == "dtype"):
+            continue
+        dtype = operator.attrgetter(source.target)(root).dtype
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a: dtype if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: dtype if a is node else a)
+        graph.erase_node(node)
+
+
+def _may_have_effects(node: fx.Node) -> bool:
+    """Whether removing ``node`` when its result is unused could change what the
+    graph does: anything but a pure function or method call (module calls may be
+    opaque methods that write in place; in-place methods end with ``_``)."""
+    if node.op not in ("call_function", "call_method", "get_attr"):
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.target is input_check or name.endswith("_") or node.is_impure()
 
 
 @dataclass

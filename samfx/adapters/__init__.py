@@ -72,7 +72,7 @@ def find_adapter(model: nn.Module) -> Adapter:
 
 
 def _register_builtin() -> None:
-    from . import hf, sam, sam2  # noqa: F401  (each module registers its adapters)
+    from . import hf, hf_sam2, sam, sam2  # noqa: F401  (each module registers its adapters)
 
 
 _register_builtin()

@@ -195,8 +195,9 @@ class AttentionSite:
         kind: the layout family: ``sam_vit`` (SAM / SAM-HQ ViT attention,
             decomposed relative positions), ``hf_vit`` (Hugging Face
             ``SamVisionAttention``), ``hiera`` (SAM 2, pooled q at stage changes),
-            ``tinyvit`` (attention biases), ``decoder`` (the two-way transformer's
-            attentions with q/k/v/out projections).
+            ``tinyvit`` (attention biases), ``rope`` (SAM 3's ViT: 2-D rotary
+            position encodings on q and k, dims rotated in pairs), ``decoder``
+            (the two-way transformer's attentions with q/k/v/out projections).
         num_heads: heads.
         head_dim: query/key width per head.
         value_dim: value width per head.

@@ -46,7 +46,7 @@ from .base import PassConfig, PassContext, PassError, PassReport, PassResult, re
 
 __all__ = ["FuseAttentionConfig", "fuse_attention"]
 
-SITE_KINDS = ("sam_vit", "hf_vit", "hiera", "tinyvit", "decoder")
+SITE_KINDS = ("sam_vit", "hf_vit", "hiera", "tinyvit", "rope", "decoder")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class FuseAttentionConfig(PassConfig):
             (``"blockwise"``: the bias is added per block, memory stays linear in
             tokens) or to SDPA with the bias materialised as a mask (``"mask"``).
         kinds: rewrite only attention sites of these kinds (``sam_vit``,
-            ``hf_vit``, ``hiera``, ``tinyvit``, ``decoder``); empty: all.
+            ``hf_vit``, ``hiera``, ``tinyvit``, ``rope``, ``decoder``); empty: all.
     """
 
     rel_pos: str = "blockwise"
