@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ from .base import AttentionSite, ComponentSpec, ShapeCondition, TraceRecipe
 from .sam import defining_class
 from .sam2 import Sam2Adapter
 
-__all__ = ["Sam2VideoAdapter", "axial_rope_tables", "rope_attention", "rotary_encoding", "single_map", "track"]
+__all__ = ["FrameEncoder", "FrameDecoder", "MemoryAttentionStep", "MemoryEncoderStep", "Sam2VideoAdapter",
+           "VideoDeployment", "axial_rope_tables", "rope_attention", "rotary_encoding", "single_map", "track",
+           "video_deployment"]
 
 _VIDEO_PREDICTOR = "sam2.sam2_video_predictor.SAM2VideoPredictor"
 _MEMORY_ATTENTION = "sam2.modeling.memory_attention.MemoryAttention"
@@ -178,6 +181,190 @@ class Sam2VideoAdapter(Sam2Adapter):
             head_dim = module.internal_dim // module.num_heads
             return AttentionSite(path, "rope", module.num_heads, head_dim, head_dim, block=parent_path)
         return super()._attention_site(path, module, parent, parent_path)
+
+
+# -- deployment: the per-frame parts as graphs with tensor inputs ---------------------------------
+#
+# The tracking loop (which memories and pointers a frame attends to) stays in
+# the runtime; each graph holds the arithmetic of one step, written after
+# SAM2Base's methods with the model's own (captured) components.
+
+
+class FrameEncoder(nn.Module):
+    """A normalised ``(1, 3, S, S)`` frame -> the lowest-resolution features (raw,
+    for memories, and with the no-memory embedding, for a prompted first
+    frame), their sine position encoding, and the decoder's two high-resolution
+    maps (``SAM2Base.forward_image`` + ``_prepare_memory_conditioned_features``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        out = model.image_encoder(image)
+        features = out["backbone_fpn"]
+        high_res_0 = model.sam_mask_decoder.conv_s0(features[0])
+        high_res_1 = model.sam_mask_decoder.conv_s1(features[1])
+        top = features[-1]
+        no_memory = top + model.no_mem_embed.reshape(1, -1, 1, 1)
+        return top, out["vision_pos_enc"][-1], no_memory, high_res_0, high_res_1
+
+
+class MemoryAttentionStep(nn.Module):
+    """The frame's features conditioned on ``n`` memory frames and ``p`` object
+    pointers (``SAM2Base._prepare_memory_conditioned_features`` after the
+    selection): memories ``(n, mem_dim, h, w)`` with their position encodings,
+    each memory's temporal slot (``num_maskmem - t_pos - 1``), the pointers
+    ``(p, C)`` and their signed frame distances divided by the largest one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, position: torch.Tensor, memories: torch.Tensor,
+                memory_positions: torch.Tensor, memory_slots: torch.Tensor, pointers: torch.Tensor,
+                pointer_distances: torch.Tensor) -> torch.Tensor:
+        from sam2.modeling.sam2_utils import get_1d_sine_pe
+
+        model = self.model
+        batch, channels, height, width = features.shape
+        mem_dim = model.mem_dim
+        memory = memories.flatten(2).permute(0, 2, 1).reshape(-1, 1, mem_dim)
+        temporal = model.maskmem_tpos_enc[memory_slots].reshape(-1, 1, 1, mem_dim)  # (n, 1, 1, mem_dim)
+        memory_pos = (memory_positions.flatten(2).permute(0, 2, 1)[:, :, None, :] + temporal).reshape(-1, 1, mem_dim)
+        pointer_pos = model.obj_ptr_tpos_proj(get_1d_sine_pe(pointer_distances, dim=channels))
+        split = channels // mem_dim  # a pointer becomes this many mem_dim tokens
+        pointer_tokens = pointers.reshape(-1, 1, split, mem_dim).permute(0, 2, 1, 3).flatten(0, 1)
+        pointer_pos = pointer_pos[:, None, :].repeat_interleave(split, dim=0)
+        out = model.memory_attention(
+            curr=[features.flatten(2).permute(2, 0, 1)], curr_pos=[position.flatten(2).permute(2, 0, 1)],
+            memory=torch.cat([memory, pointer_tokens], dim=0), memory_pos=torch.cat([memory_pos, pointer_pos], dim=0),
+            num_obj_ptr_tokens=pointer_tokens.shape[0])
+        return out.permute(1, 2, 0).reshape(batch, channels, height, width)
+
+
+class FrameDecoder(nn.Module):
+    """Prompts (points in the model's ``S x S`` frame; a tracked frame gives the
+    padding point ``(0, 0)`` with label ``-1``) on a frame's features ->
+    the best of the multimask outputs at low resolution and at the video's
+    ``orig_im_size``, the object pointer and the object score
+    (``SAM2Base._forward_sam_heads`` with ``multimask_output``, as the video
+    predictor runs it for one click and for tracked frames)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, high_res_0: torch.Tensor, high_res_1: torch.Tensor,
+                point_coords: torch.Tensor, point_labels: torch.Tensor, orig_im_size: torch.Tensor):
+        model = self.model
+        outputs = model._forward_sam_heads(
+            backbone_features=features,
+            point_inputs={"point_coords": point_coords, "point_labels": point_labels.to(torch.int32)},
+            mask_inputs=None, high_res_features=[high_res_0, high_res_1], multimask_output=True)
+        low_res, obj_ptr, object_score = outputs[3], outputs[5], outputs[6]
+        height, width = (_graph_size(orig_im_size[i]) for i in range(2))
+        masks = F.interpolate(low_res, (height, width), mode="bilinear", align_corners=False)
+        return masks, low_res, obj_ptr, object_score
+
+
+class MemoryEncoderStep(nn.Module):
+    """A frame's raw features and its low-resolution mask logits -> its memory
+    and the memory's position encoding (``SAM2Base._encode_new_memory`` on the
+    mask resized to the frame; ``from_points`` > 0: the mask was prompted with
+    clicks and is binarised, else it goes through a sigmoid)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, low_res_masks: torch.Tensor, object_score: torch.Tensor,
+                from_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        size = model.image_size
+        high_res = F.interpolate(low_res_masks, (size, size), mode="bilinear", align_corners=False)
+        mask = torch.where(from_points > 0, (high_res > 0).float(), torch.sigmoid(high_res))
+        mask = mask * model.sigmoid_scale_for_mem_enc + model.sigmoid_bias_for_mem_enc
+        out = model.memory_encoder(features, mask, skip_mask_sigmoid=True)
+        memory = out["vision_features"]
+        if model.no_obj_embed_spatial is not None:
+            absent = 1 - (object_score > 0).float()
+            memory = memory + absent[..., None, None] * model.no_obj_embed_spatial[..., None, None]
+        return memory, out["vision_pos_enc"][-1]
+
+
+def _graph_size(value: torch.Tensor) -> int:
+    """A size read from a graph input (a symbol under ``torch.export``)."""
+    size = value.to(torch.int64).item()
+    torch._check(size >= 1)
+    torch._check(size <= 1 << 15)
+    return size
+
+
+@dataclass
+class VideoDeployment:
+    """SAM 2's video path as four graphs and what the runtime loop needs to know."""
+
+    encoder: FrameEncoder
+    memory_attention: MemoryAttentionStep
+    decoder: FrameDecoder
+    memory_encoder: MemoryEncoderStep
+    settings: dict[str, Any]
+
+    def examples(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Example inputs of each graph (2 memories and 3 pointers: the dynamic axes
+        are not 0 or 1; no tensor given twice, which ``torch.export`` would take
+        for one input)."""
+        model = self.encoder.model
+        size, side = model.image_size, model.image_size // model.backbone_stride
+        dim, mem_dim = model.hidden_dim, model.mem_dim
+
+        def features() -> torch.Tensor:
+            return torch.zeros(1, dim, side, side)
+
+        return {
+            "encoder": (torch.zeros(1, 3, size, size),),
+            "memory_attention": (features(), features(), torch.zeros(2, mem_dim, side, side),
+                                 torch.zeros(2, mem_dim, side, side), torch.tensor([5, 6]), torch.zeros(3, dim),
+                                 torch.tensor([0.1, 0.2, 0.3])),
+            "decoder": (features(), torch.zeros(1, dim // 8, 4 * side, 4 * side), torch.zeros(1, dim // 4, 2 * side, 2 * side),
+                        torch.zeros(1, 2, 2), torch.tensor([[1.0, -1.0]]), torch.tensor([120.0, 160.0])),
+            "memory_encoder": (features(), torch.zeros(1, 1, 4 * side, 4 * side), torch.ones(1, 1), torch.ones(1)),
+        }
+
+
+def video_deployment(model: nn.Module) -> VideoDeployment:
+    """The four graphs of a (captured or plain) ``SAM2VideoPredictor`` and the
+    loop's settings (image size, normalisation, memory and pointer limits)."""
+    from .sam2 import _warm_position_caches
+
+    _warm_position_caches(model.image_encoder, model.image_size)
+    _warm_position_caches(model.memory_encoder, model.image_size)
+    unsupported = [name for name, value in (("training", model.training),
+                                            ("max_cond_frames_in_attn", model.max_cond_frames_in_attn != -1),
+                                            ("memory_temporal_stride_for_eval",
+                                             model.memory_temporal_stride_for_eval != 1),
+                                            ("non_overlap_masks", model.non_overlap_masks),
+                                            ("fill_hole_area", model.fill_hole_area > 0),
+                                            ("directly_add_no_mem_embed", not model.directly_add_no_mem_embed),
+                                            ("use_obj_ptrs_in_encoder", not model.use_obj_ptrs_in_encoder),
+                                            ("only_obj_ptrs_in_the_past_for_eval",
+                                             not model.only_obj_ptrs_in_the_past_for_eval),
+                                            ("use_signed_tpos_enc_to_obj_ptrs",
+                                             not model.use_signed_tpos_enc_to_obj_ptrs),
+                                            ("binarize_mask_from_pts_for_mem_enc",
+                                             not model.binarize_mask_from_pts_for_mem_enc)) if value]
+    if unsupported:
+        raise ValueError(f"the video export follows SAM 2.1's released video settings; this model differs in "
+                         f"{', '.join(unsupported)}")
+    settings = {"image_size": model.image_size, "num_maskmem": model.num_maskmem,
+                "max_obj_ptrs_in_encoder": model.max_obj_ptrs_in_encoder,
+                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                # SAM2VideoPredictor stores memories in bfloat16.
+                "memory_dtype": "bfloat16"}
+    return VideoDeployment(FrameEncoder(model), MemoryAttentionStep(model), FrameDecoder(model),
+                           MemoryEncoderStep(model), settings)
 
 
 @torch.inference_mode()

@@ -1,0 +1,152 @@
+"""Export SAM 2's video path: four ONNX graphs and a torch-free tracking loop.
+
+Writes, in ``out_dir``:
+
+* ``encoder.onnx`` (frame -> features, position encoding, high-resolution maps),
+  ``memory_attention.onnx`` (features conditioned on ``memories`` and
+  ``pointers``, both counts dynamic; RoPE in real ``cos``/``sin`` arithmetic),
+  ``decoder.onnx`` (prompts -> mask at the video's size, object pointer and
+  score) and ``memory_encoder.onnx`` (mask -> memory), from
+  :func:`samfx.adapters.sam2_video.video_deployment`, each with the passes
+  the model went through;
+* ``samfx_video_runtime.py`` (:mod:`samfx.emit.video_runtime`, the loop) and
+  ``samfx_runtime.py`` (its file checks);
+* ``samfx_video_export.json``: every file with its SHA-256 and size, the loop's
+  settings, the passes, and the check: the exported loop against
+  ``SAM2VideoPredictor`` on a synthetic clip, per-frame mask IoU.
+
+Example (not run as a doctest: four exports and a check take a minute;
+``tests/emit/test_video_export.py`` exports the small model once)::
+
+    >>> import samfx, tempfile
+    >>> from samfx.emit.video import export_video
+    >>> model = samfx.models.build("sam2.1_hiera_t_video", small=True)
+    >>> export = export_video(model, tempfile.mkdtemp())           # doctest: +SKIP
+    >>> min(export.checks["mask_iou"]) >= 0.99                      # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters.sam2_video import VideoDeployment, track, video_deployment
+from ..capture import capture
+from ..data import synthetic_clip
+from ..fidelity import mask_iou
+from . import onnx as onnx_graphs
+from . import runtime, video_runtime
+from .export import eval_mode
+
+__all__ = ["VideoExport", "export_video"]
+
+#: Graph inputs and outputs, in the order of the deployment modules' arguments and results.
+NAMES = {
+    "encoder": (["image"], ["features", "position", "no_memory_features", "high_res_0", "high_res_1"]),
+    "memory_attention": (["features", "position", "memories", "memory_positions", "memory_slots", "pointers",
+                          "pointer_distances"], ["conditioned"]),
+    "decoder": (["features", "high_res_0", "high_res_1", "point_coords", "point_labels", "orig_im_size"],
+                ["masks", "low_res_masks", "pointer", "object_score"]),
+    "memory_encoder": (["features", "low_res_masks", "object_score", "from_points"], ["memory", "memory_position"]),
+}
+
+
+@dataclass
+class VideoExport:
+    """What :func:`export_video` wrote and how its loop compares with the eager predictor.
+
+    ``checks``: ``mask_iou`` per frame of the synthetic clip, and the largest
+    logit difference.
+    """
+
+    directory: Path
+    manifest: dict[str, Any]
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+def _dynamic_shapes(deployment: VideoDeployment) -> dict[str, Any]:
+    settings = deployment.settings
+    memories = torch.export.Dim("memories", min=1, max=settings["num_maskmem"])
+    pointers = torch.export.Dim("pointers", min=1, max=settings["max_obj_ptrs_in_encoder"])
+    points = torch.export.Dim("points", min=1, max=1 << 10)
+    return {
+        "encoder": None,
+        "memory_attention": {"features": None, "position": None, "memories": {0: memories},
+                             "memory_positions": {0: memories}, "memory_slots": {0: memories},
+                             "pointers": {0: pointers}, "pointer_distances": {0: pointers}},
+        "decoder": {"features": None, "high_res_0": None, "high_res_1": None, "point_coords": {1: points},
+                    "point_labels": {1: points}, "orig_im_size": None},
+        "memory_encoder": None,
+    }
+
+
+def export_video(model: nn.Module, out_dir: str | Path, opset: int = 18, check_frames: int = 6) -> VideoExport:
+    """Export a (plain or optimized) ``SAM2VideoPredictor``'s video path for onnxruntime.
+
+    The files are checked as written: the torch-free loop tracks a click through
+    a ``check_frames``-frame synthetic clip and is compared with
+    ``init_state`` / ``add_new_points_or_box`` / ``propagate_in_video``.
+
+    Raises:
+        ValueError: a model that is not a SAM 2 video predictor, or one with
+            video settings the loop does not follow.
+    """
+    if not hasattr(model, "memory_attention") or not hasattr(model, "propagate_in_video"):
+        raise ValueError(f"export_video takes a SAM 2 video predictor (build_sam2_video_predictor), "
+                         f"not {type(model).__name__}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with eval_mode(model), torch.no_grad():
+        # Traced from a captured copy: upstream's RoPE attention rotates in complex numbers, which ONNX lacks;
+        # the captured one (and the components of an optimized model, kept as they are) in real arithmetic.
+        deployment = video_deployment(capture(model).model)
+        examples = deployment.examples()
+        dynamic = _dynamic_shapes(deployment)
+        files = {}
+        for name in video_runtime.GRAPHS:
+            inputs, outputs = NAMES[name]
+            path = out / f"{name}.onnx"
+            onnx_graphs._to_onnx(getattr(deployment, name), examples[name], inputs, outputs, dynamic[name], path,
+                                 opset, None)
+            files[name] = path
+    shutil.copyfile(video_runtime.__file__, out / "samfx_video_runtime.py")
+    shutil.copyfile(runtime.__file__, out / "samfx_runtime.py")
+    report = getattr(model, "samfx_report", None)
+    listed = [*files.values(), out / "samfx_video_runtime.py", out / "samfx_runtime.py"]
+    manifest: dict[str, Any] = {
+        "schema": video_runtime.SCHEMA,
+        "format": "onnx",
+        "family": "sam2_video",
+        "model": getattr(model, "samfx_zoo", {}).get("name"),
+        "passes": [p.config for p in report.passes] if report is not None else [],
+        "graphs": {name: path.name for name, path in files.items()},
+        "signatures": {name: onnx_graphs.graph_signature(path) for name, path in files.items()},
+        "settings": deployment.settings,
+        "opset": opset,
+        "files": {path.name: {"sha256": runtime.file_digest(path), "bytes": path.stat().st_size} for path in listed},
+    }
+    _write(out, manifest)
+    result = VideoExport(out, manifest)
+    with tempfile.TemporaryDirectory() as scratch:
+        clip = synthetic_clip(scratch, frames=check_frames)
+        tracker = video_runtime.load(out)  # the files as written, verified against the manifest
+        exported = tracker.track(clip.directory, [clip.click], [1])
+        eager = [t.numpy() for t in track(model, clip.directory, [clip.click], [1])]
+    result.checks = {"mask_iou": [mask_iou(a > 0, b > 0) for a, b in zip(exported, eager)],
+                     "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(exported, eager))}
+    manifest["checks"] = result.checks
+    _write(out, manifest)
+    return result
+
+
+def _write(out: Path, manifest: dict[str, Any]) -> None:
+    (out / video_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
