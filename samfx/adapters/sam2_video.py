@@ -30,7 +30,7 @@ from torch import nn
 from . import register_adapter
 from .base import AttentionSite, ComponentSpec, ShapeCondition, TraceRecipe
 from .sam import defining_class
-from .sam2 import Sam2Adapter
+from .sam2 import Sam2Adapter, _device
 
 __all__ = ["FrameEncoder", "FrameDecoder", "MemoryAttentionStep", "MemoryEncoderStep", "Sam2VideoAdapter",
            "VideoDeployment", "axial_rope_tables", "rope_attention", "rotary_encoding", "single_map", "track",
@@ -115,10 +115,6 @@ def _memory_attention_body(self: nn.Module, curr: Any, memory: torch.Tensor, cur
     # Upstream unwraps list inputs with isinstance on the traced value; unwrap in one opaque call instead.
     upstream = sys.modules["sam2.modeling.memory_attention"].MemoryAttention.forward
     return upstream(self, single_map(curr), memory, single_map(curr_pos), memory_pos, num_obj_ptr_tokens)
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def memory_attention_spec(model: nn.Module) -> ComponentSpec:
@@ -247,8 +243,8 @@ class MemoryAttentionStep(nn.Module):
 class FrameDecoder(nn.Module):
     """Prompts (points in the model's ``S x S`` frame; a tracked frame gives the
     padding point ``(0, 0)`` with label ``-1``) on a frame's features ->
-    the best of the multimask outputs at low resolution and at the video's
-    ``orig_im_size``, the object pointer and the object score
+    the best of the multimask outputs at low resolution, the object pointer
+    and the object score
     (``SAM2Base._forward_sam_heads`` with ``multimask_output``, as the video
     predictor runs it for one click and for tracked frames)."""
 
@@ -257,16 +253,12 @@ class FrameDecoder(nn.Module):
         self.model = model
 
     def forward(self, features: torch.Tensor, high_res_0: torch.Tensor, high_res_1: torch.Tensor,
-                point_coords: torch.Tensor, point_labels: torch.Tensor, orig_im_size: torch.Tensor):
-        model = self.model
-        outputs = model._forward_sam_heads(
+                point_coords: torch.Tensor, point_labels: torch.Tensor):
+        outputs = self.model._forward_sam_heads(
             backbone_features=features,
             point_inputs={"point_coords": point_coords, "point_labels": point_labels.to(torch.int32)},
             mask_inputs=None, high_res_features=[high_res_0, high_res_1], multimask_output=True)
-        low_res, obj_ptr, object_score = outputs[3], outputs[5], outputs[6]
-        height, width = (_graph_size(orig_im_size[i]) for i in range(2))
-        masks = F.interpolate(low_res, (height, width), mode="bilinear", align_corners=False)
-        return masks, low_res, obj_ptr, object_score
+        return outputs[3], outputs[5], outputs[6]
 
 
 class MemoryEncoderStep(nn.Module):
@@ -292,14 +284,6 @@ class MemoryEncoderStep(nn.Module):
             absent = 1 - (object_score > 0).float()
             memory = memory + absent[..., None, None] * model.no_obj_embed_spatial[..., None, None]
         return memory, out["vision_pos_enc"][-1]
-
-
-def _graph_size(value: torch.Tensor) -> int:
-    """A size read from a graph input (a symbol under ``torch.export``)."""
-    size = value.to(torch.int64).item()
-    torch._check(size >= 1)
-    torch._check(size <= 1 << 15)
-    return size
 
 
 @dataclass
@@ -329,7 +313,7 @@ class VideoDeployment:
                                  torch.zeros(2, mem_dim, side, side), torch.tensor([5, 6]), torch.zeros(3, dim),
                                  torch.tensor([0.1, 0.2, 0.3])),
             "decoder": (features(), torch.zeros(1, dim // 8, 4 * side, 4 * side), torch.zeros(1, dim // 4, 2 * side, 2 * side),
-                        torch.zeros(1, 2, 2), torch.tensor([[1.0, -1.0]]), torch.tensor([120.0, 160.0])),
+                        torch.zeros(1, 2, 2), torch.tensor([[1.0, -1.0]])),
             "memory_encoder": (features(), torch.zeros(1, 1, 4 * side, 4 * side), torch.ones(1, 1), torch.ones(1)),
         }
 

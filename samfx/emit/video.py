@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.sam2_video import VideoDeployment, track, video_deployment
@@ -71,6 +72,23 @@ class VideoExport:
     directory: Path
     manifest: dict[str, Any]
     checks: dict[str, Any] = field(default_factory=dict)
+
+
+class _VideoResolutionDecoder(nn.Module):
+    """The frame decoder with its mask also resized to the video's ``orig_im_size``,
+    as ``SAM2VideoPredictor`` returns it (sizes read from the input, so one graph
+    serves every video)."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, features, high_res_0, high_res_1, point_coords, point_labels, orig_im_size):
+        low_res, pointer, score = self.decoder(features, high_res_0, high_res_1, point_coords, point_labels)
+        height = onnx_graphs._size(orig_im_size[0].to(torch.int64), onnx_graphs._MAX_SIDE)
+        width = onnx_graphs._size(orig_im_size[1].to(torch.int64), onnx_graphs._MAX_SIDE)
+        masks = F.interpolate(low_res, (height, width), mode="bilinear", align_corners=False)
+        return masks, low_res, pointer, score
 
 
 def _dynamic_shapes(deployment: VideoDeployment) -> dict[str, Any]:
@@ -111,12 +129,14 @@ def export_video(model: nn.Module, out_dir: str | Path, opset: int = 18, check_f
         deployment = video_deployment(capture(model).model)
         examples = deployment.examples()
         dynamic = _dynamic_shapes(deployment)
+        examples["decoder"] += (torch.tensor([120.0, 160.0]),)  # orig_im_size
+        modules = {"encoder": deployment.encoder, "memory_attention": deployment.memory_attention,
+                   "decoder": _VideoResolutionDecoder(deployment.decoder), "memory_encoder": deployment.memory_encoder}
         files = {}
         for name in video_runtime.GRAPHS:
             inputs, outputs = NAMES[name]
             path = out / f"{name}.onnx"
-            onnx_graphs._to_onnx(getattr(deployment, name), examples[name], inputs, outputs, dynamic[name], path,
-                                 opset, None)
+            onnx_graphs._to_onnx(modules[name], examples[name], inputs, outputs, dynamic[name], path, opset, None)
             files[name] = path
     shutil.copyfile(video_runtime.__file__, out / "samfx_video_runtime.py")
     shutil.copyfile(runtime.__file__, out / "samfx_runtime.py")
