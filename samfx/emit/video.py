@@ -11,6 +11,7 @@ Writes, in ``out_dir``:
   the model went through;
 * ``samfx_video_runtime.py`` (:mod:`samfx.emit.video_runtime`, the loop) and
   ``samfx_runtime.py`` (its file checks);
+* for OpenVINO, each graph as ``.xml`` + ``.bin`` converted from the ONNX one;
 * ``samfx_video_export.json``: every file with its SHA-256 and size, the loop's
   settings, the passes, and the check: the exported loop against
   ``SAM2VideoPredictor`` on a synthetic clip, per-frame mask IoU.
@@ -107,49 +108,61 @@ def _dynamic_shapes(deployment: VideoDeployment) -> dict[str, Any]:
     }
 
 
-def export_video(model: nn.Module, out_dir: str | Path, opset: int = 18, check_frames: int = 6) -> VideoExport:
-    """Export a (plain or optimized) ``SAM2VideoPredictor``'s video path for onnxruntime.
+def export_video(model: nn.Module, out_dir: str | Path, format: str = "onnx", opset: int = 18,
+                 check_frames: int = 6, onnx_export: str | Path | None = None) -> VideoExport:
+    """Export a (plain or optimized) ``SAM2VideoPredictor``'s video path for
+    onnxruntime (``format="onnx"``) or OpenVINO (``"openvino"``: the checked ONNX
+    graphs converted with ``openvino.convert_model``, float32 weights kept).
 
     The files are checked as written: the torch-free loop tracks a click through
     a ``check_frames``-frame synthetic clip and is compared with
     ``init_state`` / ``add_new_points_or_box`` / ``propagate_in_video``.
+    ``onnx_export``: an ONNX video export of this model (its files verified) to
+    convert to OpenVINO instead of exporting the graphs again.
 
     Raises:
-        ValueError: a model that is not a SAM 2 video predictor, or one with
-            video settings the loop does not follow.
+        ValueError: a model that is not a SAM 2 video predictor, one with video
+            settings the loop does not follow, or an unknown format.
     """
     if not hasattr(model, "memory_attention") or not hasattr(model, "propagate_in_video"):
         raise ValueError(f"export_video takes a SAM 2 video predictor (build_sam2_video_predictor), "
                          f"not {type(model).__name__}")
+    if format not in runtime.FORMATS:
+        raise ValueError(f"format must be one of {sorted(runtime.FORMATS)}, got {format!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), tempfile.TemporaryDirectory(dir=out) as scratch:
         # Traced from a captured copy: upstream's RoPE attention rotates in complex numbers, which ONNX lacks;
         # the captured one (and the components of an optimized model, kept as they are) in real arithmetic.
         deployment = video_deployment(capture(model).model)
-        examples = deployment.examples()
-        dynamic = _dynamic_shapes(deployment)
-        examples["decoder"] += (torch.tensor([120.0, 160.0]),)  # orig_im_size
-        modules = {"encoder": deployment.encoder, "memory_attention": deployment.memory_attention,
-                   "decoder": _VideoResolutionDecoder(deployment.decoder), "memory_encoder": deployment.memory_encoder}
-        files = {}
-        for name in video_runtime.GRAPHS:
-            inputs, outputs = NAMES[name]
-            path = out / f"{name}.onnx"
-            onnx_graphs._to_onnx(modules[name], examples[name], inputs, outputs, dynamic[name], path, opset, None)
-            files[name] = path
+        if onnx_export is not None:
+            onnx_dir = Path(onnx_export)
+            runtime.verify_files(onnx_dir, video_runtime.read_manifest(onnx_dir))
+        else:
+            onnx_dir = out if format == "onnx" else Path(scratch)
+            _write_graphs(deployment, onnx_dir, opset)
+        onnx_files = {name: onnx_dir / f"{name}.onnx" for name in video_runtime.GRAPHS}
+        signatures = {name: onnx_graphs.graph_signature(path) for name, path in onnx_files.items()}
+        if format == "openvino":
+            from . import openvino as openvino_graphs
+
+            parts = {name: openvino_graphs.convert(path, out / f"{name}.xml") for name, path in onnx_files.items()}
+        else:
+            parts = {name: [path] for name, path in onnx_files.items()}
     shutil.copyfile(video_runtime.__file__, out / "samfx_video_runtime.py")
     shutil.copyfile(runtime.__file__, out / "samfx_runtime.py")
     report = getattr(model, "samfx_report", None)
-    listed = [*files.values(), out / "samfx_video_runtime.py", out / "samfx_runtime.py"]
+    listed = [path for files in parts.values() for path in files] + [out / "samfx_video_runtime.py",
+                                                                      out / "samfx_runtime.py"]
     manifest: dict[str, Any] = {
         "schema": video_runtime.SCHEMA,
-        "format": "onnx",
+        "format": format,
+        "runtime": runtime.FORMATS[format],
         "family": "sam2_video",
         "model": getattr(model, "samfx_zoo", {}).get("name"),
         "passes": [p.config for p in report.passes] if report is not None else [],
-        "graphs": {name: path.name for name, path in files.items()},
-        "signatures": {name: onnx_graphs.graph_signature(path) for name, path in files.items()},
+        "graphs": {name: files[0].name for name, files in parts.items()},
+        "signatures": signatures,
         "settings": deployment.settings,
         "opset": opset,
         "files": {path.name: {"sha256": runtime.file_digest(path), "bytes": path.stat().st_size} for path in listed},
@@ -166,6 +179,18 @@ def export_video(model: nn.Module, out_dir: str | Path, opset: int = 18, check_f
     manifest["checks"] = result.checks
     _write(out, manifest)
     return result
+
+
+def _write_graphs(deployment: VideoDeployment, out: Path, opset: int) -> None:
+    examples = deployment.examples()
+    examples["decoder"] += (torch.tensor([120.0, 160.0]),)  # orig_im_size
+    dynamic = _dynamic_shapes(deployment)
+    modules = {"encoder": deployment.encoder, "memory_attention": deployment.memory_attention,
+               "decoder": _VideoResolutionDecoder(deployment.decoder), "memory_encoder": deployment.memory_encoder}
+    for name in video_runtime.GRAPHS:
+        inputs, outputs = NAMES[name]
+        onnx_graphs._to_onnx(modules[name], examples[name], inputs, outputs, dynamic[name], out / f"{name}.onnx",
+                             opset, None)
 
 
 def _write(out: Path, manifest: dict[str, Any]) -> None:

@@ -1,8 +1,8 @@
 """Track an object through a clip with SAM 2's exported video graphs: onnxruntime and numpy.
 
 This file imports neither torch nor the rest of samfx (next to it in an export
-directory: ``samfx_runtime.py`` for the file checks; numpy, onnxruntime and
-Pillow). :func:`samfx.emit.video.export_video` copies it into the export
+directory: ``samfx_runtime.py`` for the file checks; numpy, onnxruntime or
+OpenVINO, and Pillow). :func:`samfx.emit.video.export_video` copies it into the export
 directory as ``samfx_video_runtime.py``, next to the four graphs and
 ``samfx_video_export.json``, whose SHA-256 entries are checked before any
 graph is loaded.
@@ -173,21 +173,34 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load(model_dir: str | Path, threads: int | None = None) -> VideoTracker:
-    """The export in ``model_dir`` as a :class:`VideoTracker` on onnxruntime, after
-    checking every file against the manifest (``IntegrityError`` otherwise)."""
-    import onnxruntime
-
+    """The export in ``model_dir`` as a :class:`VideoTracker` on onnxruntime or
+    OpenVINO (as the manifest says), after checking every file against the
+    manifest (``IntegrityError`` otherwise)."""
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     _files.verify_files(model_dir, manifest)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.log_severity_level = 3
+    paths = {name: str(model_dir / manifest["graphs"][name]) for name in GRAPHS}
     graphs = {}
-    for name in GRAPHS:
-        session = onnxruntime.InferenceSession(str(model_dir / manifest["graphs"][name]), options,
-                                               providers=["CPUExecutionProvider"])
-        graphs[name] = lambda feeds, _session=session: _session.run(None, feeds)
+    if manifest["format"] == "openvino":
+        import openvino
+
+        core = openvino.Core()
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        for name, path in paths.items():
+            compiled = core.compile_model(core.read_model(path), "CPU", config)
+            graphs[name] = lambda feeds, _compiled=compiled: [
+                value.copy() for value in _compiled(feeds).to_tuple()]
+    else:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or 0
+        options.log_severity_level = 3
+        for name, path in paths.items():
+            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            graphs[name] = lambda feeds, _session=session: _session.run(None, feeds)
     return VideoTracker(graphs, manifest["settings"])
 
 

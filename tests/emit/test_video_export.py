@@ -20,10 +20,14 @@ from ..adapters.test_sam2_video import video_model
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> VideoExport:
+def optimized():
     # An optimized model: the graphs carry its passes (split q/k/v in the encoder).
-    model = samfx.optimize(video_model(), ["split_qkv", "fuse_attention"])
-    return export_video(model, tmp_path_factory.mktemp("video_export"), check_frames=9)
+    return samfx.optimize(video_model(), ["split_qkv", "fuse_attention"])
+
+
+@pytest.fixture(scope="module")
+def exported(optimized, tmp_path_factory) -> VideoExport:
+    return export_video(optimized, tmp_path_factory.mktemp("video_export"), check_frames=9)
 
 
 def test_the_loop_tracks_like_the_video_predictor_on_every_frame(exported: VideoExport) -> None:
@@ -82,3 +86,11 @@ def test_bfloat16_rounding_matches_torch() -> None:
     values = torch.randn(1000) * 10
     expected = values.to(torch.bfloat16).float().numpy()
     assert np.array_equal(video_runtime.bfloat16_round(values.numpy()), expected)
+
+
+def test_openvino_runs_the_same_loop(optimized, exported: VideoExport, tmp_path: Path) -> None:
+    # The checked ONNX graphs converted, not exported again.
+    converted = export_video(optimized, tmp_path / "ov", format="openvino", check_frames=4,
+                             onnx_export=exported.directory)
+    assert sorted(converted.manifest["graphs"].values()) == sorted(f"{g}.xml" for g in video_runtime.GRAPHS)
+    assert min(converted.checks["mask_iou"]) >= 0.99, converted.checks
