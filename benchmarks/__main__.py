@@ -23,6 +23,7 @@ SUITES = {
     "deploy": "hand-made CPU deploy paths (onnxruntime, OpenVINO, NNCF) against samfx's, encoder and 24 boxes",
     "zoo_smoke": "every full-size zoo model builds and runs once",
     "eval_folder": "samfx eval on a generated COCO folder",
+    "video": "SAM 2.1's video path per frame, original against optimized (and the ONNX loop)",
 }
 #: Suites that are options of another suite's script.
 ALIASES = {"everything": ("run", ["--everything"])}

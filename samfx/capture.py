@@ -604,7 +604,7 @@ def _opaque_attr(method: str) -> str:
 
 @contextlib.contextmanager
 def _patched(root: nn.Module, recipe: TraceRecipe) -> Iterator[list[tuple[nn.Module, str]]]:
-    """Install the recipe's opaque-method shims and trace body for the duration.
+    """Install the recipe's opaque-method shims, traced methods and trace body for the duration.
 
     Yields the shims it added; the caller keeps them when tracing succeeds.
     """
@@ -629,6 +629,11 @@ def _patched(root: nn.Module, recipe: TraceRecipe) -> Iterator[list[tuple[nn.Mod
                         shims.append((module, attr))
                     shim = module._modules[attr]
                     module.__dict__[method] = lambda *a, _shim=shim, **k: _shim(*a, **k)
+                    redirected.append((module, method))
+        for owner_class, method, body in recipe.traced_methods:
+            for module in list(root.modules()):
+                if any(class_name(c) == owner_class for c in type(module).__mro__):
+                    module.__dict__[method] = types.MethodType(body, module)
                     redirected.append((module, method))
         if recipe.trace_body is not None:
             # fx traces ``type(root).forward``: give the root a class whose forward is the body.

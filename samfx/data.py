@@ -44,6 +44,7 @@ __all__ = [
     "Prompt",
     "available_images",
     "calibration_sample",
+    "Clip",
     "expand_images",
     "image_digest",
     "image_sample",
@@ -54,6 +55,7 @@ __all__ = [
     "read_image",
     "separate_images",
     "split_images",
+    "synthetic_clip",
 ]
 
 DEFAULT_IMAGES = ("coins", "astronaut", "coffee")
@@ -425,3 +427,45 @@ def calibration_sample(image: np.ndarray, name: str = "calibration", objects: in
     if not masks:
         raise ImageError(f"{name}: found no compact region to prompt in the image")
     return ImageSample(name, image, masks, False, prompts_from_masks(masks))
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A folder of numbered JPEG frames (``00000.jpg``...), as SAM 2's
+    ``init_state`` reads them, with a click on the moving object in frame 0."""
+
+    directory: Path
+    frames: int
+    click: tuple[float, float]
+    size: tuple[int, int]
+
+
+def synthetic_clip(directory: str | Path, frames: int = 6, size: tuple[int, int] = (120, 160)) -> Clip:
+    """Write ``frames`` JPEG frames of a red rectangle moving right (and a still
+    blue disc) over a gray gradient into ``directory``; the click is the
+    rectangle's centre in frame 0, in ``(x, y)`` pixels.
+
+    Example::
+
+        >>> import tempfile
+        >>> clip = synthetic_clip(tempfile.mkdtemp(), frames=3)
+        >>> sorted(p.name for p in clip.directory.iterdir()), clip.click
+        (['00000.jpg', '00001.jpg', '00002.jpg'], (40.0, 60.0))
+    """
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    height, width = size
+    rows, cols = np.mgrid[:height, :width]
+    background = (40 + 60 * cols / width + 30 * rows / height).astype(np.uint8)
+    disc = (rows - 0.7 * height) ** 2 + (cols - 0.75 * width) ** 2 < (0.12 * height) ** 2
+    top, bottom = height // 3, height // 3 + height // 3
+    for index in range(frames):
+        frame = np.repeat(background[..., None], 3, axis=2)
+        frame[disc] = (50, 70, 200)
+        left = width // 8 + index * width // 16
+        frame[top:bottom, left:left + width // 4] = (210, 50, 40)
+        Image.fromarray(frame).save(directory / f"{index:05d}.jpg", quality=95)
+    click = (float(width // 8 + width // 8), float((top + bottom) // 2))
+    return Clip(directory, frames, click, size)

@@ -169,6 +169,36 @@ def _sam2(size: str, small: bool) -> nn.Module:
                       hydra_overrides_extra=overrides)
 
 
+#: the small video configuration: the small image model, two memory-attention
+#: layers with a narrower MLP, RoPE tables for its 16 x 16 feature map
+_SMALL_SAM2_MEMORY = [
+    "++model.memory_attention.num_layers=2",
+    "++model.memory_attention.layer.dim_feedforward=256",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[16,16]",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[16,16]",
+]
+
+
+def _sam2_video(size: str, small: bool) -> nn.Module:
+    """``SAM2VideoPredictor`` as ``build_sam2_video_predictor`` builds it."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    overrides = []
+    if small:
+        overrides = [
+            "++model.image_size=256",
+            "++model.image_encoder.trunk.stages=[1,1,2,1]",
+            "++model.image_encoder.trunk.global_att_blocks=[3]",
+            *_SMALL_SAM2_MEMORY,
+        ]
+    model = build_sam2_video_predictor(f"configs/sam2.1/{_SAM2_CONFIGS[size]}.yaml", None, device="cpu",
+                                       hydra_overrides_extra=overrides)
+    # Hole filling needs sam2's compiled CUDA extension, which CPU installs lack
+    # (upstream then warns on every frame and skips it).
+    model.fill_hole_area = 0
+    return model
+
+
 # -- Hugging Face SamModel ---------------------------------------------------------
 
 _HF_VISION = {  # hidden size, MLP width, layers, heads (SlimSAM from its builder; see docs)
@@ -314,6 +344,9 @@ for _vit in ("vit_b", "vit_l", "vit_h"):
 for _size in _SAM2_CONFIGS:
     _register(ModelSpec(f"sam2.1_hiera_{_size}", "sam2", "sam2", f"SAM 2.1 Hiera-{_size.upper()}",
                         partial(lambda small, s: _sam2(s, small), s=_size)))
+    _register(ModelSpec(f"sam2.1_hiera_{_size}_video", "sam2_video", "sam2",
+                        f"SAM 2.1 Hiera-{_size.upper()} video predictor (memory attention and encoder)",
+                        partial(lambda small, s: _sam2_video(s, small), s=_size)))
 _register(ModelSpec("hf_sam_vit_b", "hf_sam", "transformers", "Hugging Face SamModel, ViT-B config",
                     partial(_hf_sam, "vit_b")))
 for _vit in ("vit_b", "vit_l", "vit_h"):

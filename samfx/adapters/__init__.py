@@ -60,10 +60,11 @@ def get_adapter(name: str) -> Adapter:
 
 
 def find_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model`` (captured models are recognised too)."""
-    for adapter in _REGISTRY.values():
-        if adapter.matches(model):
-            return adapter
+    """The adapter for ``model`` (captured models are recognised too); when
+    several match, the one for the most derived class."""
+    depths = [(depth, adapter) for adapter in _REGISTRY.values() if (depth := adapter.match_depth(model)) is not None]
+    if depths:
+        return min(depths, key=lambda pair: pair[0])[1]
     raise UnsupportedModelError(
         f"samfx does not know how to handle {class_name(model)}. Supported families: "
         + ", ".join(f"{a.name} ({', '.join(c.rsplit('.', 1)[-1] for c in a.model_classes)})" for a in _REGISTRY.values())
@@ -72,7 +73,7 @@ def find_adapter(model: nn.Module) -> Adapter:
 
 
 def _register_builtin() -> None:
-    from . import hf, hf_sam2, sam, sam2  # noqa: F401  (each module registers its adapters)
+    from . import hf, hf_sam2, sam, sam2, sam2_video  # noqa: F401  (each module registers its adapters)
 
 
 _register_builtin()

@@ -102,6 +102,11 @@ class TraceRecipe:
         trace_body: traced instead of ``forward`` when upstream ``forward`` is
             wrapped in decorators that torch.fx cannot see through; it takes the
             module and the forward arguments.
+        traced_methods: ``(class name, method, body)``: while tracing, that
+            method of every such submodule is ``body(module, *args)``, traced
+            through (its layers stay visible to passes, under the module's path)
+            where upstream's own code cannot be traced (SAM 2's RoPE attention
+            assigns attributes, branches on sizes and computes in complex numbers).
     """
 
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
@@ -111,6 +116,7 @@ class TraceRecipe:
     shape_conditions: tuple[ShapeCondition, ...] = ()
     output_wrapper: Callable[[Any], Any] | None = None
     trace_body: Callable[..., Any] | None = None
+    traced_methods: tuple[tuple[str, str, Callable[..., Any]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -438,8 +444,15 @@ class Adapter:
     model_classes: ClassVar[tuple[str, ...]] = ()
 
     def matches(self, model: nn.Module) -> bool:
-        names = {class_name(c) for c in type(model).__mro__}
-        return any(n in names for n in self.model_classes)
+        return self.match_depth(model) is not None
+
+    def match_depth(self, model: nn.Module) -> int | None:
+        """How far up ``model``'s MRO the nearest class this adapter handles is
+        (0: the model's own class), or ``None``: the most specific adapter wins
+        (SAM 2's video predictor is a ``SAM2Base`` too)."""
+        names = [class_name(c) for c in type(model).__mro__]
+        depths = [names.index(n) for n in self.model_classes if n in names]
+        return min(depths) if depths else None
 
     def components(self, model: nn.Module) -> list[ComponentSpec]:
         """The components of ``model`` that samfx can capture."""

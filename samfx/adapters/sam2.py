@@ -149,8 +149,10 @@ class Sam2Adapter(Adapter):
                 module.channel_list = ends[::-1]
 
     def _precision_island(self, path: str, module: nn.Module) -> bool:
-        # The object-score head gates whole masks; the sine encoding needs float32 arguments.
-        return (is_score_head(path) or path.rpartition(".")[2] == "pred_obj_score_head"
+        # The object-score head gates whole masks; the sine encoding needs float32 arguments;
+        # the decoder's high-resolution projections run outside its graph, in SAM2Base.forward_image,
+        # on the encoder's float32 features.
+        return (is_score_head(path) or path.rpartition(".")[2] in ("pred_obj_score_head", "conv_s0", "conv_s1")
                 or defining_class(module, _POSITION_SINE) is not None)
 
     def token_stages(self, component_root: nn.Module) -> list[TokenStage]:

@@ -400,6 +400,11 @@ def _observe(sites: list[_Site], seed: int) -> Callable[[], None]:
 
 def _choose_grids(sites: list[_Site], config: QuantizeConfig, b_qmax: int) -> None:
     for site in sites:
+        if not site.observers[0].call_ranges:
+            # Never run while calibrating (a video model's memory components under
+            # the image predictor): no grid, the site stays float.
+            site.observers = []
+            continue
         if site.kind == "matmul":
             site.grids = {"a": list(_activation_grid(site.observers[0], config.activation_range, site.after_softmax)),
                           "b_scale": _symmetric_scale(site.observers[1], b_qmax, config.activation_range)}
@@ -613,9 +618,10 @@ def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassConte
             detach()
         if needs_grids:
             _choose_grids(sites, config, weight_qmax)
+        # Sites calibration never reached stay float.
+        kept = [s for s in sites if needs_grids and not s.grids]
         if needs_grids and config.bias_correction:
-            _correct_biases(captured, sites, config, calibration)
-        kept = []
+            _correct_biases(captured, [s for s in sites if s not in kept], config, calibration)
     else:
         kept = []
     chosen = [s for s in sites if _keep_float(s, config.keep_float)]
@@ -623,7 +629,10 @@ def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassConte
         if site not in kept and site not in chosen:
             _set(captured, site, _quantized_module(site, config))
     if context.replay is None and config.min_mask_iou is not None and calibration is not None:
-        kept, history = _mixed_precision(captured, [s for s in sites if s not in chosen], config, calibration)
+        unreached = kept
+        kept, history = _mixed_precision(captured, [s for s in sites if s not in chosen and s not in unreached],
+                                         config, calibration)
+        kept += unreached
     kept = kept + [s for s in chosen if s not in kept]
     for role in {s.role for s in sites} | set(folded):
         component = captured.components[role]
@@ -659,6 +668,8 @@ def quantize(captured: CapturedModel, config: QuantizeConfig, context: PassConte
 def _why_float(site: _Site, config: QuantizeConfig) -> str:
     if _keep_float(site, config.keep_float):
         return "keep_float"
+    if config.mode == "w8a8" and not site.grids:
+        return "calibration through the predictor never ran it, so it has no activation range"
     if site.sensitivity is not None:
         return f"sensitivity {site.sensitivity:.2e}, below the mask IoU floor {config.min_mask_iou} otherwise"
     return "recorded as float in the recipe"
