@@ -102,7 +102,7 @@ class Export:
         lines = [f"{self.format}: encoder {self.sizes['encoder'] / 1e6:.2f} MB, decoder "
                  f"{self.sizes['decoder'] / 1e6:.2f} MB + {self.sizes['decoder_no_mask'] / 1e6:.2f} MB without "
                  f"mask input (exported in {self.export_s:.0f} s), "
-                 f"precision hint {self.manifest['precision']['hint']}, checked in {self.checks['precision']}",
+                 f"precision hints {self.manifest['precision']['parts']}, checked in {self.checks['precisions']}",
                  f"encoder: {runtime_name} vs eager max |diff| {enc['max_abs_diff']:.2e} "
                  f"(relative {enc['relative_diff']:.2e})"]
         for case in self.checks["decoder"]:
