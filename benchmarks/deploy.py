@@ -7,9 +7,9 @@
 Hand-made paths are what a user writes without samfx: torch eager; onnxruntime
 fp32 and ``quantize_dynamic``; OpenVINO with the f32 precision hint and with
 its default hint (bf16 where the CPU has it); OpenVINO + ``nncf.quantize``
-(TRANSFORMER preset). samfx's rows: ``quantize`` in torch, onnxruntime and
-OpenVINO (QDQ export), the composed recipes that cut MACs before int8, and
-the ``lite_medsam_cpu`` preset.
+(TRANSFORMER preset). samfx's rows are what a samfx user ships:
+``samfx.export`` files run by ``samfx.runtime.load`` (``quantize``, the composed
+recipes that cut MACs before int8, the presets), plus ``quantize`` in torch.
 
 LiteMedSAM (real weights) is measured twice on ``coins``: the image encoder
 alone, and end to end, one image with all its 24 box prompts: the encoder,
@@ -50,8 +50,9 @@ from samfx.bench import cpu_isa, interleaved, markdown_table, write_results  # n
 from samfx.data import load_images, package_images  # noqa: E402
 from samfx.distillation import DEFAULT_TRAINING_IMAGES  # noqa: E402
 from samfx.emit.quantized_onnx import export  # noqa: E402
+from samfx.emit.runtime import decoder_part  # noqa: E402
 from samfx.fidelity import CachedPredictor, compare, mask_iou  # noqa: E402
-from samfx.presets import get_preset  # noqa: E402
+from samfx.presets import PRESETS  # noqa: E402
 
 Run = Callable[..., np.ndarray]
 
@@ -173,6 +174,7 @@ class Exporter:
         self.x, self.boxes, self.image_hw, self.tmp = torch.from_numpy(x), boxes, image_hw, tmp
 
     def __call__(self, model: nn.Module, name: str) -> tuple[Path, Path | None]:
+        """The hand-made files: ``torch.onnx`` of the encoder and of :class:`BoxDecoder`."""
         start = time.perf_counter()
         encoder = export(model.image_encoder, (self.x,), self.tmp / f"{name}-encoder.onnx")
         decoder = None
@@ -198,6 +200,37 @@ def onnx_paths(name: str, source: str, model: nn.Module, files: tuple[Path, Path
     if "openvino" in runtimes:
         rows.append(DeployPath(f"{name}, OpenVINO", source, model, ov_run(str(encoder), threads),
                           decoder and ov_run(str(decoder), threads), kept))
+    return rows
+
+
+def samfx_paths(name: str, model: nn.Module, formats: tuple[str, ...], image_hw: tuple[int, int],
+                frame: np.ndarray, threads: int, tmp: Path) -> list[DeployPath]:
+    """``samfx.export`` of ``model`` in each format, run as a user runs it: ``samfx.runtime.load``,
+    the image's boxes in one call of the decoder the runtime picks for prompts without a mask."""
+    rows = []
+    for fmt in formats:
+        start = time.perf_counter()
+        out = tmp / f"{name.replace(' ', '_')}-{fmt}"
+        samfx.export(model, out, format=fmt, multimask_output=False)
+        predictor = samfx.runtime.load(out, threads=threads)
+        print(f"  exported {name} ({fmt}) in {time.perf_counter() - start:.0f} s, "
+              f"precisions {predictor.precisions}", flush=True)
+        manifest, graphs = predictor.manifest, predictor.graphs
+        (embedding_name,) = manifest["embeddings"]
+        part = decoder_part(manifest, has_mask=False)
+
+        def encode(x: np.ndarray, graphs=graphs) -> np.ndarray:
+            return graphs.encode(x)[0]
+
+        def decode(embedding: np.ndarray, boxes: np.ndarray, graphs=graphs, manifest=manifest,
+                   part=part, embedding_name=embedding_name) -> np.ndarray:
+            feeds = {embedding_name: embedding,
+                     **samfx.runtime.prompt_inputs(manifest, image_hw, box=boxes / frame)}
+            return graphs.decode(feeds, part)[0][:, 0] > 0
+
+        files = [out / f for f in manifest["files"] if f != "samfx_runtime.py"]
+        label = {"onnx": "onnxruntime", "openvino": "OpenVINO"}[fmt]
+        rows.append(DeployPath(f"{name}, {label}", "samfx", model, encode, decode, files))
     return rows
 
 
@@ -275,12 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         if end_to_end:
             recipes["samfx prune (MLP 30%) + quantize"] = [samfx.PruneConfig(mlp=0.3, importance="fluctuation"),
                                                           samfx.QuantizeConfig()]
-            preset = list(get_preset("lite_medsam_cpu").passes)
-            same = [name for name, passes in recipes.items() if passes == preset]
-            if same:  # one artifact, one row
-                recipes = {(f"{n} (preset lite_medsam_cpu)" if n in same else n): p for n, p in recipes.items()}
-            else:
-                recipes["samfx preset lite_medsam_cpu"] = preset
+            for preset in PRESETS.values():
+                if preset.name.startswith(args.model):
+                    recipes[f"samfx preset {preset.name}"] = list(preset.passes)
         for name, passes in recipes.items():
             rows_of_recipe = [f"{name}, {runtime}" for runtime in ("torch int8", "onnxruntime", "OpenVINO")]
             if args.only and not any(text in row for text in args.only for row in rows_of_recipe):
@@ -288,11 +318,11 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             optimized = samfx.optimize(model, passes, calibration_images=calibration)
             print(f"  {name}: optimized in {time.perf_counter() - start:.0f} s", flush=True)
-            if name.startswith("samfx quantize"):
+            if name == "samfx quantize":
                 paths.append(DeployPath(f"{name}, torch int8", "samfx", optimized, torch_run(optimized.image_encoder),
                                    end_to_end and torch_run(BoxDecoder(optimized, (h, w))) or None))
-            runtimes = ("openvino",) if name.startswith("samfx prune") else ("ort", "openvino")
-            paths += onnx_paths(name, "samfx", optimized, exporter(optimized, name.split()[1]), args.threads, runtimes)
+            formats = ("openvino",) if name.startswith("samfx prune") else ("onnx", "openvino")
+            paths += samfx_paths(name, optimized, formats, (h, w), frame, args.threads, tmp)
 
     if args.only:
         paths = paths[:1] + [p for p in paths[1:] if any(text in p.name for text in args.only)]

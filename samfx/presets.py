@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from .distillation import DEFAULT_TRAINING_IMAGES
-from .passes import PassConfig, QuantizeConfig, ShareImageSideConfig
+from .passes import BF16Config, PassConfig, QuantizeConfig, ShareImageSideConfig
 
 __all__ = ["PRESETS", "Preset", "get_preset"]
 
@@ -56,6 +56,15 @@ PRESETS: dict[str, Preset] = {
             "encoder and decoder (8-bit weights where the CPU has VNNI/AMX, NNCF's mean-of-extremes ranges). "
             "Pruning (MLP 20-30%, fluctuation) fell below box IoU 0.98 without distillation.",
             (ShareImageSideConfig(), QuantizeConfig()),
+        ),
+        Preset(
+            "lite_medsam_cpu_bf16",
+            "LiteMedSAM for OpenVINO on CPUs that multiply bfloat16 natively (AVX-512 BF16, AMX): the decoder's "
+            "image side once per image (exact), W8A8 int8 on the encoder only, and bfloat16 for the rest, which "
+            "the export hands to OpenVINO as its precision hint (float32 where the CPU lacks native bfloat16). "
+            "The decoder is memory-bound with many boxes: bfloat16 halves its traffic where int8's "
+            "quantize/dequantize steps add to it.",
+            (ShareImageSideConfig(), QuantizeConfig(roles=("image_encoder",)), BF16Config()),
         ),
     )
 }

@@ -73,7 +73,8 @@ class Deployment:
         embedding_names: names of the encoder outputs, which are also the first
             inputs of ``decoder``.
         decoder: ``(*embeddings, point_coords, point_labels, mask_input,
-            has_mask_input) -> (low_res_logits, iou_predictions)``.
+            has_mask_input) -> (low_res_logits, iou_predictions)``, and without
+            the two mask inputs for prompts that have no mask.
         preprocessing: how images, prompts and masks are prepared.
         mask_input_size: side of ``mask_input``.
         low_res_clamp: the predictor clamps the low-res logits it hands back for
@@ -144,12 +145,25 @@ class SamPointEmbedding(nn.Module):
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return has_mask_input * self.mask_embedding(mask_input) + (1 - has_mask_input) * no_mask
 
+    def no_mask(self, prompts: int) -> torch.Tensor:
+        """The dense embedding of ``prompts`` prompts without a mask: the no-mask embedding
+        broadcast along the batch (stride 0), as the prompt encoders give it, so that the
+        decoder's image side stays one row per image (see ``share_image_side``)."""
+        height, width = self.dense_pe().shape[-2:]
+        return self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(prompts, -1, height, width)
+
 
 class SamPromptDecoder(nn.Module):
     """SAM-convention decoder: a prompt embedding module (``sparse``, ``dense``,
-    ``dense_pe`` as :class:`SamPointEmbedding`) and the family's mask decoder,
-    called by ``call(mask_decoder, embeddings, dense_pe, sparse, dense) ->
-    (low_res_logits, iou_predictions)``."""
+    ``no_mask``, ``dense_pe`` as :class:`SamPointEmbedding`) and the family's mask
+    decoder, called by ``call(mask_decoder, embeddings, dense_pe, sparse, dense) ->
+    (low_res_logits, iou_predictions)``.
+
+    Inputs: the embeddings, ``point_coords``, ``point_labels`` and either
+    ``mask_input, has_mask_input`` (SAM's convention) or nothing more: prompts
+    without a mask, whose dense embedding is shared by the batch, so the mask
+    embedding is not computed once per prompt on zeros.
+    """
 
     def __init__(self, points: nn.Module, mask_decoder: nn.Module,
                  call: Callable[..., tuple[torch.Tensor, torch.Tensor]], embeddings: int) -> None:
@@ -161,7 +175,7 @@ class SamPromptDecoder(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = inputs[: self.embeddings]
-        point_coords, point_labels, mask_input, has_mask_input = inputs[self.embeddings:]
+        point_coords, point_labels, *mask = inputs[self.embeddings:]
         sparse = self.points.sparse(point_coords, point_labels)
-        dense = self.points.dense(mask_input, has_mask_input)
+        dense = self.points.dense(*mask) if mask else self.points.no_mask(point_coords.shape[0])
         return self._call(self.mask_decoder, embeddings, self.points.dense_pe(), sparse, dense)

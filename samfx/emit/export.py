@@ -74,8 +74,8 @@ class Export:
         checks: ``encoder``: max and relative difference of the embeddings;
             ``decoder``: per case (prompt, image size), the mask IoU between
             the runtime's and eager masks and the largest differences.
-        sizes: bytes of each graph (``encoder``, ``decoder``: external data and
-            ``.bin`` included).
+        sizes: bytes of each graph (``encoder``, ``decoder``, ``decoder_no_mask``:
+            external data and ``.bin`` included).
         export_s: seconds spent exporting, check_s: checking.
     """
 
@@ -101,12 +101,13 @@ class Export:
         enc = self.checks["encoder"]
         runtime_name = runtime.FORMATS[self.format]
         lines = [f"{self.format}: encoder {self.sizes['encoder'] / 1e6:.2f} MB, decoder "
-                 f"{self.sizes['decoder'] / 1e6:.2f} MB (exported in {self.export_s:.0f} s), "
-                 f"precision hint {self.manifest['precision']['hint']}, checked in {self.checks['precision']}",
+                 f"{self.sizes['decoder'] / 1e6:.2f} MB + {self.sizes['decoder_no_mask'] / 1e6:.2f} MB without "
+                 f"mask input (exported in {self.export_s:.0f} s), "
+                 f"precision hints {self.manifest['precision']['parts']}, checked in {self.checks['precisions']}",
                  f"encoder: {runtime_name} vs eager max |diff| {enc['max_abs_diff']:.2e} "
                  f"(relative {enc['relative_diff']:.2e})"]
         for case in self.checks["decoder"]:
-            lines.append(f"decoder {case['prompt']:<22} image {case['image_hw'][0]}x{case['image_hw'][1]}: "
+            lines.append(f"{case['graph']:<15} {case['prompt']:<22} image {case['image_hw'][0]}x{case['image_hw'][1]}: "
                          f"mask IoU {case['mask_iou']:.4f}, max |diff| masks {case['masks_max_abs_diff']:.2e}, "
                          f"iou_predictions {case['iou_max_abs_diff']:.2e}")
         for part, int8 in self.manifest.get("int8", {}).items():
@@ -227,30 +228,32 @@ def export(
             graphs_dir = out if format == "onnx" else Path(scratch)
             size = deployment.preprocessing.size
             blank = tuple(eager.encoder(torch.zeros(1, 3, size, size)))  # the traced copy may not run eagerly
-            onnx_graphs.write_pair(deployment, graphs_dir, opset, external_data, embeddings=blank)
+            # OpenVINO may compute in bfloat16, which rounds float sizes: orig_im_size is an integer there.
+            onnx_graphs.write_pair(deployment, graphs_dir, opset, external_data, embeddings=blank,
+                                   size_dtype=torch.int64 if format == "openvino" else torch.float32)
             signature = {part: onnx_graphs.graph_signature(graphs_dir / f"{part}.onnx")
-                         for part in ("encoder", "decoder")}
+                         for part in onnx_graphs.GRAPHS}
             if format == "onnx":
                 import onnx
 
-                for part in ("encoder", "decoder"):
+                for part in onnx_graphs.GRAPHS:
                     onnx.checker.check_model(str(out / f"{part}.onnx"), full_check=True)
                 parts = {part: [out / f"{part}.onnx", *onnx_graphs.external_files(out / f"{part}.onnx")]
-                         for part in ("encoder", "decoder")}
+                         for part in onnx_graphs.GRAPHS}
             else:
                 from . import openvino as openvino_graphs
 
                 parts = {part: openvino_graphs.convert(graphs_dir / f"{part}.onnx", out / f"{part}.xml")
-                         for part in ("encoder", "decoder")}
+                         for part in onnx_graphs.GRAPHS}
         export_s = time.perf_counter() - start
         shutil.copyfile(runtime.__file__, out / "samfx_runtime.py")
-        manifest = _manifest(model, adapter, deployment, format, multimask_output, opset, reduced, signature, parts)
+        manifest = _manifest(model, adapter, eager, format, multimask_output, opset, reduced, signature, parts)
         if planes:
             manifest["notes"].append(f"{planes} hyper-coded tensors stored as int8 (int16 where needed) planes with a "
                                      "per-row scale and zero point, which OpenVINO keeps compressed and "
                                      "decompresses when it compiles")
         manifest["files"] = {path.name: {"sha256": runtime.file_digest(path), "bytes": path.stat().st_size}
-                             for path in [*parts["encoder"], *parts["decoder"], out / "samfx_runtime.py"]}
+                             for path in [*(p for files in parts.values() for p in files), out / "samfx_runtime.py"]}
         _write(out, manifest)
         result = Export(out, format, parts["encoder"][0], parts["decoder"][0], manifest, export_s=export_s,
                         sizes={part: sum(p.stat().st_size for p in files) for part, files in parts.items()})
@@ -258,13 +261,13 @@ def export(
         predictor = runtime.load(out)  # the files as written, verified against the manifest
         result.checks = _check(eager, onnx_graphs.FullSizeDecoder(eager), predictor, check_image)
         result.checks["precision"] = predictor.precision
+        result.checks["precisions"] = predictor.precisions
         if format == "openvino":
             from . import openvino as openvino_graphs
 
-            manifest["int8"] = openvino_graphs.int8_layers(predictor.graphs.compiled)
+            manifest["int8"] = openvino_graphs.int8_layers(predictor.graphs.compiled, predictor.graphs.parts)
         elif any(p["pass"] == "quantize" for p in manifest["passes"]):
-            manifest["int8"] = {part: _onnxruntime_int8(path) for part, path in
-                                (("encoder", result.encoder), ("decoder", result.decoder))}
+            manifest["int8"] = {part: _onnxruntime_int8(files[0]) for part, files in parts.items()}
         result.check_s = time.perf_counter() - start
     manifest["checks"] = result.checks
     manifest["sizes"] = result.sizes
@@ -322,8 +325,10 @@ def _manifest(model: nn.Module, adapter: Adapter, deployment: Deployment, format
         "required_passes": {p["pass"]: list(get_pass(p["pass"]).requires) for p in passes},
         "encoder": parts["encoder"][0].name,
         "decoder": parts["decoder"][0].name,
+        "decoder_no_mask": parts["decoder_no_mask"][0].name,
         "embeddings": list(deployment.embedding_names),
         "decoder_inputs": list(deployment.embedding_names) + list(onnx_graphs.DECODER_INPUTS),
+        "decoder_no_mask_inputs": list(deployment.embedding_names) + list(onnx_graphs.NO_MASK_DECODER_INPUTS),
         "decoder_outputs": list(onnx_graphs.DECODER_OUTPUTS),
         "graphs": signature,
         "preprocessing": deployment.preprocessing.to_dict(),
@@ -331,6 +336,9 @@ def _manifest(model: nn.Module, adapter: Adapter, deployment: Deployment, format
         "multimask_output": multimask_output,
         "opset": opset,
         "precision": {"hint": hint, "exported_weights": "float32",
+                      # Each graph's hint: bf16 where that part's weights are reduced (bf16 roles).
+                      "parts": {part: "bf16" if _reduced_dtype(module) is not None else "f32"
+                                for part, module in (("encoder", deployment.encoder), ("decoder", deployment.decoder))},
                       "export_cpu": {"summary": isa["summary"], "native_bf16": isa["native_bf16"]}},
         "notes": notes,
     }
@@ -379,16 +387,21 @@ def _check(deployment: Deployment, decoder: onnx_graphs.FullSizeDecoder, predict
         inputs = dict(zip(deployment.embedding_names, eager)) | feeds
         ordered = [torch.from_numpy(inputs[n]) for n in manifest["decoder_inputs"]]
         masks, iou, low_res = (t.float().numpy() for t in decoder(*ordered))
-        ex_masks, ex_iou, ex_low_res = predictor.graphs.decode(inputs)
-        checks["decoder"].append({
-            "prompt": label,
-            "prompts": int(feeds["point_coords"].shape[0]),
-            "points": int(feeds["point_coords"].shape[1]),
-            "image_hw": list(image_hw),
-            "mask_iou": min(mask_iou(a > 0, b > 0) for a, b in zip(ex_masks.reshape(-1, *image_hw),
-                                                                   masks.reshape(-1, *image_hw))),
-            "masks_max_abs_diff": float(np.abs(ex_masks - masks).max()),
-            "low_res_max_abs_diff": float(np.abs(ex_low_res - low_res).max()),
-            "iou_max_abs_diff": float(np.abs(ex_iou - iou).max()),
-        })
+        # Prompts without a mask run through both decoder graphs: users of the SAM convention
+        # call decoder.onnx, samfx's runtime the one without mask inputs.
+        graphs = ["decoder"] + (["decoder_no_mask"] if "mask_input" not in moved else [])
+        for graph in graphs:
+            ex_masks, ex_iou, ex_low_res = predictor.graphs.decode(inputs, graph)
+            checks["decoder"].append({
+                "prompt": label,
+                "graph": graph,
+                "prompts": int(feeds["point_coords"].shape[0]),
+                "points": int(feeds["point_coords"].shape[1]),
+                "image_hw": list(image_hw),
+                "mask_iou": min(mask_iou(a > 0, b > 0) for a, b in zip(ex_masks.reshape(-1, *image_hw),
+                                                                       masks.reshape(-1, *image_hw))),
+                "masks_max_abs_diff": float(np.abs(ex_masks - masks).max()),
+                "low_res_max_abs_diff": float(np.abs(ex_low_res - low_res).max()),
+                "iou_max_abs_diff": float(np.abs(ex_iou - iou).max()),
+            })
     return checks

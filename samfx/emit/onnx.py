@@ -47,10 +47,15 @@ from torch.overrides import TorchFunctionMode
 
 from ..adapters.deploy import Deployment
 
-__all__ = ["DECODER_INPUTS", "DECODER_OUTPUTS", "FullSizeDecoder", "external_files",
-           "graph_signature", "write_pair"]
+__all__ = ["DECODER_INPUTS", "DECODER_OUTPUTS", "GRAPHS", "NO_MASK_DECODER_INPUTS", "FullSizeDecoder",
+           "external_files", "graph_signature", "write_pair"]
+
+#: The graphs of an export, each written as ``NAME.onnx``.
+GRAPHS = ("encoder", "decoder", "decoder_no_mask")
 
 DECODER_INPUTS = ("point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
+#: The inputs of ``decoder_no_mask``: prompts without a mask input.
+NO_MASK_DECODER_INPUTS = ("point_coords", "point_labels", "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 _MAX_SIDE = 1 << 15  # largest image side the decoder graph is declared for
 _MAX_POINTS = 1 << 10
@@ -75,14 +80,18 @@ class FullSizeDecoder(nn.Module):
         masks = low_res
         if self.upscale:
             masks = F.interpolate(masks, (self.size, self.size), mode="bilinear", align_corners=False)
+        # Sizes in integer arithmetic only: a runtime computing in bfloat16 (OpenVINO's hint on
+        # CPUs with native bf16) rounds floats such as 303 to 304, but never integers.
+        orig = orig_im_size.to(torch.int64)
         if self.longest_side:
-            # The resized image's size, as the predictor computes it (int(side * scale + 0.5)), in float64.
-            orig = orig_im_size.to(torch.float64)
-            resized = torch.floor(orig * (self.size / orig.max()) + 0.5).to(torch.int64)
+            # The resized image's size as the predictor computes it, int(side * size / longest + 0.5),
+            # as the exact rational floor((2 * side * size + longest) / (2 * longest)).
+            longest = orig.max()
+            resized = torch.div(2 * self.size * orig + longest, 2 * longest, rounding_mode="floor")
             resized_h, resized_w = _size(resized[0], self.size), _size(resized[1], self.size)
             masks = masks[..., :resized_h, :resized_w]
-        height = _size(orig_im_size[0].to(torch.int64), _MAX_SIDE)
-        width = _size(orig_im_size[1].to(torch.int64), _MAX_SIDE)
+        height = _size(orig[0], _MAX_SIDE)
+        width = _size(orig[1], _MAX_SIDE)
         masks = F.interpolate(masks, (height, width), mode="bilinear", align_corners=False)
         if self.clamp is not None:
             low_res = low_res.clamp(-self.clamp, self.clamp)
@@ -171,13 +180,19 @@ def _drop_debug_info(model: Any) -> None:
 
 
 def write_pair(deployment: Deployment, out: Path, opset: int = 18, external_data: bool | None = None,
-               embeddings: tuple[torch.Tensor, ...] | None = None) -> None:
-    """Write ``encoder.onnx`` and ``decoder.onnx`` of a deployment to ``out``.
+               embeddings: tuple[torch.Tensor, ...] | None = None, size_dtype: torch.dtype = torch.float32) -> None:
+    """Write ``encoder.onnx``, ``decoder.onnx`` and ``decoder_no_mask.onnx`` of a deployment to ``out``.
 
     The decoder takes a batch of prompts (leading axis of ``point_coords``,
     ``point_labels`` and ``mask_input``) against one image's embeddings, and any
-    number of points per prompt. ``embeddings``: example encoder outputs to trace
+    number of points per prompt. ``decoder_no_mask`` is the same decoder for
+    prompts without a mask input (no ``mask_input``, ``has_mask_input``): the
+    dense embedding is then one for the whole batch, so neither the mask
+    embedding nor, after ``share_image_side``, the first layer's image side is
+    computed once per prompt. ``embeddings``: example encoder outputs to trace
     the decoder with (default: the deployment's encoder run on a blank image).
+    ``size_dtype``: the element type of ``orig_im_size`` (float32 by SAM's
+    convention; int64 for runtimes that may compute in bfloat16).
     """
     if opset < 17:
         raise ValueError(f"samfx exports with opset 17 or newer (LayerNormalization, Resize with sizes), not {opset}")
@@ -188,11 +203,14 @@ def write_pair(deployment: Deployment, out: Path, opset: int = 18, external_data
     embeddings = tuple(deployment.encoder(image)) if embeddings is None else embeddings
     prompts = torch.export.Dim("prompts", min=1, max=_MAX_PROMPTS)
     points = torch.export.Dim("points", min=1, max=_MAX_POINTS)
-    example = embeddings + _decoder_example(deployment, 2, 3, (size, size))
+    example = embeddings + _decoder_example(deployment, 2, 3, (size, size), size_dtype)
     dynamic = {"inputs": tuple([None] * len(embeddings)
                                + [{0: prompts, 1: points}, {0: prompts, 1: points}, {0: prompts}, None, None])}
     _to_onnx(FullSizeDecoder(deployment), example, names + list(DECODER_INPUTS), list(DECODER_OUTPUTS), dynamic,
              out / "decoder.onnx", opset, external_data)
+    no_mask = {"inputs": tuple([None] * len(embeddings) + [{0: prompts, 1: points}, {0: prompts, 1: points}, None])}
+    _to_onnx(FullSizeDecoder(deployment), example[:-3] + example[-1:], names + list(NO_MASK_DECODER_INPUTS),
+             list(DECODER_OUTPUTS), no_mask, out / "decoder_no_mask.onnx", opset, external_data)
 
 
 def external_files(path: Path) -> list[Path]:
@@ -219,10 +237,10 @@ def graph_signature(path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": [describe(v) for v in graph.input], "outputs": [describe(v) for v in graph.output]}
 
 
-def _decoder_example(deployment: Deployment, prompts: int, points: int,
-                     image_hw: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+def _decoder_example(deployment: Deployment, prompts: int, points: int, image_hw: tuple[int, int],
+                     size_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     side = deployment.mask_input_size
     coords = torch.linspace(1.0, deployment.preprocessing.size - 1.0, 2 * prompts * points).reshape(prompts, points, 2)
     labels = torch.tensor([[1.0] * (points - 1) + [-1.0]] * prompts)
     return (coords, labels, torch.zeros(prompts, 1, side, side), torch.zeros(1),
-            torch.tensor(image_hw, dtype=torch.float32))
+            torch.tensor(image_hw, dtype=size_dtype))

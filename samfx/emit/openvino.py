@@ -41,7 +41,7 @@ def convert(onnx_path: Path, xml_path: Path) -> list[Path]:
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
-def int8_layers(compiled: Sequence[Any], names: Sequence[str] = ("encoder", "decoder")) -> dict[str, dict[str, Any]]:
+def int8_layers(compiled: Sequence[Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per compiled model: how many GEMM and convolution layers of its execution
     graph compute in int8 (int8 activations, runtime precision i8/u8), of how
     many layers, by layer type."""

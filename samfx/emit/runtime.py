@@ -235,12 +235,25 @@ def prompt_inputs(manifest: dict[str, Any], image_hw: tuple[int, int], point_coo
         "point_labels": labels.astype(np.float32),
         "mask_input": mask,
         "has_mask_input": np.array([float(mask_input is not None)], np.float32),
-        "orig_im_size": np.array(image_hw, np.float32),
+        "orig_im_size": np.array(image_hw, _input_dtype(manifest, "orig_im_size")),
     }
 
 
+def _input_dtype(manifest: dict[str, Any], name: str) -> np.dtype:
+    """The element type the decoder graph declares for input ``name`` (float32 by SAM's convention;
+    OpenVINO exports take ``orig_im_size`` as int64, so that bfloat16 compute never rounds it)."""
+    inputs = manifest.get("graphs", {}).get("decoder", {}).get("inputs", [])
+    return np.dtype(next((i["dtype"] for i in inputs if i["name"] == name), "float32"))
+
+
+def graph_parts(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The graphs of an export: encoder, decoder and, in exports since it exists, the
+    decoder for prompts without a mask input."""
+    return tuple(part for part in ("encoder", "decoder", "decoder_no_mask") if part in manifest)
+
+
 class _OnnxRuntimeGraphs:
-    """The encoder and decoder as onnxruntime sessions."""
+    """The export's graphs as onnxruntime sessions."""
 
     def __init__(self, model_dir: Path, manifest: dict[str, Any], threads: int | None, precision: str | None,
                  providers: Sequence[str] | None = None) -> None:
@@ -248,22 +261,32 @@ class _OnnxRuntimeGraphs:
 
         if precision not in (None, "f32"):
             raise ValueError(f"onnxruntime's CPU provider runs float32 only, not {precision!r}")
+        self.parts = graph_parts(manifest)
         self.precision = "f32"
+        self.precisions = {part: "f32" for part in self.parts}
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or 0
         options.log_severity_level = 3
         providers = list(providers or ["CPUExecutionProvider"])
         try:
-            self.sessions = [onnxruntime.InferenceSession(str(model_dir / manifest[part]), options,
-                                                          providers=providers) for part in ("encoder", "decoder")]
+            self.sessions = {part: onnxruntime.InferenceSession(str(model_dir / manifest[part]), options,
+                                                                providers=providers) for part in self.parts}
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise ValueError(f"onnxruntime cannot load {model_dir}: {err}") from None
+        self.inputs = {part: [i.name for i in session.get_inputs()] for part, session in self.sessions.items()}
 
     def encode(self, pixels: np.ndarray) -> list[np.ndarray]:
-        return self.sessions[0].run(None, {"image": pixels})
+        return self.sessions["encoder"].run(None, {"image": pixels})
 
-    def decode(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[1].run(None, feeds)
+    def decode(self, feeds: dict[str, np.ndarray], part: str = "decoder") -> list[np.ndarray]:
+        return self.sessions[part].run(None, {name: feeds[name] for name in self.inputs[part]})
+
+
+def part_hints(manifest: dict[str, Any]) -> dict[str, str]:
+    """The export's precision hint of each graph (older manifests: one hint, decoder float32)."""
+    precision = manifest.get("precision", {})
+    hints = {"encoder": precision.get("hint", "f32"), "decoder": "f32", **precision.get("parts", {})}
+    return {part: hints["encoder" if part == "encoder" else "decoder"] for part in graph_parts(manifest)}
 
 
 def native_bf16(core: Any) -> bool:
@@ -272,7 +295,7 @@ def native_bf16(core: Any) -> bool:
 
 
 class _OpenVinoGraphs:
-    """The encoder and decoder compiled by OpenVINO's CPU plugin."""
+    """The export's graphs compiled by OpenVINO's CPU plugin."""
 
     def __init__(self, model_dir: Path, manifest: dict[str, Any], threads: int | None, precision: str | None,
                  providers: Sequence[str] | None = None) -> None:
@@ -281,39 +304,54 @@ class _OpenVinoGraphs:
         if providers:
             raise ValueError("providers are onnxruntime's; OpenVINO runs on its CPU plugin here")
         core = openvino.Core()
-        wanted = precision or manifest.get("precision", {}).get("hint", "f32")
-        if wanted not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {wanted!r}")
+        self.parts = graph_parts(manifest)
+        hints = part_hints(manifest)
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            hints = {part: precision for part in hints}
         # bf16 only where it is native: emulated, it is slower than float32 and still lossy.
-        # The encoder only: the decoder's size arithmetic on orig_im_size needs exact
-        # integers (303 is 304 in bfloat16), and the decoder is a small part of the time.
-        self.precision = "bf16" if wanted == "bf16" and native_bf16(core) else "f32"
+        # A decoder only when its graph takes orig_im_size as an integer: bfloat16 rounds
+        # float sizes (303 is 304), which older exports carry as float32.
+        native = native_bf16(core)
+        integer_sizes = _input_dtype(manifest, "orig_im_size").kind == "i"
+        self.precisions = {part: "bf16" if hint == "bf16" and native and (part == "encoder" or integer_sizes)
+                           else "f32" for part, hint in hints.items()}
+        self.precision = self.precisions["encoder"]
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
             self.compiled = [core.compile_model(core.read_model(str(model_dir / manifest[part])), "CPU",
-                                                {**config, "INFERENCE_PRECISION_HINT": precision})
-                             for part, precision in (("encoder", self.precision), ("decoder", "f32"))]
+                                                {**config, "INFERENCE_PRECISION_HINT": self.precisions[part]})
+                             for part in self.parts]
         except RuntimeError as err:
             raise ValueError(f"OpenVINO cannot load {model_dir}: {str(err).splitlines()[0]}") from None
-        self.requests = [compiled.create_infer_request() for compiled in self.compiled]
+        self.requests = dict(zip(self.parts, (compiled.create_infer_request() for compiled in self.compiled)))
         # A port has every name the graph gave its tensor; the manifest's is one of them.
-        self.decoder_inputs = [next(name for name in sorted(port.get_names()) if name in manifest["decoder_inputs"])
-                               for port in self.compiled[1].inputs]
+        self.inputs = {part: [next(name for name in sorted(port.get_names()) if name in manifest[f"{part}_inputs"])
+                              for port in compiled.inputs]
+                       for part, compiled in zip(self.parts, self.compiled) if part != "encoder"}
+
+    def _run(self, part: str, inputs: dict[Any, np.ndarray]) -> list[np.ndarray]:
+        request = self.requests[part]
+        request.infer(inputs)
+        return [request.get_output_tensor(i).data.copy() for i in range(len(request.model_outputs))]
 
     def encode(self, pixels: np.ndarray) -> list[np.ndarray]:
-        request = self.requests[0]
-        request.infer({0: pixels})
-        return [request.get_output_tensor(i).data.copy() for i in range(len(self.compiled[0].outputs))]
+        return self._run("encoder", {0: pixels})
 
-    def decode(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = self.requests[1]
-        request.infer({name: feeds[name] for name in self.decoder_inputs})
-        return [request.get_output_tensor(i).data.copy() for i in range(len(self.compiled[1].outputs))]
+    def decode(self, feeds: dict[str, np.ndarray], part: str = "decoder") -> list[np.ndarray]:
+        return self._run(part, {name: feeds[name] for name in self.inputs[part]})
 
 
 _GRAPHS = {"onnx": _OnnxRuntimeGraphs, "openvino": _OpenVinoGraphs}
+
+
+def decoder_part(manifest: dict[str, Any], has_mask: bool) -> str:
+    """The graph that decodes a prompt batch: ``decoder_no_mask`` for prompts without a mask
+    where the export has it (the mask embedding is then shared), else ``decoder``."""
+    return "decoder_no_mask" if not has_mask and "decoder_no_mask" in manifest else "decoder"
 
 
 class Predictor:
@@ -325,9 +363,10 @@ class Predictor:
     Args:
         model_dir: what :func:`samfx.export` wrote.
         threads: runtime threads (``None``: the runtime's choice).
-        precision: OpenVINO's inference precision of the encoder, ``"f32"`` or
-            ``"bf16"`` (``None``: the manifest's hint; bf16 only where the CPU has it
-            natively); the decoder runs in float32.
+        precision: OpenVINO's inference precision of both graphs, ``"f32"`` or
+            ``"bf16"`` (``None``: the manifest's hint for each graph); bf16 only where
+            the CPU has it natively, and for the decoder only where the export takes
+            ``orig_im_size`` as an integer.
         providers: onnxruntime execution providers (default: CPU).
 
     Attributes:
@@ -335,7 +374,8 @@ class Predictor:
         format: ``"onnx"`` or ``"openvino"``.
         graphs: the runtime's encoder and decoder: ``encode(pixels)`` and
             ``decode(feeds)`` give the graphs' outputs as numpy arrays.
-        precision: the inference precision the runtime was given.
+        precision: the encoder's inference precision.
+        precisions: each graph's inference precision (``{"encoder": ..., "decoder": ...}``).
     """
 
     def __init__(self, model_dir: str | Path, threads: int | None = None, precision: str | None = None,
@@ -347,6 +387,7 @@ class Predictor:
         self.preprocessing = self.manifest["preprocessing"]
         self.graphs = _GRAPHS[self.format](self.model_dir, self.manifest, threads, precision, providers)
         self.precision = self.graphs.precision
+        self.precisions = self.graphs.precisions
         self._embeddings: dict[str, np.ndarray] | None = None
         self._image_hw = (0, 0)
 
@@ -391,9 +432,26 @@ class Predictor:
                       for value, ndim in ((box, 2), (point_coords, 3)))
         feeds = {**self._embeddings,
                  **prompt_inputs(self.manifest, self._image_hw, point_coords, point_labels, box, mask_input)}
-        masks, scores, low_res = self.graphs.decode(feeds)
+        masks, scores, low_res = self.graphs.decode(feeds, decoder_part(self.manifest, mask_input is not None))
         masks = masks > 0.0
         return (masks, scores, low_res) if batched else (masks[0], scores[0], low_res[0])
+
+
+    def predict_boxes(self, boxes: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One mask per box ``(N, 4)`` (pixel ``x0, y0, x1, y1``), all boxes in one decoder call,
+        as the family predictors' ``predict_boxes`` gives them (what ``samfx.evaluate`` runs).
+
+        Returns ``(masks, scores)``: ``N x H x W`` bools and ``N`` predicted IoUs. An
+        export with the multi-mask output gives, per box, its candidate with the highest
+        predicted IoU (export with ``multimask_output=False`` for SAM's single-mask output).
+        """
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if not len(boxes):
+            return np.zeros((0, *self._image_hw), bool), np.zeros(0, np.float32)
+        masks, scores, _ = self.predict(box=boxes)
+        best = np.argmax(scores, axis=1)
+        rows = np.arange(len(boxes))
+        return masks[rows, best], scores[rows, best].astype(np.float32)
 
 
 class OnnxPredictor(Predictor):

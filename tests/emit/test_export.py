@@ -30,6 +30,12 @@ def test_export_matches_eager(exported, case: tuple[str, tuple[str, ...], str]) 
     assert {case["points"] for case in checks["decoder"]} >= {2, 3, 4}
     assert len({tuple(case["image_hw"]) for case in checks["decoder"]}) == 3
     assert max(case["prompts"] for case in checks["decoder"]) == 24  # coins' boxes, batched
+    # Prompts without a mask also run through decoder_no_mask, the graph samfx's runtime calls for them.
+    graphs = {(case["prompt"], tuple(case["image_hw"])): set() for case in checks["decoder"]}
+    for case in checks["decoder"]:
+        graphs[case["prompt"], tuple(case["image_hw"])].add(case["graph"])
+    assert all(found == ({"decoder"} if prompt.endswith("mask") else {"decoder", "decoder_no_mask"})
+               for (prompt, _), found in graphs.items())
     for case in checks["decoder"]:
         assert case["mask_iou"] >= mask_iou_bar(passes), case
         assert case["iou_max_abs_diff"] < (1e-2 if mask_iou_bar(passes) < 0.999 else 1e-4), case
@@ -56,6 +62,12 @@ def test_manifest_lists_every_file_with_its_checksum(exported, format: str) -> N
     assert [i["name"] for i in graphs["inputs"]] == manifest["decoder_inputs"]
     coords = graphs["inputs"][1]
     assert isinstance(coords["shape"][0], str) and coords["shape"][2] == 2  # a batch of prompts, (x, y)
+    no_mask = manifest["graphs"]["decoder_no_mask"]
+    assert [i["name"] for i in no_mask["inputs"]] == manifest["decoder_no_mask_inputs"] == [
+        name for name in manifest["decoder_inputs"] if name not in ("mask_input", "has_mask_input")]
+    # SAM's convention (float32 sizes) in ONNX; integer sizes in OpenVINO, which may compute in bfloat16.
+    size_type = {"onnx": "float32", "openvino": "int64"}[format]
+    assert {graph["inputs"][-1]["dtype"] for graph in (graphs, no_mask)} == {size_type}
     assert manifest["precision"] == {**manifest["precision"], "hint": "f32", "exported_weights": "float32"}
     assert manifest["preprocessing"]["size"] == 128 and manifest["checks"]["decoder"]
 
@@ -92,8 +104,31 @@ def test_bf16_model_exports_float32_weights_with_a_bf16_hint(exported, format: s
     precision = export.manifest["precision"]
     assert precision["hint"] == "bf16" and precision["exported_weights"] == "float32"
     assert any("float32" in note for note in export.manifest["notes"])
+    assert precision["parts"] == {"encoder": "bf16", "decoder": "bf16"}
     native = cpu_isa()["native_bf16"]
-    assert export.checks["precision"] == ("bf16" if native and format == "openvino" else "f32")
+    computed = "bf16" if native and format == "openvino" else "f32"
+    assert export.checks["precision"] == computed
+    assert export.checks["precisions"] == {"encoder": computed, "decoder": computed, "decoder_no_mask": computed}
+
+
+def test_openvino_bf16_decoder_keeps_image_sizes_exact(exported) -> None:
+    """bfloat16 rounds 303 to 304: OpenVINO exports take orig_im_size as an integer, so a
+    decoder computing in bfloat16 (where the CPU has it natively) still gives masks of the
+    image's exact size, and an older float32-size export keeps its decoder in float32."""
+    if "bf16" not in [info.name for info in samfx.passes.list_passes()]:
+        pytest.skip("no bf16 pass")
+    predictor = runtime.load(exported("sam_vit_b", ("bf16",), "openvino").directory, threads=1)
+    box = np.array([10.0, 12.0, 90.0, 70.0])
+    for height, width in ((303, 384), (257, 1023), (1023, 77)):
+        predictor.set_image(np.zeros((height, width, 3), np.uint8))
+        masks, _, _ = predictor.predict(box=np.stack([box, box + 5]))
+        assert masks.shape[-2:] == (height, width)
+    manifest = predictor.manifest
+    older = {**manifest, "graphs": {**manifest["graphs"], "decoder": {"inputs": [{"name": "orig_im_size",
+                                                                                  "dtype": "float32"}]}}}
+    assert runtime.part_hints(older)["decoder"] == "bf16"
+    assert runtime.prompt_inputs(older, (303, 384), box=box)["orig_im_size"].dtype == np.float32
+    assert runtime.prompt_inputs(manifest, (303, 384), box=box)["orig_im_size"].dtype == np.int64
 
 
 @pytest.mark.parametrize("format", ["onnx", "openvino"])

@@ -53,7 +53,7 @@ def test_external_weights_and_the_model_left_as_it_was(tmp_path) -> None:
     assert all(m.training for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     data = {p.name: p.stat().st_size for p in tmp_path.iterdir() if p.suffix == ".data"}
-    assert sorted(data) == ["decoder.onnx.data", "encoder.onnx.data"]
+    assert sorted(data) == ["decoder.onnx.data", "decoder_no_mask.onnx.data", "encoder.onnx.data"]
     assert data["encoder.onnx.data"] + export.encoder.stat().st_size == export.sizes["encoder"]
     assert data["encoder.onnx.data"] > 4 * sum(p.numel() for p in model.image_encoder.parameters()) * 0.99
     assert export.worst_mask_iou >= 0.999  # checked with the external weights loaded

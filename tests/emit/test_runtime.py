@@ -107,6 +107,10 @@ def test_boxes_are_decoded_in_one_call(exported, format: str) -> None:
         one, one_scores, _ = predictor.predict(box=boxes[index])
         assert mask_iou(one[0], masks[index, 0]) >= 0.999
         np.testing.assert_allclose(one_scores, scores[index], atol=1e-4)
+    # What samfx.evaluate runs: one mask per box (the best-scored candidate of a multi-mask export).
+    best, best_scores = predictor.predict_boxes(boxes)
+    assert best.shape == (5, *sample.image.shape[:2]) and np.array_equal(best_scores, scores.max(axis=1))
+    assert np.array_equal(best[1], masks[1, scores[1].argmax()])
     # A point shared by every box, and per-box low-res masks fed back.
     click = [p.coords for p in sample.prompts if p.kind == "point"][0]
     again, _, _ = predictor.predict(box=boxes, point_coords=[click], point_labels=[1], mask_input=low_res[:, :1])
