@@ -9,9 +9,10 @@ from samfx.data import DEFAULT_IMAGES
 from samfx.presets import PRESETS, get_preset
 
 
-def test_lite_medsam_cpu_keeps_box_masks_on_held_out_photos(lite_medsam: nn.Module) -> None:
-    """The shipped recipe on the real weights: box IoU >= 0.98 and GT mIoU within 0.5 point on coins."""
-    preset = get_preset("lite_medsam_cpu")
+@pytest.mark.parametrize("name", sorted(name for name in PRESETS if name.startswith("lite_medsam")))
+def test_lite_medsam_presets_keep_box_masks_on_held_out_photos(lite_medsam: nn.Module, name: str) -> None:
+    """The shipped recipes on the real weights: box IoU >= 0.98 and GT mIoU within 0.5 point on coins."""
+    preset = get_preset(name)
     assert not set(preset.calibration_images) & set(DEFAULT_IMAGES)
     # Measured by the pipeline's fidelity floor, as shipped (no back-off).
     fast = preset.optimize(lite_medsam, min_box_iou=0.98, held_out_images=["coins"])

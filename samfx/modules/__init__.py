@@ -13,10 +13,11 @@ Example::
 """
 
 from .hyper import HyperCoded, HyperConv, HyperLinear, HyperTensor
-from .quantized import (DynamicQuantizedLinear, MatMul, QuantizedConv2d, QuantizedLinear, QuantizedMatMul,
-                        WeightOnlyLinear)
+from .quantized import (FLOAT32_KERNELS, DynamicQuantizedLinear, MatMul, QuantizedConv2d, QuantizedLinear,
+                        QuantizedMatMul, WeightOnlyLinear)
 
 __all__ = [
+    "FLOAT32_KERNELS",
     "DynamicQuantizedLinear",
     "HyperCoded",
     "HyperConv",

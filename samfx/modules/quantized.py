@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..kernels import quantized as qk
 
 __all__ = [
+    "FLOAT32_KERNELS",
     "DynamicQuantizedLinear",
     "MatMul",
     "QuantizedConv2d",
@@ -214,3 +215,8 @@ class WeightOnlyLinear(nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
+
+
+#: The layers whose int8 kernels take float32 activations and scales: a pass that lowers
+#: a component's precision (``bf16``) keeps them, and their inputs, in float32.
+FLOAT32_KERNELS = (QuantizedLinear, DynamicQuantizedLinear, QuantizedConv2d, QuantizedMatMul, WeightOnlyLinear)

@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from ..capture import CapturedModel, Component
 from ..graph import module_paths, op_name
+from ..modules import FLOAT32_KERNELS
 from .base import PassConfig, PassContext, PassError, PassReport, PassResult, register_pass
 
 __all__ = ["BF16Config", "bf16", "weaker"]
@@ -205,7 +206,9 @@ def bf16(captured: CapturedModel, config: BF16Config, context: PassContext) -> P
         if component is None:
             skipped.append(f"{role}: not a captured component of this model")
             continue
-        islands = set(captured.adapter.precision_islands(component.root))
+        # int8 layers (after quantize) stay float32 around their integer kernels.
+        islands = set(captured.adapter.precision_islands(component.root)) | {
+            path for path, module in component.root.named_modules() if isinstance(module, FLOAT32_KERNELS)}
         try:
             details[role] = {**_convert(component, islands, low), "islands": len(islands)}
         except Exception as err:  # a dtype an op rejects: leave the component in float32

@@ -84,3 +84,20 @@ def test_real_weights_fidelity(lite_medsam: nn.Module, lite_medsam_reference) ->
     assert fidelity.embedding_cosine_min >= 0.998
     assert fidelity.box_mask_iou_mean >= 0.99 and fidelity.box_mask_iou_min >= 0.98
     assert abs(fidelity.gt_miou_original - fidelity.gt_miou_optimized) < 0.01
+
+
+def test_int8_layers_stay_float32_after_quantize() -> None:
+    """quantize then bf16 (the lite_medsam_cpu_bf16 recipe): the int8 kernels take float32
+    activations and scales, so their layers are float32 islands and the model runs."""
+    from samfx.modules import FLOAT32_KERNELS
+
+    model = small_model("sam_vit_b")
+    fast = samfx.optimize(model, [samfx.QuantizeConfig(roles=("image_encoder",), images=("chelsea",),
+                                                       prompts_per_image=1), "bf16"], min_box_iou=None)
+    int8 = [m for m in fast.image_encoder.modules() if isinstance(m, FLOAT32_KERNELS)]
+    assert int8 and all(t.dtype != torch.bfloat16 for m in int8 for t in [*m.parameters(), *m.buffers()])
+    assert any(p.dtype == torch.bfloat16 for p in fast.mask_decoder.parameters())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        cosine = nn.functional.cosine_similarity(fast.image_encoder(x).flatten(), model.image_encoder(x).flatten(), 0)
+    assert cosine > 0.95
