@@ -1,4 +1,5 @@
-"""Doctest collection over ``samfx`` (pytest.ini adds ``--doctest-modules``).
+"""Doctest collection over ``samfx`` (pytest.ini adds ``--doctest-modules``), and how
+the suite shares a 2-core machine between two pytest-xdist workers.
 
 Triton kernels import Triton at module level; where it is not installed (CPUs
 without it, macOS) their modules are not collected.
@@ -6,6 +7,7 @@ without it, macOS) their modules are not collected.
 
 import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -13,3 +15,25 @@ collect_ignore = [] if importlib.util.find_spec("triton") else [
     "samfx/kernels/hyper_triton.py",
     "samfx/kernels/rel_pos_triton.py",
 ]
+
+#: Test files that share the session's exports (tests/emit/conftest.py): one worker runs them all.
+_SHARED_EXPORTS = {"test_export.py", "test_onnx.py", "test_runtime.py"}
+
+
+def pytest_configure(config):
+    # pytest-xdist (pytest.ini: -n 2): one torch thread per worker, so two workers use the two cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test file runs whole on one worker (``--dist loadgroup``), so its module
+    fixtures are built once; the emitter tests that share exports run on one worker."""
+    import pytest
+
+    for item in items:
+        path = Path(str(item.fspath))
+        shared = path.parent.name == "emit" and path.name in _SHARED_EXPORTS
+        item.add_marker(pytest.mark.xdist_group("emit-exports" if shared else str(path)))
