@@ -23,6 +23,7 @@ SUITES = {
     "deploy": "hand-made CPU deploy paths (onnxruntime, OpenVINO, NNCF) against samfx's, encoder and 24 boxes",
     "zoo_smoke": "every full-size zoo model builds and runs once",
     "eval_folder": "samfx eval on a generated COCO folder",
+    "tune": "samfx tune on LiteMedSAM (latency on OpenVINO, box IoU >= 0.98, 20 minutes) against the preset",
 }
 #: Suites that are options of another suite's script.
 ALIASES = {"everything": ("run", ["--everything"])}

@@ -457,7 +457,11 @@ def _tune(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(result.table())
     recipe = result.save_recipe(out / "recipe.json")
-    print(f"\nbest: {result.best.passes or '(the original: no recipe kept the floor)'}")
+    if result.best.passes:
+        print(f"\nbest: {result.best.passes}")
+    else:
+        print("\nbest: the original model (" + ("the budget ended before another candidate was measured; give more"
+                                              if len(result.candidates) == 1 else "no other recipe kept the floor") + ")")
     print(f"wrote {recipe}, {result.save(out / 'tune.json')}", end="")
     try:
         print(f" and {result.plot(out / 'front.png')}")

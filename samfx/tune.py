@@ -48,6 +48,7 @@ import heapq
 import inspect
 import math
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -202,7 +203,8 @@ class TuneCandidate:
         gt_miou, gt_miou_original: ground-truth mIoU of this candidate and of the original.
         meets_floor: whether it keeps the floor.
         started_s: when it started, in seconds from the start of the search.
-        seconds: wall time spent on it.
+        seconds: wall time spent on it; ``stages``: of which optimizing, deploying
+            (export and load), timing and evaluating.
     """
 
     index: int
@@ -221,6 +223,7 @@ class TuneCandidate:
     note: str = ""
     started_s: float = 0.0
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -432,7 +435,7 @@ class _Space:
         if feasible:
             for name, start in self.starts.items():
                 if name not in names and not any({name, other} <= pair for other in names for pair in _EXCLUSIVE):
-                    out.append((_order([*configs, start]), f"+ {format_pass(start)}", True))
+                    out.append((_order([*configs, start]), f"+ {format_passes([start])}", True))
             for name in self.exact if self.objective == "latency" else ():
                 if name not in names:
                     out.append((_order([*configs, get_pass(name).config_cls()]), f"+ {name}", True))
@@ -443,10 +446,6 @@ class _Space:
             if config.name in self.exact and self.objective == "latency":
                 out.append(([c for c in configs if c is not config], f"- {config.name}", False))
         return out
-
-
-def format_pass(config: PassConfig) -> str:
-    return format_passes([config])
 
 
 def _token_cluster_start(model: nn.Module, adapter: Any) -> tuple[PassConfig, dict[str, tuple[Any, ...]]] | None:
@@ -494,7 +493,7 @@ def _space(model: nn.Module, adapter: Any, runtime: str, objective: str) -> _Spa
 def _images(images: Sequence[Any] | None, calibration: Sequence[Any] | None, annotations: str | Path | None,
             held_out: float, seed: int) -> tuple[list[np.ndarray], list[Any], dict[str, Any]]:
     """Calibration arrays, held-out evaluation samples, and the record of which image did what."""
-    from .data import (DEFAULT_IMAGES, ImageSplit, image_sample, load_images, separate_images, split_images)
+    from .data import DEFAULT_IMAGES, image_digest, image_sample, separate_images, split_images
     from .distillation import DEFAULT_TRAINING_IMAGES
 
     if annotations is not None:
@@ -508,15 +507,13 @@ def _images(images: Sequence[Any] | None, calibration: Sequence[Any] | None, ann
             split = separate_images(calibration, [item.image for item in items])
         else:
             split = split_images([item.image for item in items], held_out=held_out, seed=seed)
-        from .data import image_digest
-
+        digests = [image_digest(item.image) for item in items]
         held = {image_digest(image) for image in split.evaluation}
-        samples = [item for item in items if image_digest(item.image) in held]
-        calibration_names = [items[[image_digest(i.image) for i in items].index(image_digest(image))].name
-                             if image_digest(image) in {image_digest(i.image) for i in items} else name
-                             for image, name in zip(split.calibration, split.calibration_names)]
-        record = {**split.record(), "calibration": calibration_names, "evaluation": [s.name for s in samples],
-                  "annotations": str(annotations)}
+        samples = [item for item, digest in zip(items, digests) if digest in held]
+        names = dict(zip(digests, (item.name for item in items)))
+        record = {**split.record(), "evaluation": [item.name for item in samples], "annotations": str(annotations),
+                  "calibration": [names.get(image_digest(image), name)
+                                  for image, name in zip(split.calibration, split.calibration_names)]}
         return split.calibration, samples, record
     if images is None and calibration is None:
         split = separate_images(list(DEFAULT_TRAINING_IMAGES), list(DEFAULT_IMAGES))
@@ -652,7 +649,10 @@ def tune(
         """(one timed unit of work, a predictor for evaluate, bytes on disk)."""
         if runtime == "torch":
             predictor = adapter.predictor(candidate_model)
-            size = _checkpoint_bytes(candidate_model, root / f"{label}-torch") if objective == "size" else None
+            size = None
+            if objective == "size":
+                exports.append(root / f"{label}-torch")
+                size = _checkpoint_bytes(candidate_model, exports[-1])
 
             def work() -> object:
                 with torch.no_grad():
@@ -660,6 +660,7 @@ def tune(
                     return predictor.predict_boxes(timing_boxes)
             return work, predictor, size
         directory = root / label
+        exports.append(directory)
         result = export(candidate_model, directory, format=_FORMAT[runtime], adapter=adapter, multimask_output=False)
         clock.check()
         loaded = exported_runtime.load(directory, threads=threads)
@@ -676,19 +677,24 @@ def tune(
         candidate.gt_miou, candidate.gt_miou_original = report.gt_miou, report.gt_miou_original
         candidate.meets_floor = floor.met(candidate)
 
+    exports: list[Path] = []  # a candidate's export is removed once it is loaded and measured
     candidates: list[TuneCandidate] = []
     models: dict[int, nn.Module] = {}
     configs_of: dict[int, list[PassConfig]] = {}
     # The original on the runtime: the reference every candidate is timed against.
     original = TuneCandidate(0, "", "the original model")
     start = time.perf_counter()
+    stage = _Stages(original)
     reference_work, original_predictor, original_size = deployed(model, "original")
     original.size_bytes = original_size
+    stage("deploy")
     # In PyTorch the original is the reference itself: measured once, its masks cached for every candidate.
     fidelity(original, reference if runtime == "torch" else original_predictor)
+    stage("evaluate")
     if objective == "latency":
         timing = interleaved({"original": reference_work}, repeats=repeats, warmup=1)
         original.latency_s, original.speedup = timing["original"].median, 1.0
+        stage("time")
     original.seconds = time.perf_counter() - start
     candidates.append(original)
     configs_of[0] = []
@@ -739,8 +745,10 @@ def tune(
             continue
         start = time.perf_counter()
         try:
+            stage = _Stages(candidate)
             optimized = optimize(model, configs, calibration_images=calibration_arrays, model_name=model_name,
                                  **floor_keyword)
+            stage("optimize")
             idle = [r.name for r in optimized.samfx_report.passes if not r.changed]
             if idle:
                 left_out.update(idle)
@@ -752,11 +760,13 @@ def tune(
                 continue
             clock.check()
             work, predictor, candidate.size_bytes = deployed(optimized, f"c{candidate.index}")
+            stage("deploy")
             clock.check()
             if objective == "latency":
                 timing = interleaved({"candidate": work, "original": reference_work}, repeats=repeats, warmup=1)
                 candidate.latency_s = timing["candidate"].median
                 candidate.speedup = timing["original"].median / timing["candidate"].median
+                stage("time")
             clock.check()
             front = pareto_front(candidates, objective, floor)
             parent_fidelity = _fidelity(candidates[parent], floor) if parent is not None else None
@@ -768,6 +778,7 @@ def tune(
                 candidate.note = f"cannot beat #{rival.index}: no better {objective}, and at most its parent's fidelity"
             else:
                 fidelity(candidate, predictor)
+                stage("evaluate")
             del work, predictor
         except _OutOfTime:
             candidate.status, candidate.note, cut = "cut", "the budget ran out", True
@@ -779,6 +790,10 @@ def tune(
             candidate.seconds = time.perf_counter() - start
             say(f"#{candidate.index} {text}: failed ({candidate.note})")
             continue
+        finally:
+            for directory in exports[1:]:
+                shutil.rmtree(directory, ignore_errors=True)
+            del exports[1:]
         candidate.seconds = time.perf_counter() - start
         configs_of[candidate.index] = configs
         if candidate.status == "measured":
@@ -822,6 +837,18 @@ def tune(
                       image_record, models.get(best.index))
 
 
+class _Stages:
+    """Records the seconds of each stage of a candidate as it ends."""
+
+    def __init__(self, candidate: TuneCandidate) -> None:
+        self.candidate, self.last = candidate, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.candidate.stages[name] = now - self.last
+        self.last = now
+
+
 def _line(candidate: TuneCandidate, floor: Floor) -> str:
     parts = []
     if candidate.speedup is not None:
@@ -836,7 +863,8 @@ def _line(candidate: TuneCandidate, floor: Floor) -> str:
     if candidate.gt_miou is not None:
         parts.append(f"GT mIoU {100 * candidate.gt_miou:.1f}")
     parts.append("meets the floor" if candidate.meets_floor else "below the floor")
-    return ", ".join(parts)
+    stages = ", ".join(f"{name} {seconds:.0f}" for name, seconds in candidate.stages.items())
+    return ", ".join(parts) + (f" (s: {stages})" if stages else "")
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
