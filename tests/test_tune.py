@@ -123,3 +123,27 @@ def test_budget_syntax() -> None:
     assert parse_budget("20m") == 1200 and parse_budget("1h30m") == 5400 and parse_budget("90") == 90
     with pytest.raises(TuneError):
         parse_budget("20 minutes")
+
+
+def test_ground_truth_floor_on_annotated_slices(tmp_path) -> None:
+    """With annotations the floor is on GT mIoU, the annotated images are split, and the split is recorded."""
+    import numpy as np
+
+    from samfx.data import package_images
+
+    coins = package_images(["coins"])[0]
+    gray = coins.image[:, :, 0]
+    labels = np.zeros(gray.shape, np.int32)
+    for label, mask in enumerate(coins.objects[:6], start=1):
+        labels[mask] = label
+    npz = tmp_path / "case.npz"  # a 2-slice volume: coins and its mirror image
+    np.savez(npz, imgs=np.stack([gray, gray[:, ::-1]]), gts=np.stack([labels, labels[:, ::-1]]))
+    result = tune(small_model("sam_vit_b"), runtime="torch", min_box_iou=None, max_gt_miou_loss=0.05, budget=0.5,
+                  annotations=npz, repeats=1, progress=False)
+    original = result.candidates[0]
+    assert result.floor.metric == "gt_miou" and original.gt_miou == original.gt_miou_original is not None
+    assert original.meets_floor and result.best is original
+    record = result.recipe["images"]
+    assert record["annotations"] == str(npz) and len(record["calibration"]) == len(record["evaluation"]) == 1
+    assert set(record["calibration"]) | set(record["evaluation"]) == {"case.npz[0]", "case.npz[1]"}
+    assert result.recipe["floor"] == {"min_box_iou": None, "max_gt_miou_loss": 0.05}
