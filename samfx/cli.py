@@ -471,13 +471,6 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="samfx", description="Optimize Segment Anything models with graph passes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -593,9 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latency (encoder + all boxes of an image on --runtime) or size on disk")
     tn.add_argument("--runtime", choices=("torch", "onnxruntime", "openvino"), default="openvino",
                     help="where candidates are timed (default openvino)")
-    tn.add_argument("--min-box-iou", type=_fraction, default=None,
+    tn.add_argument("--min-box-iou", type=float, default=None,
                     help="floor: box-prompt mask IoU vs the original on the held-out images (default 0.97)")
-    tn.add_argument("--max-gt-miou-loss", type=_fraction, default=None,
+    tn.add_argument("--max-gt-miou-loss", type=float, default=None,
                     help="floor instead, with --annotations: ground-truth mIoU lost, as a fraction (0.01: a point)")
     tn.add_argument("--images", help="images (names, files, folders, globs), split into calibration and held-out "
                                      "parts; with --annotations, their folder (default: package photos)")
