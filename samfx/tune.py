@@ -30,8 +30,8 @@ as a candidate below the floor is skipped, and one more aggressive than its
 parent whose latency (or size) already loses to a front member at least as
 faithful as that parent is not evaluated. A pass that changes nothing on the
 model leaves the search. The budget is checked between the stages of a
-candidate, so a search cut by it returns its best so far (the original model,
-at worst).
+candidate, so a search cut by it (or by Ctrl-C) returns its best so far (the
+original model, at worst).
 
 Example::
 
@@ -378,8 +378,11 @@ def _order(configs: Sequence[PassConfig]) -> list[PassConfig]:
 
 def _aggressive_at_least(a: Sequence[PassConfig], b: Sequence[PassConfig]) -> bool:
     """Whether recipe ``a`` is at least as lossy as ``b`` on every knob the search steps:
-    it has each lossy pass of ``b`` with the same other options, each ladder option as far or further."""
+    the same exact passes (``split_qkv`` changes what ``quantize`` calibrates), each
+    lossy pass of ``b`` with the same other options, each ladder option as far or further."""
     mine = {c.name: c for c in a}
+    if {c.name for c in a if get_pass(c.name).exact} != {c.name for c in b if get_pass(c.name).exact}:
+        return False
     for config in b:
         if get_pass(config.name).exact:
             continue
@@ -780,10 +783,11 @@ def tune(
                 fidelity(candidate, predictor)
                 stage("evaluate")
             del work, predictor
-        except _OutOfTime:
-            candidate.status, candidate.note, cut = "cut", "the budget ran out", True
+        except (_OutOfTime, KeyboardInterrupt) as stop:  # Ctrl-C cuts the search like the budget
+            reason = "the budget ran out" if isinstance(stop, _OutOfTime) else "interrupted"
+            candidate.status, candidate.note, cut = "cut", reason, True
             candidate.seconds = time.perf_counter() - start
-            say(f"#{candidate.index} {text}: cut by the budget")
+            say(f"#{candidate.index} {text}: cut ({reason})")
             break
         except Exception as err:  # noqa: BLE001 - a recipe that fails is a result of the search, not its end
             candidate.status, candidate.note = "failed", " ".join(f"{type(err).__name__}: {err}".split())[:300]
