@@ -24,6 +24,7 @@ SUITES = {
     "zoo_smoke": "every full-size zoo model builds and runs once",
     "eval_folder": "samfx eval on a generated COCO folder",
     "video": "SAM 2.1's video path per frame, original against optimized (and the ONNX loop)",
+    "tune": "samfx tune on LiteMedSAM (latency on OpenVINO, box IoU >= 0.98, 20 minutes) against the preset",
 }
 #: Suites that are options of another suite's script.
 ALIASES = {"everything": ("run", ["--everything"])}

@@ -38,6 +38,7 @@ from .pipeline import optimize, report_of, resolve_passes
 from .report import OptimizeReport
 from .segment_everything import EverythingConfig, EverythingResult, everything
 from .serialization import load, save
+from .tune import TuneResult, tune
 
 __all__ = [
     "BF16Config",
@@ -60,6 +61,7 @@ __all__ = [
     "ShareImageSideConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
+    "TuneResult",
     "__version__",
     "adapters",
     "annotations",
@@ -83,4 +85,5 @@ __all__ = [
     "save",
     "segment_everything",
     "stats",
+    "tune",
 ]

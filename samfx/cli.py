@@ -13,6 +13,8 @@
     samfx optimize --model lite_medsam --passes "split_qkv,prune:mlp=0.3:importance=fluctuation" \
         --images scans/ --out runs/p          # your images: part calibrates, the rest is held out
     samfx eval runs/p --images scans/ --annotations scans/coco.json --out runs/p/eval.json
+    samfx tune --model lite_medsam --objective latency --runtime openvino --min-box-iou 0.98 --budget 20m
+    samfx optimize --recipe samfx-tune/recipe.json --out runs/best     # replay the tuned recipe
 
 A user error (a bad option, file or value) ends in one line ``samfx: error: ...``
 and exit code 2, never a traceback; output paths are checked before any work.
@@ -157,6 +159,10 @@ def _passes_or_preset(args: argparse.Namespace, default: str) -> list:
     from .passes import parse_passes
     from .presets import get_preset
 
+    if getattr(args, "recipe", None):
+        if args.passes or args.preset:
+            raise UsageError("give --recipe, --passes or --preset, not two of them")
+        return list(args.recipe_configs)
     if args.preset is None:
         return parse_passes(args.passes or default)
     if args.passes:
@@ -166,12 +172,36 @@ def _passes_or_preset(args: argparse.Namespace, default: str) -> list:
     return list(preset.passes)
 
 
+def _read_tune_recipe(args: argparse.Namespace) -> None:
+    """``--recipe FILE`` (from ``samfx tune``): its passes, and unless given otherwise,
+    its model and calibration images."""
+    if not getattr(args, "recipe", None):
+        return
+    from .passes import get_pass
+    from .tune import read_recipe, recipe_calibration
+
+    recipe = read_recipe(args.recipe)
+    args.recipe_configs = recipe["configs"]
+    args.model = args.model or recipe.get("model")
+    args.small = args.small or bool(recipe.get("small"))
+    if not args.calibration and any(get_pass(config.name).data_driven for config in recipe["configs"]):
+        args.calibration = ",".join(recipe_calibration(recipe, args.recipe)) or None
+    args.recipe_runtime = recipe.get("runtime")
+
+
+def _floor(args: argparse.Namespace) -> float | None:
+    """The fidelity floor of lossy passes: ``--min-box-iou``, or none for a ``--recipe``
+    replay (the tuner measured that recipe on held-out images, and replays what it measured)."""
+    return None if getattr(args, "recipe", None) else args.min_box_iou
+
+
 def _optimize(args: argparse.Namespace) -> int:
     import torch
 
     from . import models, optimize, save
 
     _check_out_dir(args.out, overwrite=args.overwrite)
+    _read_tune_recipe(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.model and not args.checkpoint:
@@ -186,7 +216,7 @@ def _optimize(args: argparse.Namespace) -> int:
         print(message)
     model = models.build(name, small=args.small, checkpoint=args.checkpoint)
     optimized = optimize(model, passes, fidelity=images or False, calibration_images=calibration,
-                         progress=not args.quiet, model_name=name, min_box_iou=args.min_box_iou,
+                         progress=not args.quiet, model_name=name, min_box_iou=_floor(args),
                          held_out_images=_held_out(images, calibration))
     out = Path(args.out)
     optimized.samfx_report.images = record
@@ -328,16 +358,20 @@ def _export(args: argparse.Namespace) -> int:
     from .emit.export import export
 
     _check_out_dir(args.out)
+    _read_tune_recipe(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     passes = _passes_or_preset(args, default="")
+    if not args.model:
+        raise UsageError("give --model NAME (or a --recipe that names it)")
     calibration = load_images(_comma_list(args.calibration), "calibration")[0] if args.calibration else []
     model = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
     if passes:
         model = optimize(model, passes, calibration_images=calibration, progress=not args.quiet,
-                         model_name=args.model, min_box_iou=args.min_box_iou)
+                         model_name=args.model, min_box_iou=_floor(args))
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    format = args.format or ("onnx" if args.command == "export-onnx" else "openvino")
+    recipe_format = {"onnxruntime": "onnx"}.get(getattr(args, "recipe_runtime", None) or "", "openvino")
+    format = args.format or ("onnx" if args.command == "export-onnx" else recipe_format)
     try:
         result = export(model, args.out, format=format, multimask_output=not args.single_mask, opset=args.opset,
                         external_data=external, verbose=True)
@@ -392,6 +426,7 @@ def _run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from . import load, models, optimize
     from .bench import RUNTIMES, deploy_table, deployment_bench, write_results
+    from .passes import parse_passes
 
     if bool(args.passes) == bool(args.saved):
         raise UsageError("give the optimization: --passes P1,P2 or --saved DIR (from samfx optimize)")
@@ -417,6 +452,47 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from . import models
+    from .tune import Floor, parse_budget, tune
+
+    # Bad options fail before any work.
+    budget = parse_budget(args.budget)
+    if args.min_box_iou is not None and args.max_gt_miou_loss is not None:
+        raise UsageError("give one floor: --min-box-iou or --max-gt-miou-loss")
+    if args.max_gt_miou_loss is not None and not args.annotations:
+        raise UsageError("--max-gt-miou-loss needs --annotations (ground truth); without them use --min-box-iou")
+    floor = args.min_box_iou if args.min_box_iou is not None or args.max_gt_miou_loss is not None else 0.97
+    Floor(floor, args.max_gt_miou_loss)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    _check_out_dir(args.out)
+    model = models.build(args.model, small=args.small, checkpoint=args.checkpoint)
+    images = _comma_list(args.images) if args.images else None
+    calibration = _comma_list(args.calibration) if args.calibration else None
+    result = tune(model, objective=args.objective, runtime=args.runtime, min_box_iou=floor,
+                  max_gt_miou_loss=args.max_gt_miou_loss, images=images, calibration=calibration,
+                  annotations=args.annotations, held_out=args.held_out, split_seed=args.split_seed, budget=budget,
+                  threads=args.threads or None, repeats=args.repeats, model_name=args.model, small=args.small,
+                  progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(result.table())
+    recipe = result.save_recipe(out / "recipe.json")
+    if result.best.passes:
+        print(f"\nbest: {result.best.passes}")
+    else:
+        print("\nbest: the original model (" + ("the budget ended before another candidate was measured; give more"
+                                              if len(result.candidates) == 1 else "no other recipe kept the floor") + ")")
+    print(f"wrote {recipe}, {result.save(out / 'tune.json')}", end="")
+    try:
+        print(f" and {result.plot(out / 'front.png')}")
+    except ImportError as err:
+        print(f"\nno plot: {err}")
+    print(f"replay: samfx optimize --recipe {recipe} --out runs/tuned   (or samfx export --recipe {recipe} ...)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="samfx", description="Optimize Segment Anything models with graph passes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -427,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     opt.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
     opt.add_argument("--preset", help="a named recipe instead of --passes (see samfx.presets), e.g. lite_medsam_cpu")
+    opt.add_argument("--recipe", help="a recipe file written by `samfx tune` (its passes, model and calibration "
+                                      "images) instead of --passes")
     opt.add_argument("--passes", default=None,
                      help='comma-separated passes with options, e.g. "split_qkv,prune:mlp=0.3" (see `samfx passes`; '
                           'default: split_qkv)')
@@ -453,13 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", aliases=["export-onnx"],
                          help="export the encoder + decoder (SAM convention) for OpenVINO or onnxruntime, checked "
                               "against PyTorch, with a manifest of checksums (export-onnx: --format onnx)")
-    exp.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
+    exp.add_argument("--model", help="zoo name (see `samfx models`)")
     exp.add_argument("--format", choices=("openvino", "onnx"), default=None,
                      help="openvino (IR, default) or onnx (default for the export-onnx alias)")
     exp.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
     exp.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
     exp.add_argument("--passes", default="", help="passes with options to run first (default: none)")
     exp.add_argument("--preset", help="a named recipe to run first instead of --passes, e.g. lite_medsam_cpu")
+    exp.add_argument("--recipe", help="a recipe file written by `samfx tune` to run first (its passes, model, "
+                                      "calibration images and runtime's format)")
     exp.add_argument("--calibration", help="calibration images for data-driven passes (names, files, folders, globs)")
     exp.add_argument("--min-box-iou", type=_min_box_iou, default=0.97, metavar="X",
                      help="fidelity floor for lossy passes (see samfx optimize; none: no floor)")
@@ -526,6 +606,34 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", required=True, help="output directory for the PNGs")
     comp.set_defaults(run=_compare)
 
+    tn = sub.add_parser("tune", help="search pass lists and options for the fastest (or smallest) recipe that "
+                                     "keeps a fidelity floor on held-out images, within a time budget")
+    tn.add_argument("--model", required=True, help="zoo name (see `samfx models`)")
+    tn.add_argument("--checkpoint", help="official weights (.pth/.pt/.safetensors), loaded with weights_only")
+    tn.add_argument("--small", action="store_true", help="the reduced test configuration of the architecture")
+    tn.add_argument("--objective", choices=("latency", "size"), default="latency",
+                    help="latency (encoder + all boxes of an image on --runtime) or size on disk")
+    tn.add_argument("--runtime", choices=("torch", "onnxruntime", "openvino"), default="openvino",
+                    help="where candidates are timed (default openvino)")
+    tn.add_argument("--min-box-iou", type=float, default=None,
+                    help="floor: box-prompt mask IoU vs the original on the held-out images (default 0.97)")
+    tn.add_argument("--max-gt-miou-loss", type=float, default=None,
+                    help="floor instead, with --annotations: ground-truth mIoU lost, as a fraction (0.01: a point)")
+    tn.add_argument("--images", help="images (names, files, folders, globs), split into calibration and held-out "
+                                     "parts; with --annotations, their folder (default: package photos)")
+    tn.add_argument("--calibration", help="calibration images given apart (then --images are all held out)")
+    tn.add_argument("--annotations", help="COCO instance JSON, SA-1B JSON or MedSAM npz for ground truth")
+    tn.add_argument("--held-out", type=float, default=0.5, help="fraction of split images held out (default 0.5)")
+    tn.add_argument("--split-seed", type=int, default=0, help="seed of the calibration/held-out split")
+    tn.add_argument("--budget", default="20m", help="wall-clock budget: 90s, 20m, 1h30m (default 20m)")
+    tn.add_argument("--repeats", type=int, default=3, help="timed runs per candidate, interleaved with the original")
+    tn.add_argument("--threads", type=_threads, default=0, help="threads of torch and the runtime "
+                                                                "(default: torch's choice)")
+    tn.add_argument("--out", default="samfx-tune", help="directory for recipe.json, tune.json and front.png "
+                                                        "(default samfx-tune)")
+    tn.add_argument("--quiet", action="store_true", help="no progress lines")
+    tn.set_defaults(run=_tune)
+
     ev = sub.add_parser("eval", help="mIoU vs ground truth and mask IoU vs the original, on your annotated images")
     ev.add_argument("model", metavar="MODEL_OR_DIR", help="zoo name, or a directory written by `samfx optimize`")
     ev.add_argument("--images", help="package names, files, directories or globs; with --annotations, the folder "
@@ -579,9 +687,10 @@ def _is_user_error(err: Exception) -> bool:
     from .evaluation import EvalError
     from .models import CheckpointError
     from .passes import PassError
+    from .tune import TuneError
 
     if isinstance(err, (UsageError, CheckpointError, PassError, CaptureError, PromptError, ImageError, AnnotationError,
-                        EvalError, KeyError, OSError, ImportError)):
+                        EvalError, TuneError, KeyError, OSError, ImportError)):
         return True
     # onnxruntime's NoSuchFile, InvalidProtobuf, InvalidArgument, Fail: a bad --model-dir.
     return type(err).__module__.startswith("onnxruntime")

@@ -167,6 +167,10 @@ def _samples(images: Sequence[Any] | None, annotations: str | Path | None) -> tu
         return found, f"{found.format} annotations {found.source}"
     if not images:
         raise EvalError("give images (package names, files, a directory or a glob) or annotations")
+    from .annotations import AnnotatedImage
+
+    if all(isinstance(item, (ImageSample, AnnotatedImage)) for item in images):
+        return list(images), "prepared samples"  # a tuner's held-out part, prompted once for every candidate
     return expand_images(images, "evaluation"), "images without annotations"
 
 
@@ -175,7 +179,7 @@ def _sample(item: Any) -> ImageSample:
 
     if isinstance(item, AnnotatedImage):
         return item.sample()
-    return image_sample(item)
+    return item if isinstance(item, ImageSample) else image_sample(item)
 
 
 def _ids(item: Any, sample: ImageSample) -> list[Any]:
@@ -227,7 +231,9 @@ def evaluate(
             ``samfx optimize`` (its original is then rebuilt to compare against).
         images: package names, image files, directories or glob patterns
             (:func:`samfx.data.load_images`); with ``annotations``, at most one
-            folder that holds the annotated image files.
+            folder that holds the annotated image files. Or prepared
+            :class:`~samfx.data.ImageSample` / ``AnnotatedImage`` items (a
+            held-out part, prompted once for many evaluations).
         annotations: COCO instance JSON, SA-1B JSON(s) or a MedSAM npz
             (:func:`samfx.annotations.read_annotations`).
         against: the original model (or a predictor of it), to measure how

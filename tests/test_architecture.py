@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("pipeline", ("samfx.pipeline", "samfx.report", "samfx.serialization", "samfx.pictures", "samfx.evaluation",
                   "samfx.presets")),
     ("emitters", ("samfx.emit",)),
-    ("api", ("samfx", "samfx.bench")),
+    ("api", ("samfx", "samfx.bench", "samfx.tune")),
     ("cli", ("samfx.cli",)),
 ]
 

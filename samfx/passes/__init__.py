@@ -21,7 +21,7 @@ from .base import (
     register_pass,
     unregister_pass,
 )
-from .options import PassOption, parse_pass, parse_passes, pass_options
+from .options import PassOption, format_value, parse_pass, parse_passes, pass_options
 from .split_qkv import SplitQKVConfig, split_qkv
 from .fuse_attention import FuseAttentionConfig, fuse_attention
 from .bf16 import BF16Config, bf16
@@ -49,6 +49,7 @@ __all__ = [
     "ShareImageSideConfig",
     "SplitQKVConfig",
     "TokenClusterConfig",
+    "format_value",
     "get_pass",
     "hyper",
     "list_passes",
