@@ -228,7 +228,7 @@ def samfx_paths(name: str, model: nn.Module, formats: tuple[str, ...], image_hw:
                      **samfx.runtime.prompt_inputs(manifest, image_hw, box=boxes / frame)}
             return graphs.decode(feeds, part)[0][:, 0] > 0
 
-        files = [out / f for f in manifest["files"] if f != "samfx_runtime.py"]
+        files = [out / f for f in manifest["files"] if f.endswith((".onnx", ".xml"))]  # file_bytes adds .bin/.data
         label = {"onnx": "onnxruntime", "openvino": "OpenVINO"}[fmt]
         rows.append(DeployPath(f"{name}, {label}", "samfx", model, encode, decode, files))
     return rows
