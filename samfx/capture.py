@@ -131,7 +131,7 @@ class Component:
         recipe = self.spec.recipe
         try:
             with _patched(module, recipe):
-                graph = _RecipeTracer(recipe, None, {}).trace(module)
+                graph = _tidy(_RecipeTracer(recipe, None, {}).trace(module), module)
         except Exception as err:  # torch.fx and upstream code raise many types; name the module
             raise CaptureError(f"cannot trace {type(module).__name__} for {path}: {type(err).__name__}: {err}") from err
         for node in graph.nodes:
@@ -707,9 +707,14 @@ def _trace_variant(
             raise CaptureError("tracing needs tensor ranks but the adapter gave no example inputs") from None
         ranks = _observe_input_ranks(root, example)
         graph = _RecipeTracer(recipe, ranks, outcomes).trace(root, concrete_args=concrete or None)
+    return _tidy(graph, root)
+
+
+def _tidy(graph: fx.Graph, root: nn.Module) -> fx.Graph:
+    """A fresh trace as passes see it (components and the blocks passes re-trace alike):
+    parameter dtypes folded, and what upstream code computes but never uses removed
+    (Hugging Face's Hiera attention computes its probabilities, then calls SDPA)."""
     _fold_parameter_dtypes(graph, root)
-    # Upstream code may compute what it never uses (Hugging Face's Hiera attention
-    # computes its probabilities, then calls SDPA): passes should not see it.
     graph.eliminate_dead_code(is_impure_node=_may_have_effects)
     return graph
 

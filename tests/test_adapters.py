@@ -87,7 +87,10 @@ def test_batched_clicks_match_one_prompt_at_a_time(name: str) -> None:
     for index, click in enumerate(clicks):
         masks, scores = predictor.predict(point_coords=click[None], point_labels=np.array([1]), multimask_output=True)
         assert np.allclose(scores, iou[index].numpy(), atol=1e-5)
-        assert (masks == (logits[index] > 0).numpy()).all()
+        # The same masks up to float rounding: a batched GEMM may sum in another order (AMX,
+        # AVX-512), which can flip pixels whose logit is within rounding of the threshold.
+        decided = np.abs(logits[index].numpy()) > 1e-3
+        assert (masks == (logits[index] > 0).numpy())[decided].all()
 
 
 def test_prompts_are_checked_for_every_family(family_model) -> None:

@@ -63,7 +63,9 @@ def test_far_tokens_keep_their_weights() -> None:
     assert (naive.amax(-1) == 0).any()  # the textbook formula loses some tokens entirely
     got = token_reconstruct(centroids, x, centroids, (7, 7), (3, 3), k=4, temperature=0.01)
     want = reference_token_reconstruct(centroids, x, centroids, (7, 7), (3, 3), k=4, temperature=0.01)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    # rtol 1e-4: float32 distances between features of magnitude ~100 keep about 5 digits, and
+    # which GEMM path cdist takes (AVX2, AVX-512, AMX) moves the last of them.
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert got.abs().amax(-1).min() > 0
 
 
