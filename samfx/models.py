@@ -155,16 +155,18 @@ def _mobile_sam(small: bool) -> nn.Module:
 _SAM2_CONFIGS = {"t": "sam2.1_hiera_t", "s": "sam2.1_hiera_s", "b+": "sam2.1_hiera_b+", "l": "sam2.1_hiera_l"}
 
 
+#: the small image configuration: 256 px, one Hiera block per stage but two in the third, one global block
+_SMALL_SAM2 = [
+    "++model.image_size=256",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+]
+
+
 def _sam2(size: str, small: bool) -> nn.Module:
     from sam2.build_sam import build_sam2
 
-    overrides = []
-    if small:
-        overrides = [
-            "++model.image_size=256",
-            "++model.image_encoder.trunk.stages=[1,1,2,1]",
-            "++model.image_encoder.trunk.global_att_blocks=[3]",
-        ]
+    overrides = _SMALL_SAM2 if small else []
     return build_sam2(f"configs/sam2.1/{_SAM2_CONFIGS[size]}.yaml", None, device="cpu",
                       hydra_overrides_extra=overrides)
 
@@ -183,14 +185,7 @@ def _sam2_video(size: str, small: bool) -> nn.Module:
     """``SAM2VideoPredictor`` as ``build_sam2_video_predictor`` builds it."""
     from sam2.build_sam import build_sam2_video_predictor
 
-    overrides = []
-    if small:
-        overrides = [
-            "++model.image_size=256",
-            "++model.image_encoder.trunk.stages=[1,1,2,1]",
-            "++model.image_encoder.trunk.global_att_blocks=[3]",
-            *_SMALL_SAM2_MEMORY,
-        ]
+    overrides = [*_SMALL_SAM2, *_SMALL_SAM2_MEMORY] if small else []
     model = build_sam2_video_predictor(f"configs/sam2.1/{_SAM2_CONFIGS[size]}.yaml", None, device="cpu",
                                        hydra_overrides_extra=overrides)
     # Hole filling needs sam2's compiled CUDA extension, which CPU installs lack

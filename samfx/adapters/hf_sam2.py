@@ -20,6 +20,7 @@ from . import register_adapter
 from .base import (PRESENT, Adapter, AttentionSite, ComponentSpec, Predictor, QKVLayout, ShapeCondition, TokenStage,
                    TraceRecipe, class_name, query_projection)
 from .deploy import Deployment, Preprocessing, SamPointEmbedding, SamPromptDecoder
+from .hf import _NOT_CAUSAL, _always, _device  # the same attention backend and conventions as SamModel's
 from .sam import defining_class, is_score_head, projection_width
 
 __all__ = ["HFEdgeTamAdapter", "HFSam2Adapter", "HFSam2ImageEncoder", "HFSam2PointEmbedding", "HFSam2Predictor",
@@ -27,21 +28,6 @@ __all__ = ["HFEdgeTamAdapter", "HFSam2Adapter", "HFSam2ImageEncoder", "HFSam2Poi
 
 _SAM2 = "transformers.models.sam2.modeling_sam2."
 _SAM3 = "transformers.models.sam3.modeling_sam3."
-_SDPA = "transformers.integrations.sdpa_attention.sdpa_attention_forward"
-
-
-def _always(arguments: Any) -> bool:
-    return True
-
-
-# The attention backend asks ``query_len > 1`` to decide causality; these attentions
-# are never causal and always see several tokens.
-_NOT_CAUSAL = ShapeCondition(_SDPA, _always, outcomes=(True,))
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
 
 def _hiera_body(self: nn.Module, pixel_values: torch.Tensor, return_dict: bool | None = None) -> tuple[Any, ...]:
     """``Sam2VisionModel.forward`` with its Hiera backbone's body inlined, without
