@@ -214,6 +214,27 @@ def _rewrite_output(graph: fx.Graph, core: _Core, n_q: int, n_k: int) -> int:
     return 1
 
 
+def _drop_identity_casts(graph: fx.Graph) -> int:
+    """Remove dtype casts to the dtype a tensor already has, and export's metadata
+    asserts. A bfloat16 model's float32 islands (softmax, norms) are such casts in
+    the float32 copy an export traces; left in, they hide the attention's pattern."""
+    dropped = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is _aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+            dropped += 1
+        elif node.target in (_aten.to.dtype, _aten._to_copy.default) and isinstance(node.args[0], fx.Node):
+            source, result = _val(node.args[0]), _val(node)
+            if (source is not None and result is not None and source.dtype == result.dtype
+                    and source.device == result.device and set(node.kwargs) <= {"dtype"}):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                dropped += 1
+    return dropped
+
+
 def reassociate_few_token_attention(gm: fx.GraphModule) -> int:
     """Project the few tokens instead of the many wherever that saves MACs.
 
@@ -225,12 +246,13 @@ def reassociate_few_token_attention(gm: fx.GraphModule) -> int:
         How many projections of the many were replaced.
     """
     done = 0
+    tidied = _drop_identity_casts(gm.graph)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is _aten.softmax.int:
             core = _core(node)
             if core is not None:
                 done += _rewrite_core(gm.graph, core)
-    if done:
+    if done or tidied:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()

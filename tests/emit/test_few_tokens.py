@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from torch.export import Dim
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from samfx.emit.few_tokens import reassociate_few_token_attention
@@ -27,18 +29,34 @@ def _flops(fn, *args) -> int:
     return counter.get_total_flops()
 
 
-def _exported(points: int):
+class _Float32Softmax(TorchFunctionMode):
+    """Casts around every softmax, as the float32 copy of a ``bf16``-passed decoder has them
+    (its float32 islands): float32 to float32, so they change nothing but the graph."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
+            return func(args[0].to(torch.float32), *args[1:], **kwargs).to(torch.float32)
+        return func(*args, **kwargs)
+
+
+def _exported(points: int, float32_islands: bool = False):
     torch.manual_seed(0)
     decoder = _BatchedDecoder().eval()
     embeddings, pe, dense = (torch.randn(1, 64, 16, 16) for _ in range(3))
     example = (embeddings, pe, torch.randn(3, points, 64), dense)
     dims = ({}, {}, {0: Dim("n", max=512), 1: Dim("points", max=64)}, {})
-    program = torch.export.export(decoder, example, dynamic_shapes=dims, strict=False)
+    if float32_islands:
+        with _Float32Softmax():
+            program = torch.export.export(decoder, example, dynamic_shapes=dims, strict=False)
+    else:
+        program = torch.export.export(decoder, example, dynamic_shapes=dims, strict=False)
     return decoder, program, (embeddings, pe, dense)
 
 
-def test_box_prompts_project_their_tokens_not_the_image_and_keep_their_masks() -> None:
-    decoder, program, (embeddings, pe, dense) = _exported(points=2)
+@pytest.mark.parametrize("float32_islands", [False, True], ids=["float32", "bf16-islands"])
+def test_box_prompts_project_their_tokens_not_the_image_and_keep_their_masks(float32_islands: bool) -> None:
+    decoder, program, (embeddings, pe, dense) = _exported(points=2, float32_islands=float32_islands)
     before = program.module()
     # Every image-side projection: four in each layer (keys and values of the token-to-image
     # attention, queries and outputs of the image-to-token one), the final keys and values.
