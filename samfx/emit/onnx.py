@@ -78,7 +78,7 @@ class FullSizeDecoder(nn.Module):
         orig_im_size = inputs[-1]
         low_res, iou_predictions = self.decoder(*inputs[:-1])
         masks = low_res
-        if self.upscale:
+        if self.upscale and tuple(masks.shape[-2:]) != (self.size, self.size):  # to its own size is the identity
             masks = F.interpolate(masks, (self.size, self.size), mode="bilinear", align_corners=False)
         # Sizes in integer arithmetic only: a runtime computing in bfloat16 (OpenVINO's hint on
         # CPUs with native bf16) rounds floats such as 303 to 304, but never integers.
