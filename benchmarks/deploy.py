@@ -204,15 +204,23 @@ def onnx_paths(name: str, source: str, model: nn.Module, files: tuple[Path, Path
 
 
 def samfx_paths(name: str, model: nn.Module, formats: tuple[str, ...], image_hw: tuple[int, int],
-                frame: np.ndarray, threads: int, tmp: Path) -> list[DeployPath]:
+                frame: np.ndarray, threads: int, tmp: Path, bf16_hint: bool = False) -> list[DeployPath]:
     """``samfx.export`` of ``model`` in each format, run as a user runs it: ``samfx.runtime.load``,
-    the image's boxes in one call of the decoder the runtime picks for prompts without a mask."""
+    the image's boxes in one call of the decoder the runtime picks for prompts without a mask.
+    ``bf16_hint``: also an OpenVINO row with ``precision="bf16"`` (what OpenVINO's default
+    hint gives NNCF's model on a CPU with native bfloat16), where the CPU has it."""
     rows = []
-    for fmt in formats:
+    loads = [(fmt, None) for fmt in formats]
+    if bf16_hint and "openvino" in formats:
+        loads.append(("openvino", "bf16"))
+    for fmt, precision in loads:
         start = time.perf_counter()
         out = tmp / f"{name.replace(' ', '_')}-{fmt}"
-        samfx.export(model, out, format=fmt, multimask_output=False)
-        predictor = samfx.runtime.load(out, threads=threads)
+        if not (out / samfx.runtime.MANIFEST).exists():
+            samfx.export(model, out, format=fmt, multimask_output=False)
+        predictor = samfx.runtime.load(out, threads=threads, precision=precision)
+        if precision is not None and set(predictor.precisions.values()) != {precision}:
+            continue  # not native on this CPU: the same row as the manifest's hints
         print(f"  exported {name} ({fmt}) in {time.perf_counter() - start:.0f} s, "
               f"precisions {predictor.precisions}", flush=True)
         manifest, graphs = predictor.manifest, predictor.graphs
@@ -229,7 +237,7 @@ def samfx_paths(name: str, model: nn.Module, formats: tuple[str, ...], image_hw:
             return graphs.decode(feeds, part)[0][:, 0] > 0
 
         files = [out / f for f in manifest["files"] if f.endswith((".onnx", ".xml"))]  # file_bytes adds .bin/.data
-        label = {"onnx": "onnxruntime", "openvino": "OpenVINO"}[fmt]
+        label = {"onnx": "onnxruntime", "openvino": "OpenVINO"}[fmt] + (f", {precision} hint" if precision else "")
         rows.append(DeployPath(f"{name}, {label}", "samfx", model, encode, decode, files))
     return rows
 
@@ -324,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                                    end_to_end and torch_run(BoxDecoder(optimized, (h, w))) or None))
             # onnxruntime once, for samfx's int8 there; the recipes are about the fastest runtime.
             formats = ("onnx", "openvino") if name == "samfx quantize" else ("openvino",)
-            paths += samfx_paths(name, optimized, formats, (h, w), frame, args.threads, tmp)
+            paths += samfx_paths(name, optimized, formats, (h, w), frame, args.threads, tmp,
+                                 bf16_hint=name == "samfx quantize")
 
     if args.only:
         paths = paths[:1] + [p for p in paths[1:] if any(text in p.name for text in args.only)]
