@@ -16,9 +16,6 @@ collect_ignore = [] if importlib.util.find_spec("triton") else [
     "samfx/kernels/rel_pos_triton.py",
 ]
 
-#: Test files that share the session's exports (tests/emit/conftest.py): one worker runs them all.
-_SHARED_EXPORTS = {"test_export.py", "test_onnx.py", "test_runtime.py"}
-
 
 def pytest_configure(config):
     # pytest-xdist (pytest.ini: -n 2): one torch thread per worker, so two workers use the two cores.
@@ -30,10 +27,10 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Each test file runs whole on one worker (``--dist loadgroup``), so its module
-    fixtures are built once; the emitter tests that share exports run on one worker."""
+    fixtures are built once; tests that name their own group keep it (tests/emit's
+    shared exports: the ONNX ones on one worker while the other makes the OpenVINO ones)."""
     import pytest
 
     for item in items:
-        path = Path(str(item.fspath))
-        shared = path.parent.name == "emit" and path.name in _SHARED_EXPORTS
-        item.add_marker(pytest.mark.xdist_group("emit-exports" if shared else str(path)))
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(str(Path(str(item.fspath)))))

@@ -46,7 +46,7 @@ setup(
     extras_require={
         "zoo": ZOO,
         "pictures": ["matplotlib"],
-        "test": ZOO + ["pytest>=8", "pytest-xdist>=3.5", "matplotlib"],
+        "test": ZOO + ["pytest>=8", "pytest-xdist>=3.5", "filelock", "matplotlib"],
     },
     entry_points={
         "console_scripts": ["samfx=samfx.cli:main"],

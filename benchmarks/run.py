@@ -215,7 +215,6 @@ def token_cluster_suite(name: str, floor: float, images: tuple[str, ...], preset
     images and prompts as the tuner (points and boxes).
     """
     from samfx.fidelity import CachedPredictor, compare
-    from samfx.passes.token_cluster import tune
     from samfx.stats import activation_peak_bytes
 
     torch.manual_seed(0)
@@ -224,7 +223,8 @@ def token_cluster_suite(name: str, floor: float, images: tuple[str, ...], preset
     reference = CachedPredictor(adapter.predictor(model))
     timer = adapter.predictor(model)
     image = package_images(["coins"])[0].image
-    result, tune_s = timed(lambda: tune(model, samfx.TokenClusterConfig(floor=floor, images=images)))
+    tuning = samfx.TokenClusterConfig(floor=floor, images=images)
+    result, tune_s = timed(lambda: samfx.passes.tune_token_cluster(model, tuning))
     print(f"{name}: tuner ({tune_s:.0f} s) for mask IoU >= {floor} on {', '.join(images)}\n{result.table()}",
           file=sys.stderr, flush=True)
     settings: list[tuple[str, list]] = []

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path

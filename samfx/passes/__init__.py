@@ -27,6 +27,7 @@ from .fuse_attention import FuseAttentionConfig, fuse_attention
 from .bf16 import BF16Config, bf16
 from .hyper import HyperConfig, hyper
 from .token_cluster import TokenClusterConfig, token_cluster
+from .token_cluster import tune as tune_token_cluster
 from .prune import PruneConfig, prune
 from .quantize import QuantizeConfig, quantize
 from .share_image_side import ShareImageSideConfig, share_image_side
@@ -65,4 +66,5 @@ __all__ = [
     "share_image_side",
     "split_qkv",
     "token_cluster",
+    "tune_token_cluster",
 ]

@@ -1,14 +1,19 @@
-"""Models and exports shared by the emitter tests: each (model, passes) pair is exported once."""
+"""Models and exports shared by the emitter tests: each (model, passes, format) is exported once
+per session, whichever of the two pytest-xdist workers needs it first."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 import samfx
 from samfx.data import package_images
+from samfx.emit import runtime
 from samfx.emit.export import Export, export
 
 from ..conftest import SMALL_FAMILIES, small_model
@@ -29,7 +34,15 @@ OPENVINO_CASES = [(name, ()) for name in SMALL_FAMILIES] + [
     if name in [info.name for info in samfx.passes.list_passes()]
 ]
 
-_EXPORTS: dict[tuple[str, tuple[str, ...], str], Export] = {}
+
+def shared_exports(format: str) -> pytest.MarkDecorator:
+    """The xdist group of tests whose exports are ``format``'s: the ONNX and the OpenVINO
+    exports (about half the export time each) are made by the two workers at once."""
+    return pytest.mark.xdist_group(f"emit-exports-{format}")
+
+
+#: ``format`` parameters, each test in its format's group.
+FORMATS = [pytest.param(format, marks=shared_exports(format)) for format in ("onnx", "openvino")]
 
 
 def case_id(case: tuple[str, tuple[str, ...]]) -> str:
@@ -59,15 +72,38 @@ def optimized_small(name: str, passes: tuple[str, ...]) -> torch.nn.Module:
                           model_name=name, min_box_iou=None)
 
 
+def read_export(directory: Path) -> Export:
+    """An export as its manifest describes it (the files, the checks, the sizes)."""
+    manifest = runtime.read_manifest(directory)
+    return Export(directory, manifest["format"], directory / manifest["encoder"], directory / manifest["decoder"],
+                  manifest, manifest["checks"], manifest["sizes"])
+
+
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory: pytest.TempPathFactory):
-    """``exported(name, passes, format)``: the small model, optimized with ``passes``, exported."""
+    """``exported(name, passes, format)``: the small model, optimized with ``passes``, exported.
+
+    Exports are written under the session's temporary directory, which both workers share
+    (each worker's own is inside it), one directory per case: a worker that needs a case
+    another is exporting waits for it, then reads it, as the worker that made it does."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    root = root / "emit-exports"
+    root.mkdir(exist_ok=True)
+    read: dict[tuple[str, tuple[str, ...], str], Export] = {}
 
     def exported_once(name: str, passes: tuple[str, ...] = (), format: str = "onnx") -> Export:
         key = (name, passes, format)
-        if key not in _EXPORTS:
-            out = Path(tmp_path_factory.mktemp(f"{case_id((name, passes))}-{format}"))
-            _EXPORTS[key] = export(optimized_small(name, passes), out, format=format)
-        return _EXPORTS[key]
+        if key not in read:
+            out = root / f"{case_id((name, passes))}-{format}"
+            done = out.with_name(out.name + ".done")
+            with FileLock(out.with_name(out.name + ".lock")):
+                if not done.exists():
+                    shutil.rmtree(out, ignore_errors=True)  # what a failed export left
+                    export(optimized_small(name, passes), out, format=format)
+                    done.touch()
+            read[key] = read_export(out)
+        return read[key]
 
     return exported_once

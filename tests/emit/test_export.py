@@ -14,12 +14,13 @@ from samfx.fidelity import mask_iou
 from samfx.machine import cpu_isa
 
 from ..conftest import small_model
-from .conftest import ONNX_CASES, OPENVINO_CASES, case_id, mask_iou_bar
+from .conftest import FORMATS, ONNX_CASES, OPENVINO_CASES, case_id, mask_iou_bar, shared_exports
 
-CASES = [(*case, "onnx") for case in ONNX_CASES] + [(*case, "openvino") for case in OPENVINO_CASES]
+CASES = [pytest.param((*case, format), marks=shared_exports(format), id=f"{case_id(case)}-{format}")
+         for format, cases in (("onnx", ONNX_CASES), ("openvino", OPENVINO_CASES)) for case in cases]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{case_id(c[:2])}-{c[2]}")
+@pytest.mark.parametrize("case", CASES)
 def test_export_matches_eager(exported, case: tuple[str, tuple[str, ...], str]) -> None:
     name, passes, format = case
     export = exported(name, passes, format)
@@ -47,7 +48,7 @@ def test_export_matches_eager(exported, case: tuple[str, tuple[str, ...], str]) 
     assert set(manifest["required_passes"]) == {c.name for c in resolved}
 
 
-@pytest.mark.parametrize("format", ["onnx", "openvino"])
+@pytest.mark.parametrize("format", FORMATS)
 def test_manifest_lists_every_file_with_its_checksum(exported, format: str) -> None:
     export = exported("sam_vit_b", (), format)
     manifest = export.manifest
@@ -72,6 +73,7 @@ def test_manifest_lists_every_file_with_its_checksum(exported, format: str) -> N
     assert manifest["preprocessing"]["size"] == 128 and manifest["checks"]["decoder"]
 
 
+@shared_exports("openvino")
 def test_openvino_weights_are_the_exact_float32_values(exported) -> None:
     import openvino
 
@@ -85,6 +87,7 @@ def test_openvino_weights_are_the_exact_float32_values(exported) -> None:
     assert all(c.dtype == np.float32 for c in constants)
 
 
+@shared_exports("openvino")
 def test_openvino_runs_quantize_on_int8_kernels(exported) -> None:
     if "quantize" not in [info.name for info in samfx.passes.list_passes()]:
         pytest.skip("no quantize pass")
@@ -96,7 +99,7 @@ def test_openvino_runs_quantize_on_int8_kernels(exported) -> None:
     assert plain["encoder"]["int8_layers"] == 0
 
 
-@pytest.mark.parametrize("format", ["onnx", "openvino"])
+@pytest.mark.parametrize("format", FORMATS)
 def test_bf16_model_exports_float32_weights_with_a_bf16_hint(exported, format: str) -> None:
     if "bf16" not in [info.name for info in samfx.passes.list_passes()]:
         pytest.skip("no bf16 pass")
@@ -111,6 +114,7 @@ def test_bf16_model_exports_float32_weights_with_a_bf16_hint(exported, format: s
     assert export.checks["precisions"] == {"encoder": computed, "decoder": computed, "decoder_no_mask": computed}
 
 
+@shared_exports("openvino")
 def test_openvino_bf16_decoder_keeps_image_sizes_exact(exported) -> None:
     """bfloat16 rounds 303 to 304: OpenVINO exports take orig_im_size as an integer, so a
     decoder computing in bfloat16 (where the CPU has it natively) still gives masks of the
@@ -131,7 +135,7 @@ def test_openvino_bf16_decoder_keeps_image_sizes_exact(exported) -> None:
     assert runtime.prompt_inputs(manifest, (303, 384), box=box)["orig_im_size"].dtype == np.int64
 
 
-@pytest.mark.parametrize("format", ["onnx", "openvino"])
+@pytest.mark.parametrize("format", FORMATS)
 def test_hyper_export_keeps_the_codes(exported, format: str) -> None:
     """The file keeps the codes, not decoded float32 weights: each coded weight costs
     well under half its float32 bytes, decode graph and row scales included (6 bits
@@ -152,6 +156,7 @@ def test_hyper_export_keeps_the_codes(exported, format: str) -> None:
     assert plain - coded >= 0.55 * coded_bytes, (plain, coded, coded_bytes)
 
 
+@shared_exports("openvino")
 def test_lite_medsam_boxes_in_one_call_match_its_own_decoder(exported) -> None:
     """Full-size LiteMedSAM (real weights): coins' 24 boxes decoded in one OpenVINO call
     against the model's own prompt encoder and mask decoder given all boxes at once.

@@ -13,8 +13,10 @@ from samfx.emit.export import export_onnx
 from samfx.emit.onnx import DECODER_INPUTS, DECODER_OUTPUTS
 
 from ..conftest import small_model
+from .conftest import shared_exports
 
 
+@shared_exports("onnx")
 def test_decoder_follows_the_sam_convention(exported) -> None:
     export = exported("sam_vit_b")
     model = onnx.load(str(export.decoder))
@@ -26,6 +28,7 @@ def test_decoder_follows_the_sam_convention(exported) -> None:
     assert prompts.dim_param and not prompts.dim_value  # and so is the number of prompts decoded at once
 
 
+@shared_exports("onnx")
 def test_decoder_runs_for_point_counts_and_image_sizes_it_was_not_traced_with(exported) -> None:
     export = exported("sam_vit_b")
     session = onnxruntime.InferenceSession(str(export.decoder), providers=["CPUExecutionProvider"])

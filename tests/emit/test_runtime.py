@@ -21,6 +21,7 @@ from samfx.emit import runtime
 from samfx.fidelity import mask_iou
 
 from ..conftest import SMALL_FAMILIES, small_model
+from .conftest import FORMATS, shared_exports
 
 # Runs the copy of the runtime that samfx.export puts next to the models, with
 # torch made unimportable, and saves what it predicts.
@@ -51,7 +52,7 @@ def _prompts(sample, count: int = 2) -> list[dict]:
     return prompts
 
 
-@pytest.mark.parametrize("format", ["onnx", "openvino"])
+@pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("name", SMALL_FAMILIES)
 def test_runtime_without_torch_matches_the_family_predictor(exported, tmp_path, name: str, format: str) -> None:
     export = exported(name, (), format)
@@ -95,7 +96,7 @@ def test_uint8_resize_matches_pil_to_one_level() -> None:
         assert difference.max() <= 1 and difference.mean() < 0.02
 
 
-@pytest.mark.parametrize("format", ["onnx", "openvino"])
+@pytest.mark.parametrize("format", FORMATS)
 def test_boxes_are_decoded_in_one_call(exported, format: str) -> None:
     predictor = runtime.load(exported("sam2.1_hiera_t", (), format).directory, threads=1)
     sample = package_images(["coins"])[0]
@@ -128,8 +129,9 @@ def _tamper(directory, tmp_path, name: str):
     return copy
 
 
-@pytest.mark.parametrize("format, name", [("onnx", "encoder.onnx"), ("openvino", "encoder.bin"),
-                                          ("openvino", "decoder.xml")])
+@pytest.mark.parametrize("format, name", [
+    pytest.param(format, name, marks=shared_exports(format))
+    for format, name in [("onnx", "encoder.onnx"), ("openvino", "encoder.bin"), ("openvino", "decoder.xml")]])
 def test_a_changed_file_is_refused_before_loading(exported, tmp_path, format: str, name: str) -> None:
     tampered = _tamper(exported("sam_vit_b", (), format).directory, tmp_path, name)
     with pytest.raises(runtime.IntegrityError, match=f"{name} does not match its SHA-256"):
@@ -149,6 +151,7 @@ def test_a_changed_file_is_refused_before_loading(exported, tmp_path, format: st
     assert len(code.stderr.strip().splitlines()) == 1
 
 
+@shared_exports("onnx")
 def test_a_missing_or_truncated_file_is_refused(exported, tmp_path) -> None:
     directory = tmp_path / "copy"
     shutil.copytree(exported("sam_vit_b").directory, directory)
@@ -163,6 +166,7 @@ def test_a_missing_or_truncated_file_is_refused(exported, tmp_path) -> None:
         runtime.load(directory)
 
 
+@shared_exports("onnx")
 def test_bad_inputs_are_refused_with_the_reason(exported, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="samfx_export.json"):
         runtime.load(tmp_path)

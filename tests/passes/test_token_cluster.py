@@ -13,8 +13,8 @@ from torch import nn
 
 import samfx
 from samfx.kernels.token_cluster import reference_token_cluster, reference_token_reconstruct
-from samfx.passes import PassError, TokenClusterConfig
-from samfx.passes.token_cluster import cluster_grid, tune
+from samfx.passes import PassError, TokenClusterConfig, tune_token_cluster
+from samfx.passes.token_cluster import cluster_grid
 
 from ..conftest import encoder_output, image_input, small_model
 
@@ -277,7 +277,7 @@ def test_save_and_load_replay_the_clusters(tmp_path) -> None:
 def test_tuner_picks_the_cheapest_setting_above_the_floor() -> None:
     model = small_model("sam_vit_b")
     config = TokenClusterConfig(floor=0.9, cluster_choices=(4, 9, 16), images=("coins",))
-    result = tune(model, config)
+    result = tune_token_cluster(model, config)
     ratios = [c.macs_ratio for c in result.candidates]
     assert ratios == sorted(ratios, reverse=True) and len(result.candidates) == 6  # 2 locations x 3 counts
     curve = result.curve()

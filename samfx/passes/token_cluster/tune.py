@@ -184,9 +184,8 @@ def tune(
     Example::
 
         >>> import samfx
-        >>> from samfx.passes.token_cluster import tune
         >>> sam = samfx.models.build("lite_medsam")
-        >>> result = tune(sam, samfx.TokenClusterConfig(floor=0.9))  # doctest: +SKIP
+        >>> result = samfx.passes.tune_token_cluster(sam, samfx.TokenClusterConfig(floor=0.9))  # doctest: +SKIP
         >>> print(result.table())                                    # doctest: +SKIP
     """
     from ...data import calibration_sample, package_images
