@@ -1,9 +1,10 @@
 """``samfx eval`` on a COCO folder of LiteMedSAM-sized images: the issue's target
 is 200 images of 256 px in under 5 minutes on 2 cores.
 
-    flock /tmp/samfx-bench.lock python benchmarks/eval_folder.py                # 200 images, 2 threads
-    python benchmarks/eval_folder.py --against      # and against the original, as for a saved run
-    python benchmarks/eval_folder.py --images 20 --folder /tmp/samfx-eval --out benchmarks/results/eval.json
+    flock /tmp/samfx-bench.lock python -m benchmarks eval_folder                # 200 images, 2 threads
+    python -m benchmarks eval_folder --against      # and against the original, as for a saved run
+    python -m benchmarks eval_folder --export openvino   # samfx.export's files, as `samfx eval EXPORT_DIR`
+    python -m benchmarks eval_folder --images 20 --folder /tmp/samfx-eval --out benchmarks/results/eval.json
 
 On a shared machine the wall time says little: the run also reports its CPU
 time, which divided by the threads approximates a quiet machine's wall time.
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", default="/tmp/samfx-eval-folder", help="where to write the generated folder")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--against", action="store_true", help="also run the original and compare with it")
+    parser.add_argument("--export", choices=("onnx", "openvino"),
+                        help="evaluate samfx.export's files in their runtime instead (single-mask decoder, "
+                             "LiteMedSAM's box convention; the export is timed apart and counted in the total)")
     parser.add_argument("--out", help="write the timing as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,16 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     (model, original), build_s = timed(lambda: (samfx.models.build("lite_medsam"),
                                                 samfx.models.build("lite_medsam") if args.against else None))
     cpu = time.process_time()
+    export_s = 0.0
+    if args.export:
+        out = Path(args.folder) / f"export-{args.export}"
+        _, export_s = timed(lambda: samfx.export(model, out, format=args.export, multimask_output=False))
+        model = samfx.runtime.load(out, threads=args.threads)
     report = samfx.evaluate(model, annotations=coco, against=original, progress=True)
     cpu_s = time.process_time() - cpu
     per_image = [row["seconds"] for row in report.per_image]
     print(report.table())
     summary = {"images": len(report.images), "objects": report.objects, "threads": args.threads,
                "against_original": args.against,
-               "generate_s": generate_s, "build_s": build_s, "eval_s": report.time_s, "eval_cpu_s": cpu_s,
+               "generate_s": generate_s, "build_s": build_s, "export": args.export, "export_s": export_s,
+               "eval_s": report.time_s, "total_s": export_s + report.time_s, "eval_cpu_s": cpu_s,
                "per_image_median_s": float(np.median(per_image)), "gt_miou": report.gt_miou,
                "isa": cpu_isa()["summary"]}
-    print(f"\n{summary['images']} images, {summary['objects']} objects: eval {report.time_s:.1f} s "
+    exported = f"{args.export} export {export_s:.1f} s + " if args.export else ""
+    print(f"\n{summary['images']} images, {summary['objects']} objects: {exported}eval {report.time_s:.1f} s "
           f"(median {summary['per_image_median_s']:.3f} s per image; {cpu_s:.1f} s of CPU time, a quiet machine's "
           f"wall time is about that over the threads), models built in {build_s:.1f} s, "
           f"{args.threads} threads, {summary['isa']}")

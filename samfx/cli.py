@@ -386,6 +386,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from . import models
+    from .emit import runtime
     from .evaluation import evaluate, saved_model_and_original
 
     _check_out_file(args.out)
@@ -393,6 +394,8 @@ def _eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     def build(spec: str):
+        if (Path(spec) / runtime.MANIFEST).is_file():  # an export, evaluated in its runtime
+            return runtime.load(spec, threads=args.threads or None)
         if Path(spec).is_dir():  # a saved run; as the model, evaluate rebuilds its original
             return spec
         return models.build(spec, small=args.small, checkpoint=args.checkpoint)
@@ -635,11 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
     tn.set_defaults(run=_tune)
 
     ev = sub.add_parser("eval", help="mIoU vs ground truth and mask IoU vs the original, on your annotated images")
-    ev.add_argument("model", metavar="MODEL_OR_DIR", help="zoo name, or a directory written by `samfx optimize`")
+    ev.add_argument("model", metavar="MODEL_OR_DIR", help="zoo name, a directory written by `samfx optimize`, or "
+                                                          "one written by `samfx export` (run in its runtime)")
     ev.add_argument("--images", help="package names, files, directories or globs; with --annotations, the folder "
                                      "of the annotated image files (default: next to the annotations)")
     ev.add_argument("--annotations", help="COCO instance JSON, SA-1B JSON (file, folder or glob) or a MedSAM npz")
-    ev.add_argument("--against", help="the original to compare with: zoo name or saved directory "
+    ev.add_argument("--against", help="the original to compare with: zoo name, saved or exported directory "
                                       "(default for a saved directory: its original, rebuilt)")
     ev.add_argument("--checkpoint", help="weights for a zoo model (or the original of a saved directory)")
     ev.add_argument("--small", action="store_true", help="the reduced test configuration of a zoo model")

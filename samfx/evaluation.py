@@ -41,7 +41,7 @@ from torch import nn
 
 from .adapters import Adapter, Predictor, find_adapter
 from .data import ImageSample, expand_images, image_sample
-from .fidelity import box_masks, mask_ious, pixel_batches
+from .fidelity import box_masks, click_masks, mask_ious
 from .report import write_json
 
 __all__ = ["EvalError", "EvalReport", "evaluate", "saved_model_and_original"]
@@ -187,24 +187,6 @@ def _ids(item: Any, sample: ImageSample) -> list[Any]:
     return list(ids) if ids is not None else list(range(len(sample.objects)))
 
 
-def _point_masks(predictor: Predictor, points: np.ndarray, pixels: int) -> np.ndarray:
-    """For each click, the most confident of its masks."""
-    out = []
-    for part in pixel_batches(len(points), pixels):
-        try:
-            if not hasattr(predictor, "predict_points"):
-                raise NotImplementedError
-            low_res, scores = predictor.predict_points(points[part], multimask_output=True)
-        except NotImplementedError:  # one click at a time
-            for point in points[part]:
-                masks, scores = predictor.predict(np.asarray([point], np.float32), np.array([1]), None, True)
-                out.append(masks[int(np.argmax(scores))][None])
-            continue
-        best = low_res[torch.arange(len(low_res)), scores.argmax(dim=1)]
-        out.append((predictor.logits_to_image(best) > 0).cpu().numpy())
-    return np.concatenate(out)
-
-
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -255,7 +237,8 @@ def evaluate(
     kinds = tuple(kind for kind in PROMPT_KINDS if kind in prompts)
     if not kinds or set(prompts) - set(PROMPT_KINDS):
         raise EvalError(f"prompts are some of {', '.join(PROMPT_KINDS)}; got {', '.join(prompts) or 'none'}")
-    name = getattr(model, "samfx_zoo", {}).get("name") if isinstance(model, nn.Module) else None
+    name = (getattr(model, "samfx_zoo", {}).get("name") if isinstance(model, nn.Module)
+            else getattr(model, "model_dir", None))  # a runtime's predictor: its export
     calibrated: list[str] = []
     if isinstance(model, (str, Path)):
         name = str(model)
@@ -301,7 +284,7 @@ def evaluate(
                 if runner is None:
                     continue
                 runner.set_image(sample.image)
-                masks[role] = {kind: (box_masks if kind == "box" else _point_masks)(runner, coords[kind], pixels)
+                masks[role] = {kind: (box_masks if kind == "box" else click_masks)(runner, coords[kind], pixels)
                                for kind in kinds}
             rows = [{"image": sample.name, "id": ids[i], "area": int(sample.objects[i].sum())} for i in objects]
             for kind in kinds:
@@ -337,7 +320,7 @@ def evaluate(
                         if values(kind, "vs_original") else None}
                  for kind in kinds}
     return EvalReport(
-        model=name or type(model).__name__,
+        model=str(name or type(model).__name__),
         original=None if against is None else (getattr(against, "samfx_zoo", {}).get("name")
                                               or type(against).__name__),
         source=source,

@@ -36,7 +36,7 @@ from torch import nn
 from .adapters import Adapter, Predictor, find_adapter
 from .data import DEFAULT_IMAGES, ImageSample, package_images
 
-__all__ = ["CachedPredictor", "FidelityReport", "box_masks", "compare", "ground_truth_miou", "mask_iou", "mask_ious",
+__all__ = ["CachedPredictor", "FidelityReport", "box_masks", "click_masks", "compare", "ground_truth_miou", "mask_iou", "mask_ious",
            "pixel_batches"]
 
 #: decoder outputs at image resolution per batch: bounds memory on large images
@@ -71,6 +71,13 @@ def box_masks(predictor: Predictor, boxes: np.ndarray, pixels: int) -> np.ndarra
     (:meth:`Predictor.predict_boxes`; a runtime's predictor without it runs them one by one)."""
     run = getattr(predictor, "predict_boxes", None) or (lambda b: Predictor.predict_boxes(predictor, b))
     return np.concatenate([run(boxes[part])[0] for part in pixel_batches(len(boxes), pixels)])
+
+
+def click_masks(predictor: Predictor, points: np.ndarray, pixels: int) -> np.ndarray:
+    """One mask per single click on the current image, the most confident of its
+    candidates, the clicks in batches (:meth:`Predictor.predict_clicks`)."""
+    run = getattr(predictor, "predict_clicks", None) or (lambda p: Predictor.predict_clicks(predictor, p))
+    return np.concatenate([run(points[part])[0] for part in pixel_batches(len(points), pixels)])
 
 
 @dataclass
@@ -177,6 +184,15 @@ class CachedPredictor(Predictor):
         predictions = self._entry()["predictions"]
         if key not in predictions:
             predictions[key] = self.predictor.predict_boxes(boxes)
+        return predictions[key]
+
+    def predict_clicks(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The wrapped predictor's batched clicks (:meth:`Predictor.predict_clicks`), run once per batch."""
+        points = np.asarray(points, np.float32).reshape(-1, 2)
+        key = ("clicks", points.tobytes())
+        predictions = self._entry()["predictions"]
+        if key not in predictions:
+            predictions[key] = self.predictor.predict_clicks(points)
         return predictions[key]
 
 

@@ -402,6 +402,29 @@ class Predictor:
             return np.zeros((0, 0, 0), bool), np.zeros(0, np.float32)
         return np.stack([m[0] for m, _ in outputs]), np.array([float(s[0]) for _, s in outputs], np.float32)
 
+    def predict_clicks(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``N`` single positive clicks ``(x, y)`` on the current image, each its
+        own prompt, and keep the most confident of each click's masks (SAM's
+        protocol for one click, which is ambiguous).
+
+        Returns ``(masks, scores)``: ``N x H x W`` bools and ``N`` predicted IoUs. One
+        decoder batch where the family runs :meth:`predict_points`, else click by click.
+        """
+        points = np.asarray(points, np.float32).reshape(-1, 2)
+        try:
+            low_res, scores = self.predict_points(points, multimask_output=True)
+        except NotImplementedError:
+            outputs = [self.predict(np.asarray([point]), np.array([1]), None, True) for point in points]
+            best = [int(np.argmax(s)) for _, s in outputs]
+            if not outputs:
+                return np.zeros((0, 0, 0), bool), np.zeros(0, np.float32)
+            return (np.stack([m[i] for (m, _), i in zip(outputs, best)]),
+                    np.array([float(s[i]) for (_, s), i in zip(outputs, best)], np.float32))
+        best = scores.argmax(dim=1)
+        rows = torch.arange(len(low_res))
+        masks = self.logits_to_image(low_res[rows, best]) > 0
+        return masks.cpu().numpy(), scores[rows, best].float().cpu().numpy()
+
     def predict_points(
         self, points: np.ndarray | torch.Tensor, multimask_output: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:

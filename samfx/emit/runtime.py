@@ -454,6 +454,22 @@ class Predictor:
         return masks[rows, best], scores[rows, best].astype(np.float32)
 
 
+    def predict_clicks(self, points: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One mask per single positive click ``(N, 2)`` (pixel ``x, y``), all clicks in one
+        decoder call, as the family predictors' ``predict_clicks`` gives them: of a
+        multi-mask export's candidates, the one with the highest predicted IoU.
+
+        Returns ``(masks, scores)``: ``N x H x W`` bools and ``N`` predicted IoUs.
+        """
+        points = np.asarray(points, np.float32).reshape(-1, 1, 2)
+        if not len(points):
+            return np.zeros((0, *self._image_hw), bool), np.zeros(0, np.float32)
+        masks, scores, _ = self.predict(point_coords=points, point_labels=np.ones((len(points), 1)))
+        best = np.argmax(scores, axis=1)
+        rows = np.arange(len(points))
+        return masks[rows, best], scores[rows, best].astype(np.float32)
+
+
 class OnnxPredictor(Predictor):
     """:class:`Predictor` of an ONNX export (onnxruntime).
 

@@ -118,6 +118,42 @@ def test_boxes_are_decoded_in_one_call(exported, format: str) -> None:
     assert again.shape == masks.shape
 
 
+@pytest.mark.parametrize("format", FORMATS)
+def test_clicks_are_decoded_in_one_call_as_the_model_answers_them(exported, format: str) -> None:
+    export = exported("sam_vit_b", (), format)
+    model = small_model("sam_vit_b")
+    sample = package_images(["coins"])[0]
+    clicks = np.array([p.coords for p in sample.prompts if p.kind == "point"][:4], np.float32)
+    ours = runtime.load(export.directory, threads=1)
+    theirs = samfx.adapters.find_adapter(model).predictor(model)
+    for predictor in (ours, theirs):
+        predictor.set_image(sample.image)
+    masks, scores = ours.predict_clicks(clicks)
+    want, want_scores = theirs.predict_clicks(clicks)
+    assert masks.shape == want.shape == (4, *sample.image.shape[:2])
+    assert all(mask_iou(a, b) >= 0.99 for a, b in zip(masks, want))
+    np.testing.assert_allclose(scores, want_scores, atol=1e-3)
+    for click, mask in zip(clicks[:2], masks):  # each is its own prompt: the best of its candidates
+        one, one_scores, _ = ours.predict(point_coords=[click], point_labels=[1])
+        assert mask_iou(one[one_scores.argmax()], mask) >= 0.999
+
+
+@shared_exports("onnx")
+def test_an_export_is_evaluated_in_its_runtime(exported, tmp_path, capsys) -> None:
+    from ..test_evaluation import write_coco_folder
+
+    coco = write_coco_folder(tmp_path, count=1)
+    directory = exported("sam_vit_b", (), "onnx").directory
+    report = samfx.evaluate(runtime.load(directory, threads=1), annotations=coco, against=small_model("sam_vit_b"),
+                            prompts=("point",))
+    assert report.model == str(directory) and report.objects == 2
+    assert report.by_prompt["point"]["vs_original_min"] >= 0.99  # a multi-mask export answers clicks as torch does
+    out = tmp_path / "eval.json"
+    code = cli_main(["eval", str(directory), "--annotations", str(coco), "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["objects"] == 2
+
+
 def _tamper(directory, tmp_path, name: str):
     """A copy of an export directory with 64 bytes zeroed inside ``name``."""
     copy = tmp_path / f"tampered-{directory.name}"
