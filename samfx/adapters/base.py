@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .deploy import Deployment
+    from .deploy import Deployment, VideoDeployment
 
 __all__ = [
     "PRESENT",
@@ -606,6 +607,25 @@ class Adapter:
         masks or the single one, as in the family's predictor.
         """
         raise NotImplementedError(f"adapter {self.name!r} does not describe how to deploy its models")
+
+    def video_deployment(self, model: nn.Module) -> VideoDeployment:
+        """A video model's per-frame steps and loop settings
+        (:class:`samfx.adapters.deploy.VideoDeployment`), for the video export;
+        ``model`` is a captured copy (its RoPE attention traced in real arithmetic).
+
+        Raises:
+            ValueError: not a video model, or one whose video path the exported
+                loop does not follow (the reason is named).
+        """
+        raise ValueError(f"export_video takes a video predictor (SAM 2's SAM2VideoPredictor, Hugging Face's "
+                         f"Sam2VideoModel or Sam3TrackerVideoModel), not a {self.name} model")
+
+    def track_video(self, model: nn.Module, frames: str | Path, points: Any, labels: Any) -> list[torch.Tensor]:
+        """Track the object clicked at ``points`` (``(x, y)`` pixels, labels 1/0) on
+        the first of the JPEG ``frames`` (a folder of ``00000.jpg``, ...) with the
+        family's own video API: mask logits per frame at the video's size
+        (masks are ``logits > 0``), the reference the video export is checked on."""
+        raise ValueError(f"{self.name} models do not track video")
 
 
 def query_projection(attention: nn.Module) -> nn.Module | None:

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["Deployment", "EncoderOutputs", "Preprocessing", "SamPointEmbedding", "SamPromptDecoder"]
+__all__ = ["Deployment", "EncoderOutputs", "Preprocessing", "SamPointEmbedding", "SamPromptDecoder",
+           "VideoDeployment", "video_examples"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,67 @@ class Deployment:
     mask_input_size: int
     low_res_clamp: float | None = None
     prepare: Callable[[], None] | None = None
+
+
+@dataclass
+class VideoDeployment:
+    """A video family's per-frame steps as four modules with tensor inputs, for
+    :func:`samfx.emit.video.export_video`; the tracking loop (which memories and
+    pointers a frame attends to) is the runtime's.
+
+    Attributes:
+        encoder: ``(image) -> (features, position, no_memory_features, high_res_0,
+            high_res_1)``: the lowest-resolution map raw and with the no-memory
+            embedding (a prompted first frame), its position encoding, and the
+            decoder's two high-resolution maps.
+        memory_attention: ``(features, position, memories, memory_positions,
+            memory_slots, pointers, pointer_distances) -> conditioned``: ``n``
+            memories ``(n, mem_dim, h, w)`` with their position encodings and
+            temporal slots (``num_maskmem - t_pos - 1``: the clicked frame
+            ``num_maskmem - 1``, the frame ``k`` before this one ``k - 1``), ``p``
+            object pointers ``(p, C)`` and their frame distances divided by the
+            largest one.
+        decoder: ``(features, high_res_0, high_res_1, point_coords, point_labels)
+            -> (low_res_masks, pointer, object_score)``: the best of the multimask
+            outputs for points in the ``S x S`` frame (a tracked frame gives the
+            point ``(0, 0)`` labelled ``-1``).
+        memory_encoder: ``(features, low_res_masks, object_score, from_points) ->
+            (memory, memory_position)``.
+        settings: what the loop needs: ``image_size``, ``num_maskmem``,
+            ``max_obj_ptrs_in_encoder``, ``mean``, ``std`` (of [0, 1] pixels),
+            ``resample`` (PIL's filter that stretches a frame to the square
+            input) and ``memory_dtype``.
+        examples: example inputs per step (2 memories and 3 pointers: the dynamic
+            axes are not 0 or 1; no tensor given twice, which ``torch.export``
+            would take for one input).
+    """
+
+    encoder: nn.Module
+    memory_attention: nn.Module
+    decoder: nn.Module
+    memory_encoder: nn.Module
+    settings: dict[str, Any]
+    examples: dict[str, tuple[torch.Tensor, ...]]
+
+
+def video_examples(image_size: int, side: int, dim: int, mem_dim: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """:attr:`VideoDeployment.examples` for a family with an ``image_size`` input,
+    ``side x side`` lowest-resolution maps ``dim`` wide, high-resolution maps
+    at 4x (``dim // 8`` wide) and 2x (``dim // 4``) that side, ``mem_dim``-wide
+    memories and ``4 * side`` low-resolution masks."""
+
+    def features() -> torch.Tensor:
+        return torch.zeros(1, dim, side, side)
+
+    return {
+        "encoder": (torch.zeros(1, 3, image_size, image_size),),
+        "memory_attention": (features(), features(), torch.zeros(2, mem_dim, side, side),
+                             torch.zeros(2, mem_dim, side, side), torch.tensor([5, 6]), torch.zeros(3, dim),
+                             torch.tensor([0.1, 0.2, 0.3])),
+        "decoder": (features(), torch.zeros(1, dim // 8, 4 * side, 4 * side),
+                    torch.zeros(1, dim // 4, 2 * side, 2 * side), torch.zeros(1, 2, 2), torch.tensor([[1.0, -1.0]])),
+        "memory_encoder": (features(), torch.zeros(1, 1, 4 * side, 4 * side), torch.ones(1, 1), torch.ones(1)),
+    }
 
 
 class EncoderOutputs(nn.Module):

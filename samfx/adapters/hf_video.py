@@ -13,27 +13,37 @@ adapters capture these components, so that the processor's inference session
 the same submodules with the same arguments.
 
 The memory length and the pointer count are graph inputs (symbolic sizes), so
-one graph serves every frame. Upstream's rotary helpers branch on key counts;
-each is recorded as one call, computed in float32 as upstream does.
+one graph serves every frame. Upstream's rotary helper branches on key counts
+(whether the keys are one map or several): SAM 2's and SAM 3's RoPE attentions
+are traced through :func:`rope_attention`, which rotates with
+:func:`rotary_embedding` (no branch, the same numbers), so that their video
+path also exports with a dynamic memory length (:meth:`video_deployment`, four
+step modules written after ``Sam2VideoModel``'s methods). EdgeTAM's helpers
+are recorded as one call each, computed in float32 as upstream does; its video
+path does not export (see :meth:`HFEdgeTamVideoAdapter.video_deployment`).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import find_adapter, register_adapter
 from .base import PRESENT, AttentionSite, ComponentSpec, TraceRecipe
+from .deploy import VideoDeployment, video_examples
 from .hf import _NOT_CAUSAL, _device
 from .hf_sam2 import HFEdgeTamAdapter, HFSam2Adapter, HFSam2Predictor, HFSam3TrackerAdapter
 from .sam import defining_class
 
-__all__ = ["HFEdgeTamVideoAdapter", "HFSam2VideoAdapter", "HFSam2VideoPredictor", "HFSam3TrackerVideoAdapter",
-           "track"]
+__all__ = ["HFEdgeTamVideoAdapter", "HFFrameDecoder", "HFFrameEncoder", "HFMemoryAttentionStep",
+           "HFMemoryEncoderStep", "HFSam2VideoAdapter", "HFSam2VideoPredictor", "HFSam3TrackerVideoAdapter",
+           "read_frames", "rope_attention", "rotary_embedding", "track"]
 
 
 def _memory_attention_body(self: nn.Module, current_vision_features: torch.Tensor, memory: torch.Tensor,
@@ -55,6 +65,61 @@ def _memory_attention_body(self: nn.Module, current_vision_features: torch.Tenso
         output = layer(queries=output, keys=memory, key_point_embedding=memory_position,
                        rope_position_embeddings=rope, num_k_exclude_rope=num_object_pointer_tokens)
     return self.layer_norm(output).transpose(0, 1)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     num_k_exclude_rope: Any = 0, repeat_freqs_k: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream ``apply_rotary_pos_emb_2d`` without its branches on key counts: keys
+    that are whole copies of the queries' map (memory frames) get the tables
+    repeated once per copy, also when there is one copy (upstream then skips
+    the repeat: the same numbers), followed by ``num_k_exclude_rope`` keys left
+    unrotated (object pointers). In float32, as upstream.
+
+    Example::
+
+        >>> q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 9, 8)
+        >>> cos, sin = torch.ones(1, 4, 8), torch.zeros(1, 4, 8)
+        >>> rq, rk = rotary_embedding(q, k, cos, sin, 1, repeat_freqs_k=True)
+        >>> bool(torch.equal(rq, q)), bool(torch.equal(rk, k))
+        (True, True)
+    """
+    from transformers.models.sam2_video.modeling_sam2_video import rotate_pairwise
+
+    rotated = k.shape[-2] - num_k_exclude_rope
+    k_rot, k_pass = k[..., :rotated, :], k[..., rotated:, :]
+    q_embed = q.float()
+    q_embed = q_embed * cos + rotate_pairwise(q_embed) * sin
+    if repeat_freqs_k:  # a setting of the attention, not a size
+        repeats = rotated // q.shape[-2]
+        cos, sin = cos.repeat(1, 1, repeats, 1), sin.repeat(1, 1, repeats, 1)
+    k_embed = k_rot.float()
+    k_embed = k_embed * cos + rotate_pairwise(k_embed) * sin
+    return q_embed.type_as(q), torch.cat([k_embed.type_as(k), k_pass], dim=-2)
+
+
+def rope_attention(self: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor], num_k_exclude_rope: Any = 0,
+                   **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """``Sam2VideoRoPEAttention.forward`` (SAM 3's tracker has the same) with the
+    rotation through :func:`rotary_embedding`: the same projections, heads and
+    attention backend."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    batch_size, point_batch_size = query.shape[:2]
+    new_shape = (batch_size * point_batch_size, -1, self.num_attention_heads, self.head_dim)
+    query = self.q_proj(query).view(*new_shape).transpose(1, 2)
+    key = self.k_proj(key).view(*new_shape).transpose(1, 2)
+    value = self.v_proj(value).view(*new_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = rotary_embedding(query, key, cos, sin, num_k_exclude_rope, self.rope_k_repeat)
+    eager = sys.modules[type(self).__module__].eager_attention_forward
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    attn_output, attn_weights = attention_interface(
+        self, query, key, value, attention_mask=None, dropout=0.0 if not self.training else self.dropout_p,
+        scaling=self.scaling, is_causal=self.is_causal, **kwargs)
+    attn_output = attn_output.reshape(batch_size, point_batch_size, -1,
+                                      self.num_attention_heads * self.head_dim).contiguous()
+    return self.o_proj(attn_output), attn_weights
 
 
 def _edgetam_memory_attention_body(self: nn.Module, current_vision_features: torch.Tensor, memory: torch.Tensor,
@@ -87,8 +152,10 @@ class _VideoParts:
 
     #: the ``transformers`` module that defines the video classes
     video_module: str = ""
-    #: the rotary helpers that branch on key counts, recorded as one call each
-    rotary_functions: tuple[str, ...] = ("apply_rotary_pos_emb_2d",)
+    #: the memory attention's RoPE attention class, traced through :func:`rope_attention`
+    rope_attention_class: str | None = None
+    #: upstream rotary helpers that branch on key counts, recorded as one call each
+    rotary_functions: tuple[str, ...] = ()
     memory_attention_body: Callable[..., Any] = staticmethod(_memory_attention_body)
 
     def _video_cls(self, name: str) -> str:
@@ -113,9 +180,12 @@ class _VideoParts:
 
     def _memory_attention_spec(self, model: nn.Module) -> ComponentSpec:
         modeling = sys.modules[self.video_module]
+        traced = ((self._video_cls(self.rope_attention_class), "forward", rope_attention),) \
+            if self.rope_attention_class else ()
         recipe = TraceRecipe(
             trace_body=self.memory_attention_body,
-            autowrap_functions=tuple(getattr(modeling, name) for name in self.rotary_functions),
+            autowrap_functions=(rotary_embedding,) + tuple(getattr(modeling, name) for name in self.rotary_functions),
+            traced_methods=traced,
             # The rotary tables are computed from the position buffers: kept as a module
             # call, so that they follow the buffers (and no traced constant is made).
             leaf_modules=(defining_class(model.memory_attention.rotary_emb, "RotaryEmbedding"),),
@@ -171,6 +241,37 @@ class _VideoParts:
         (the video class keeps every module it calls)."""
         raise NotImplementedError
 
+    def video_deployment(self, model: nn.Module) -> VideoDeployment:
+        """The four steps of a (captured) video model, written after its
+        ``get_image_features``, ``_prepare_memory_conditioned_features``,
+        ``_single_frame_forward`` and ``_encode_new_memory``, and the loop's
+        settings (the frames as the family's video processor prepares them)."""
+        from transformers.image_utils import PILImageResampling
+
+        config = model.config
+        unsupported = [name for name, value in (("training", model.training),
+                                                ("multimask_output_in_sam", not config.multimask_output_in_sam),
+                                                ("multimask_output_for_tracking",
+                                                 not config.multimask_output_for_tracking),
+                                                ("multimask_min_pt_num", config.multimask_min_pt_num > 0)) if value]
+        if unsupported:
+            raise ValueError(f"the video export follows the released video settings; this model differs in "
+                             f"{', '.join(unsupported)}")
+        frames = self.video_processor(model).video_processor
+        settings = {"image_size": model.image_size, "num_maskmem": model.num_maskmem,
+                    "max_obj_ptrs_in_encoder": config.max_object_pointers_in_encoder,
+                    "mean": list(frames.image_mean), "std": list(frames.image_std),
+                    "resample": PILImageResampling(frames.resample).name.lower(),
+                    # _encode_new_memory stores memories in bfloat16.
+                    "memory_dtype": "bfloat16"}
+        side = model.backbone_feature_sizes[-1][0]
+        return VideoDeployment(HFFrameEncoder(model), HFMemoryAttentionStep(model, sys.modules[self.video_module]),
+                               HFFrameDecoder(model), HFMemoryEncoderStep(model), settings,
+                               video_examples(model.image_size, side, model.hidden_dim, model.mem_dim))
+
+    def track_video(self, model: nn.Module, frames: str | Path, points: Any, labels: Any) -> list[torch.Tensor]:
+        return track(model, read_frames(frames), points, labels)
+
 
 class HFSam2VideoAdapter(_VideoParts, HFSam2Adapter):
     """``transformers.Sam2VideoModel`` (SAM 2 / 2.1 Hiera video checkpoints in the Hub format)."""
@@ -178,6 +279,7 @@ class HFSam2VideoAdapter(_VideoParts, HFSam2Adapter):
     name = "hf_sam2_video"
     video_module = "transformers.models.sam2_video.modeling_sam2_video"
     model_classes = (video_module + ".Sam2VideoModel",)
+    rope_attention_class = "Sam2VideoRoPEAttention"
 
     def image_forward(self) -> Callable[..., Any]:
         from transformers import Sam2Model
@@ -191,6 +293,7 @@ class HFSam3TrackerVideoAdapter(_VideoParts, HFSam3TrackerAdapter):
     name = "hf_sam3_tracker_video"
     video_module = "transformers.models.sam3_tracker_video.modeling_sam3_tracker_video"
     model_classes = (video_module + ".Sam3TrackerVideoModel",)
+    rope_attention_class = "Sam3TrackerVideoRoPEAttention"
     processor_class = "Sam3TrackerVideoProcessor"
 
     def image_forward(self) -> Callable[..., Any]:
@@ -248,6 +351,13 @@ class HFEdgeTamVideoAdapter(_VideoParts, HFEdgeTamAdapter):
                                  block=parent_path)
         return super()._attention_site(path, module, parent, parent_path)
 
+    def video_deployment(self, model: nn.Module) -> VideoDeployment:
+        raise ValueError(
+            "EdgeTAM's video path does not export: its memories are perceiver latents (the spatial_perceiver "
+            "resamples each frame's memory into global and 2-D latents, which the memory attention reads with "
+            "their own rotary table), while the exported loop's memory attention takes SAM 2's per-frame spatial "
+            "memory maps")
+
     def image_forward(self) -> Callable[..., Any]:
         from transformers import EdgeTamModel
 
@@ -266,6 +376,138 @@ class HFSam2VideoPredictor(HFSam2Predictor):
 
     def _forward(self, **kwargs: Any) -> Any:
         return self._image_forward(self.model, **kwargs)
+
+
+# -- deployment: the per-frame steps as modules with tensor inputs --------------------------------
+#
+# The tracking loop (which memories and pointers a frame attends to) is the
+# runtime's; each step holds the arithmetic of one of Sam2VideoModel's methods,
+# run by the model's own (captured) components. Maps are NCHW, as the runtime
+# passes them; the model's (H*W, B, C) token layout is made inside.
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).permute(2, 0, 1)
+
+
+def _map(tokens: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return tokens.permute(1, 2, 0).reshape(tokens.shape[1], tokens.shape[2], *size)
+
+
+class HFFrameEncoder(nn.Module):
+    """A normalised ``(1, 3, S, S)`` frame -> ``get_image_features``' lowest level
+    raw and with the no-memory embedding (a prompted first frame), its position
+    encoding, and the two high-resolution maps after the decoder's projections."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        out = model.get_image_features(image, return_dict=True)
+        sizes = model.backbone_feature_sizes
+        high_res_0, high_res_1, top = (_map(f, s) for f, s in zip(out.fpn_hidden_states, sizes))
+        no_memory = top + model.no_memory_embedding.reshape(1, -1, 1, 1)
+        return top, _map(out.fpn_position_encoding[-1], sizes[-1]), no_memory, high_res_0, high_res_1
+
+
+class HFMemoryAttentionStep(nn.Module):
+    """The frame's features conditioned on ``n`` memory frames and ``p`` object
+    pointers (``_prepare_memory_conditioned_features`` after the selection); the
+    inputs of :attr:`samfx.adapters.deploy.VideoDeployment.memory_attention`."""
+
+    def __init__(self, model: nn.Module, modeling: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._sine = modeling.get_1d_sine_pe
+
+    def forward(self, features: torch.Tensor, position: torch.Tensor, memories: torch.Tensor,
+                memory_positions: torch.Tensor, memory_slots: torch.Tensor, pointers: torch.Tensor,
+                pointer_distances: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        batch, channels, height, width = features.shape
+        mem_dim = model.mem_dim
+        memory = memories.flatten(2).permute(0, 2, 1).reshape(-1, 1, mem_dim)
+        temporal = model.memory_temporal_positional_encoding[memory_slots]  # (n, 1, 1, mem_dim)
+        memory_pos = (memory_positions.flatten(2).permute(0, 2, 1)[:, :, None, :] + temporal).reshape(-1, 1, mem_dim)
+        if model.config.enable_temporal_pos_encoding_for_object_pointers:
+            pointer_pos = model.temporal_positional_encoding_projection_layer(
+                self._sine(pointer_distances, dim=channels))
+        else:
+            pointer_pos = pointers.new_zeros(pointers.shape[0], mem_dim)
+        split = max(channels // mem_dim, 1)  # a pointer becomes this many mem_dim tokens
+        pointer_tokens = pointers.reshape(-1, 1, split, mem_dim).permute(0, 2, 1, 3).flatten(0, 1)
+        pointer_pos = pointer_pos[:, None, :].repeat_interleave(split, dim=0)
+        out = model.memory_attention(
+            current_vision_features=_tokens(features), current_vision_position_embeddings=_tokens(position),
+            memory=torch.cat([memory, pointer_tokens]), memory_posision_embeddings=torch.cat([memory_pos, pointer_pos]),
+            num_object_pointer_tokens=pointer_tokens.shape[0])
+        return out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+
+
+class HFFrameDecoder(nn.Module):
+    """Points in the ``S x S`` frame on a frame's (conditioned) features -> the best
+    of the multimask outputs at low resolution, the object pointer and the
+    object score (``_single_frame_forward`` with ``multimask_output``, as the
+    session runs it for one click and for tracked frames)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, high_res_0: torch.Tensor, high_res_1: torch.Tensor,
+                point_coords: torch.Tensor, point_labels: torch.Tensor):
+        out = self.model._single_frame_forward(
+            input_points=point_coords[:, None], input_labels=point_labels[:, None].to(torch.int32),
+            image_embeddings=[high_res_0, high_res_1, features], multimask_output=True)
+        # One object in a batch of one: (1, 1, h, w) logits, a (1, C) pointer, a (1, 1) score.
+        return (out.pred_masks.reshape(1, 1, *out.pred_masks.shape[-2:]), out.object_pointer.reshape(1, -1),
+                out.object_score_logits.reshape(1, 1))
+
+
+class HFMemoryEncoderStep(nn.Module):
+    """A frame's raw features and its low-resolution mask logits -> its memory and
+    the memory's position encoding (``_encode_new_memory`` on the mask at the
+    model's size, as ``_single_frame_forward`` makes it; ``from_points`` > 0:
+    the mask was prompted with clicks and is binarised, else it goes through a
+    sigmoid)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, low_res_masks: torch.Tensor, object_score: torch.Tensor,
+                from_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model, config = self.model, self.model.config
+        size, memory_size = model.image_size, 4 * model.prompt_encoder.mask_input_size[0]
+        mask = F.interpolate(low_res_masks, (size, size), mode="bilinear", align_corners=False)
+        if memory_size != size:  # the memory encoder's input size (SAM 3: 128 for a 112 px model)
+            mask = F.interpolate(mask, (memory_size, memory_size), mode="bilinear", align_corners=False,
+                                 antialias=True)
+        mask = torch.where(from_points > 0, (mask > 0).float(), torch.sigmoid(mask))
+        mask = mask * config.sigmoid_scale_for_mem_enc + config.sigmoid_bias_for_mem_enc
+        memory, position = model.memory_encoder(features, mask)
+        if model.occlusion_spatial_embedding_parameter is not None:
+            absent = 1 - (object_score > 0).float()
+            memory = memory + absent[..., None] * model.occlusion_spatial_embedding_parameter[..., None, None]
+        return memory, position
+
+
+def read_frames(directory: str | Path) -> list[np.ndarray]:
+    """The numbered JPEG frames of ``directory`` (``00000.jpg``, ...) as ``H x W x 3``
+    uint8 RGB arrays, in order."""
+    from PIL import Image
+
+    paths = sorted((p for p in Path(directory).iterdir() if p.suffix.lower() in (".jpg", ".jpeg")),
+                   key=lambda p: int(p.stem))
+    if not paths:
+        raise FileNotFoundError(f"no JPEG frames in {directory}")
+    frames = []
+    for path in paths:
+        with Image.open(path) as image:
+            frames.append(np.array(image.convert("RGB")))
+    return frames
 
 
 @torch.inference_mode()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,12 @@ from torch import nn
 
 from . import register_adapter
 from .base import AttentionSite, ComponentSpec, ShapeCondition, TraceRecipe
+from .deploy import VideoDeployment, video_examples
 from .sam import defining_class
 from .sam2 import Sam2Adapter, _device
 
 __all__ = ["FrameEncoder", "FrameDecoder", "MemoryAttentionStep", "MemoryEncoderStep", "Sam2VideoAdapter",
-           "VideoDeployment", "axial_rope_tables", "rope_attention", "rotary_encoding", "single_map", "track",
-           "video_deployment"]
+           "axial_rope_tables", "rope_attention", "rotary_encoding", "single_map", "track"]
 
 _VIDEO_PREDICTOR = "sam2.sam2_video_predictor.SAM2VideoPredictor"
 _MEMORY_ATTENTION = "sam2.modeling.memory_attention.MemoryAttention"
@@ -178,6 +177,45 @@ class Sam2VideoAdapter(Sam2Adapter):
             return AttentionSite(path, "rope", module.num_heads, head_dim, head_dim, block=parent_path)
         return super()._attention_site(path, module, parent, parent_path)
 
+    def video_deployment(self, model: nn.Module) -> VideoDeployment:
+        """The four steps of a (captured or plain) ``SAM2VideoPredictor`` (written
+        after ``SAM2Base``'s methods) and the loop's settings."""
+        from .sam2 import _warm_position_caches
+
+        _warm_position_caches(model.image_encoder, model.image_size)
+        _warm_position_caches(model.memory_encoder, model.image_size)
+        unsupported = [name for name, value in (("training", model.training),
+                                                ("max_cond_frames_in_attn", model.max_cond_frames_in_attn != -1),
+                                                ("memory_temporal_stride_for_eval",
+                                                 model.memory_temporal_stride_for_eval != 1),
+                                                ("non_overlap_masks", model.non_overlap_masks),
+                                                ("fill_hole_area", model.fill_hole_area > 0),
+                                                ("directly_add_no_mem_embed", not model.directly_add_no_mem_embed),
+                                                ("use_obj_ptrs_in_encoder", not model.use_obj_ptrs_in_encoder),
+                                                ("only_obj_ptrs_in_the_past_for_eval",
+                                                 not model.only_obj_ptrs_in_the_past_for_eval),
+                                                ("use_signed_tpos_enc_to_obj_ptrs",
+                                                 not model.use_signed_tpos_enc_to_obj_ptrs),
+                                                ("binarize_mask_from_pts_for_mem_enc",
+                                                 not model.binarize_mask_from_pts_for_mem_enc)) if value]
+        if unsupported:
+            raise ValueError(f"the video export follows SAM 2.1's released video settings; this model differs in "
+                             f"{', '.join(unsupported)}")
+        settings = {"image_size": model.image_size, "num_maskmem": model.num_maskmem,
+                    "max_obj_ptrs_in_encoder": model.max_obj_ptrs_in_encoder,
+                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                    # load_video_frames: Pillow's default filter for RGB.
+                    "resample": "bicubic",
+                    # SAM2VideoPredictor stores memories in bfloat16.
+                    "memory_dtype": "bfloat16"}
+        side = model.image_size // model.backbone_stride
+        return VideoDeployment(FrameEncoder(model), MemoryAttentionStep(model), FrameDecoder(model),
+                               MemoryEncoderStep(model), settings,
+                               video_examples(model.image_size, side, model.hidden_dim, model.mem_dim))
+
+    def track_video(self, model: nn.Module, frames: str | Path, points: Any, labels: Any) -> list[torch.Tensor]:
+        return track(model, frames, points, labels)
+
 
 # -- deployment: the per-frame parts as graphs with tensor inputs ---------------------------------
 #
@@ -284,71 +322,6 @@ class MemoryEncoderStep(nn.Module):
             absent = 1 - (object_score > 0).float()
             memory = memory + absent[..., None, None] * model.no_obj_embed_spatial[..., None, None]
         return memory, out["vision_pos_enc"][-1]
-
-
-@dataclass
-class VideoDeployment:
-    """SAM 2's video path as four graphs and what the runtime loop needs to know."""
-
-    encoder: FrameEncoder
-    memory_attention: MemoryAttentionStep
-    decoder: FrameDecoder
-    memory_encoder: MemoryEncoderStep
-    settings: dict[str, Any]
-
-    def examples(self) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Example inputs of each graph (2 memories and 3 pointers: the dynamic axes
-        are not 0 or 1; no tensor given twice, which ``torch.export`` would take
-        for one input)."""
-        model = self.encoder.model
-        size, side = model.image_size, model.image_size // model.backbone_stride
-        dim, mem_dim = model.hidden_dim, model.mem_dim
-
-        def features() -> torch.Tensor:
-            return torch.zeros(1, dim, side, side)
-
-        return {
-            "encoder": (torch.zeros(1, 3, size, size),),
-            "memory_attention": (features(), features(), torch.zeros(2, mem_dim, side, side),
-                                 torch.zeros(2, mem_dim, side, side), torch.tensor([5, 6]), torch.zeros(3, dim),
-                                 torch.tensor([0.1, 0.2, 0.3])),
-            "decoder": (features(), torch.zeros(1, dim // 8, 4 * side, 4 * side), torch.zeros(1, dim // 4, 2 * side, 2 * side),
-                        torch.zeros(1, 2, 2), torch.tensor([[1.0, -1.0]])),
-            "memory_encoder": (features(), torch.zeros(1, 1, 4 * side, 4 * side), torch.ones(1, 1), torch.ones(1)),
-        }
-
-
-def video_deployment(model: nn.Module) -> VideoDeployment:
-    """The four graphs of a (captured or plain) ``SAM2VideoPredictor`` and the
-    loop's settings (image size, normalisation, memory and pointer limits)."""
-    from .sam2 import _warm_position_caches
-
-    _warm_position_caches(model.image_encoder, model.image_size)
-    _warm_position_caches(model.memory_encoder, model.image_size)
-    unsupported = [name for name, value in (("training", model.training),
-                                            ("max_cond_frames_in_attn", model.max_cond_frames_in_attn != -1),
-                                            ("memory_temporal_stride_for_eval",
-                                             model.memory_temporal_stride_for_eval != 1),
-                                            ("non_overlap_masks", model.non_overlap_masks),
-                                            ("fill_hole_area", model.fill_hole_area > 0),
-                                            ("directly_add_no_mem_embed", not model.directly_add_no_mem_embed),
-                                            ("use_obj_ptrs_in_encoder", not model.use_obj_ptrs_in_encoder),
-                                            ("only_obj_ptrs_in_the_past_for_eval",
-                                             not model.only_obj_ptrs_in_the_past_for_eval),
-                                            ("use_signed_tpos_enc_to_obj_ptrs",
-                                             not model.use_signed_tpos_enc_to_obj_ptrs),
-                                            ("binarize_mask_from_pts_for_mem_enc",
-                                             not model.binarize_mask_from_pts_for_mem_enc)) if value]
-    if unsupported:
-        raise ValueError(f"the video export follows SAM 2.1's released video settings; this model differs in "
-                         f"{', '.join(unsupported)}")
-    settings = {"image_size": model.image_size, "num_maskmem": model.num_maskmem,
-                "max_obj_ptrs_in_encoder": model.max_obj_ptrs_in_encoder,
-                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                # SAM2VideoPredictor stores memories in bfloat16.
-                "memory_dtype": "bfloat16"}
-    return VideoDeployment(FrameEncoder(model), MemoryAttentionStep(model), FrameDecoder(model),
-                           MemoryEncoderStep(model), settings)
 
 
 @torch.inference_mode()

@@ -1,4 +1,6 @@
-"""Export SAM 2's video path: four ONNX graphs and a torch-free tracking loop.
+"""Export a video model's path (SAM 2's video predictor, Hugging Face's
+``Sam2VideoModel`` and ``Sam3TrackerVideoModel``): four ONNX graphs and a
+torch-free tracking loop.
 
 Writes, in ``out_dir``:
 
@@ -6,15 +8,16 @@ Writes, in ``out_dir``:
   ``memory_attention.onnx`` (features conditioned on ``memories`` and
   ``pointers``, both counts dynamic; RoPE in real ``cos``/``sin`` arithmetic),
   ``decoder.onnx`` (prompts -> mask at the video's size, object pointer and
-  score) and ``memory_encoder.onnx`` (mask -> memory), from
-  :func:`samfx.adapters.sam2_video.video_deployment`, each with the passes
-  the model went through;
+  score) and ``memory_encoder.onnx`` (mask -> memory), from the family
+  adapter's :meth:`~samfx.adapters.Adapter.video_deployment`, each with the
+  passes the model went through;
 * ``samfx_video_runtime.py`` (:mod:`samfx.emit.video_runtime`, the loop) and
   ``samfx_runtime.py`` (its file checks);
 * for OpenVINO, each graph as ``.xml`` + ``.bin`` converted from the ONNX one;
 * ``samfx_video_export.json``: every file with its SHA-256 and size, the loop's
-  settings, the passes, and the check: the exported loop against
-  ``SAM2VideoPredictor`` on a synthetic clip, per-frame mask IoU.
+  settings, the passes, and the check: the exported loop against the family's
+  own video API (``propagate_in_video``, the Hugging Face session loop) on a
+  synthetic clip, per-frame mask IoU.
 
 Example (not run as a doctest: four exports and a check take a minute;
 ``tests/emit/test_video_export.py`` exports the small model once)::
@@ -41,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.sam2_video import VideoDeployment, track, video_deployment
+from ..adapters import find_adapter
+from ..adapters.deploy import VideoDeployment
 from ..capture import capture
 from ..data import synthetic_clip
 from ..fidelity import mask_iou
@@ -64,7 +68,7 @@ NAMES = {
 
 @dataclass
 class VideoExport:
-    """What :func:`export_video` wrote and how its loop compares with the eager predictor.
+    """What :func:`export_video` wrote and how its loop compares with the eager model.
 
     ``checks``: ``mask_iou`` per frame of the synthetic clip, and the largest
     logit difference.
@@ -77,8 +81,8 @@ class VideoExport:
 
 class _VideoResolutionDecoder(nn.Module):
     """The frame decoder with its mask also resized to the video's ``orig_im_size``,
-    as ``SAM2VideoPredictor`` returns it (sizes read from the input, so one graph
-    serves every video)."""
+    as ``SAM2VideoPredictor`` and the Hugging Face processors' ``post_process_masks``
+    return it (sizes read from the input, so one graph serves every video)."""
 
     def __init__(self, decoder: nn.Module) -> None:
         super().__init__()
@@ -110,31 +114,33 @@ def _dynamic_shapes(deployment: VideoDeployment) -> dict[str, Any]:
 
 def export_video(model: nn.Module, out_dir: str | Path, format: str = "onnx", opset: int = 18,
                  check_frames: int = 6, onnx_export: str | Path | None = None) -> VideoExport:
-    """Export a (plain or optimized) ``SAM2VideoPredictor``'s video path for
-    onnxruntime (``format="onnx"``) or OpenVINO (``"openvino"``: the checked ONNX
-    graphs converted with ``openvino.convert_model``, float32 weights kept).
+    """Export a (plain or optimized) video model's path for onnxruntime
+    (``format="onnx"``) or OpenVINO (``"openvino"``: the checked ONNX graphs
+    converted with ``openvino.convert_model``, float32 weights kept).
 
     The files are checked as written: the torch-free loop tracks a click through
-    a ``check_frames``-frame synthetic clip and is compared with
-    ``init_state`` / ``add_new_points_or_box`` / ``propagate_in_video``.
+    a ``check_frames``-frame synthetic clip and is compared with the family's own
+    video API (``init_state`` / ``add_new_points_or_box`` /
+    ``propagate_in_video``; the Hugging Face processor's session and
+    ``propagate_in_video_iterator``).
     ``onnx_export``: an ONNX video export of this model (its files verified) to
     convert to OpenVINO instead of exporting the graphs again.
 
     Raises:
-        ValueError: a model that is not a SAM 2 video predictor, one with video
-            settings the loop does not follow, or an unknown format.
+        ValueError: a model that is not a video model this export follows (EdgeTAM:
+            its memories are perceiver latents), one with video settings the
+            loop does not follow, or an unknown format.
     """
-    if not hasattr(model, "memory_attention") or not hasattr(model, "propagate_in_video"):
-        raise ValueError(f"export_video takes a SAM 2 video predictor (build_sam2_video_predictor), "
-                         f"not {type(model).__name__}")
+    adapter = find_adapter(model)
     if format not in runtime.FORMATS:
         raise ValueError(f"format must be one of {sorted(runtime.FORMATS)}, got {format!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with eval_mode(model), torch.no_grad(), tempfile.TemporaryDirectory(dir=out) as scratch:
-        # Traced from a captured copy: upstream's RoPE attention rotates in complex numbers, which ONNX lacks;
-        # the captured one (and the components of an optimized model, kept as they are) in real arithmetic.
-        deployment = video_deployment(capture(model).model)
+        # Traced from a captured copy: upstream's RoPE attentions rotate in complex numbers (which ONNX lacks) or
+        # branch on the memory length; the captured ones (and the components of an optimized model, kept as they
+        # are) rotate in real arithmetic for every length.
+        deployment = adapter.video_deployment(capture(model).model)
         if onnx_export is not None:
             onnx_dir = Path(onnx_export)
             runtime.verify_files(onnx_dir, video_runtime.read_manifest(onnx_dir))
@@ -158,7 +164,7 @@ def export_video(model: nn.Module, out_dir: str | Path, format: str = "onnx", op
         "schema": video_runtime.SCHEMA,
         "format": format,
         "runtime": runtime.FORMATS[format],
-        "family": "sam2_video",
+        "family": adapter.name,
         "model": getattr(model, "samfx_zoo", {}).get("name"),
         "passes": [p.config for p in report.passes] if report is not None else [],
         "graphs": {name: files[0].name for name, files in parts.items()},
@@ -173,7 +179,7 @@ def export_video(model: nn.Module, out_dir: str | Path, format: str = "onnx", op
         clip = synthetic_clip(scratch, frames=check_frames)
         tracker = video_runtime.load(out)  # the files as written, verified against the manifest
         exported = tracker.track(clip.directory, [clip.click], [1])
-        eager = [t.numpy() for t in track(model, clip.directory, [clip.click], [1])]
+        eager = [t.numpy() for t in adapter.track_video(model, clip.directory, [clip.click], [1])]
     result.checks = {"mask_iou": [mask_iou(a > 0, b > 0) for a, b in zip(exported, eager)],
                      "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(exported, eager))}
     manifest["checks"] = result.checks
@@ -182,7 +188,7 @@ def export_video(model: nn.Module, out_dir: str | Path, format: str = "onnx", op
 
 
 def _write_graphs(deployment: VideoDeployment, out: Path, opset: int) -> None:
-    examples = deployment.examples()
+    examples = dict(deployment.examples)
     examples["decoder"] += (torch.tensor([120.0, 160.0]),)  # orig_im_size
     dynamic = _dynamic_shapes(deployment)
     modules = {"encoder": deployment.encoder, "memory_attention": deployment.memory_attention,

@@ -1,4 +1,4 @@
-"""Track an object through a clip with SAM 2's exported video graphs: onnxruntime and numpy.
+"""Track an object through a clip with exported SAM 2-style video graphs: onnxruntime and numpy.
 
 This file imports neither torch nor the rest of samfx (next to it in an export
 directory: ``samfx_runtime.py`` for the file checks; numpy, onnxruntime or
@@ -7,8 +7,8 @@ directory as ``samfx_video_runtime.py``, next to the four graphs and
 ``samfx_video_export.json``, whose SHA-256 entries are checked before any
 graph is loaded.
 
-The loop is ``SAM2VideoPredictor``'s for one object clicked on one frame and
-tracked forward: frame features (``encoder.onnx``); on the clicked frame the
+The loop is ``SAM2VideoPredictor``'s (and the Hugging Face video classes'
+session loop's) for one object clicked on one frame and tracked forward: frame features (``encoder.onnx``); on the clicked frame the
 features with the no-memory embedding, on the others the features conditioned
 on the clicked frame's memory and the last ``num_maskmem - 1`` frames' memories
 plus up to ``max_obj_ptrs_in_encoder`` object pointers
@@ -64,15 +64,18 @@ def bfloat16_round(x: np.ndarray) -> np.ndarray:
 
 
 def read_frame(path: str | Path, settings: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
-    """A JPEG frame as SAM 2's ``load_video_frames`` prepares it: RGB, stretched to
-    the model's square size by Pillow, scaled to [0, 1] and normalised; and its
-    ``(height, width)``."""
+    """A JPEG frame as the family's video loader prepares it: RGB, stretched to the
+    model's square size by Pillow's ``settings["resample"]`` filter (SAM 2's
+    ``load_video_frames``: bicubic; Hugging Face's video processors: bilinear,
+    as torchvision resizes 8-bit frames), scaled to [0, 1] and normalised; and
+    its ``(height, width)``."""
     from PIL import Image
 
     size = settings["image_size"]
+    resample = Image.Resampling[settings["resample"].upper()]
     with Image.open(path) as image:
         width, height = image.size
-        pixels = np.array(image.convert("RGB").resize((size, size)))
+        pixels = np.array(image.convert("RGB").resize((size, size), resample))
     pixels = (pixels / 255.0).astype(np.float32).transpose(2, 0, 1)
     mean = np.asarray(settings["mean"], np.float32)[:, None, None]
     std = np.asarray(settings["std"], np.float32)[:, None, None]
