@@ -314,6 +314,7 @@ def _manifest(model: nn.Module, adapter: Adapter, deployment: Deployment, format
                      + (" (OpenVINO's INFERENCE_PRECISION_HINT)" if format == "openvino"
                         else "; onnxruntime's CPU provider computes in float32"))
     isa = cpu_isa()
+    trained = type(adapter.predictor(model))
     return {
         "schema": runtime.SCHEMA,
         "format": format,
@@ -334,6 +335,8 @@ def _manifest(model: nn.Module, adapter: Adapter, deployment: Deployment, format
         "preprocessing": deployment.preprocessing.to_dict(),
         "mask_input_size": deployment.mask_input_size,
         "multimask_output": multimask_output,
+        # What samfx.evaluate leads with when it runs this export (LiteMedSAM: boxes only).
+        "prompts": {"trained": list(trained.trained_prompts), "untrained_note": trained.untrained_prompts_note},
         "opset": opset,
         "precision": {"hint": hint, "exported_weights": "float32",
                       # Each graph's hint: bf16 where that part's weights are reduced (bf16 roles).

@@ -395,6 +395,15 @@ class Predictor:
     def metadata(self) -> dict[str, Any]:
         return self.manifest
 
+    @property
+    def trained_prompts(self) -> tuple[str, ...]:
+        """The prompt kinds the exported model was trained with (older exports: points and boxes)."""
+        return tuple(self.manifest.get("prompts", {}).get("trained", ("point", "box")))
+
+    @property
+    def untrained_prompts_note(self) -> str:
+        return self.manifest.get("prompts", {}).get("untrained_note", "")
+
     def set_image(self, image: np.ndarray) -> None:
         """Embed an ``H x W x 3`` uint8 RGB image."""
         outputs = self.graphs.encode(prepare_image(image, self.preprocessing))

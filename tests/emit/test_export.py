@@ -164,6 +164,8 @@ def test_lite_medsam_boxes_in_one_call_match_its_own_decoder(exported) -> None:
     model = small_model("lite_medsam").eval()
     export = exported("lite_medsam", (), "openvino")
     predictor = runtime.load(export.directory)
+    # samfx.evaluate on the export leads with the prompts the model was trained with, as on the model.
+    assert predictor.trained_prompts == ("box",) and "box prompts only" in predictor.untrained_prompts_note
     sample = samfx.data.package_images(["coins"])[0]
     boxes = np.array([p.coords for p in sample.prompts if p.kind == "box"])
     predictor.set_image(sample.image)

@@ -146,7 +146,7 @@ def test_an_export_is_evaluated_in_its_runtime(exported, tmp_path, capsys) -> No
     directory = exported("sam_vit_b", (), "onnx").directory
     report = samfx.evaluate(runtime.load(directory, threads=1), annotations=coco, against=small_model("sam_vit_b"),
                             prompts=("point",))
-    assert report.model == str(directory) and report.objects == 2
+    assert report.model == str(directory) and report.objects == 2 and report.trained_prompts == ["point"]
     assert report.by_prompt["point"]["vs_original_min"] >= 0.99  # a multi-mask export answers clicks as torch does
     out = tmp_path / "eval.json"
     code = cli_main(["eval", str(directory), "--annotations", str(coco), "--out", str(out), "--quiet"])
