@@ -46,6 +46,19 @@ __all__ = ["HFEdgeTamVideoAdapter", "HFFrameDecoder", "HFFrameEncoder", "HFMemor
            "read_frames", "rope_attention", "rotary_embedding", "track"]
 
 
+def _memory_attention_inputs(
+    current_vision_features: torch.Tensor, memory: torch.Tensor, current_vision_position_embeddings: torch.Tensor | None,
+    memory_position_embeddings: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The frame's tokens (with a tenth of their position embedding) batch-first, and the
+    memories and their position embeddings as ``(B, 1, N, C)``, as both upstream forwards begin."""
+    output = current_vision_features
+    if current_vision_position_embeddings is not None:
+        output = output + 0.1 * current_vision_position_embeddings
+    return (output.transpose(0, 1), memory.transpose(0, 1).unsqueeze(1),
+            memory_position_embeddings.transpose(0, 1).unsqueeze(1))
+
+
 def _memory_attention_body(self: nn.Module, current_vision_features: torch.Tensor, memory: torch.Tensor,
                            current_vision_position_embeddings: torch.Tensor | None = None,
                            memory_posision_embeddings: torch.Tensor | None = None,
@@ -53,12 +66,8 @@ def _memory_attention_body(self: nn.Module, current_vision_features: torch.Tenso
     """``Sam2VideoMemoryAttention.forward`` (SAM 3's tracker has the same) with its
     rank test answered: the frame's tokens arrive ``(H*W, B, C)``, so every layer
     gets them as ``(B, 1, H*W, C)``."""
-    output = current_vision_features
-    if current_vision_position_embeddings is not None:
-        output = output + 0.1 * current_vision_position_embeddings
-    output = output.transpose(0, 1)
-    memory = memory.transpose(0, 1).unsqueeze(1)
-    memory_position = memory_posision_embeddings.transpose(0, 1).unsqueeze(1)
+    output, memory, memory_position = _memory_attention_inputs(
+        current_vision_features, memory, current_vision_position_embeddings, memory_posision_embeddings)
     rope = self.rotary_emb(output, self.position_ids)
     output = output.unsqueeze(1)
     for layer in self.layers:
@@ -130,12 +139,8 @@ def _edgetam_memory_attention_body(self: nn.Module, current_vision_features: tor
     """``EdgeTamVideoMemoryAttention.forward`` with its rank test answered, as
     :func:`_memory_attention_body`; keys (the resampled memories) have their own
     rotary table."""
-    output = current_vision_features
-    if current_vision_position_embeddings is not None:
-        output = output + 0.1 * current_vision_position_embeddings
-    output = output.transpose(0, 1)
-    memory = memory.transpose(0, 1).unsqueeze(1)
-    memory_position = memory_posision_embeddings.transpose(0, 1).unsqueeze(1)
+    output, memory, memory_position = _memory_attention_inputs(
+        current_vision_features, memory, current_vision_position_embeddings, memory_posision_embeddings)
     rope = self.rotary_emb(output, self.position_ids)
     rope_k = self.rotary_emb(output, self.position_ids_k)
     output = output.unsqueeze(1)
