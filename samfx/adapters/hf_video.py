@@ -224,6 +224,8 @@ class _VideoParts:
     #: upstream rotary helpers recorded as one call each
     rotary_functions: tuple[str, ...] = ()
     memory_attention_body: Callable[..., Any] = staticmethod(_memory_attention_body)
+    #: how ``_encode_new_memory`` stores a frame's memory (SAM 2's: in bfloat16)
+    memory_dtype: str = "bfloat16"
 
     def _video_cls(self, name: str) -> str:
         return f"{self.video_module}.{name}"
@@ -334,9 +336,6 @@ class _VideoParts:
                                video_examples(model.image_size, side, model.hidden_dim, model.mem_dim,
                                               self._stored_memory_shape(model)))
 
-    #: how ``_encode_new_memory`` stores a frame's memory (SAM 2's: in bfloat16)
-    memory_dtype = "bfloat16"
-
     def _memory_steps(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
         """The memory attention and memory encoder steps of :meth:`video_deployment`."""
         return HFMemoryAttentionStep(model, sys.modules[self.video_module]), HFMemoryEncoderStep(model)
@@ -392,6 +391,7 @@ class HFEdgeTamVideoAdapter(_VideoParts, HFEdgeTamAdapter):
     rotation = staticmethod(latent_rotary_embedding)
     rotary_functions = ("apply_rotary_pos_emb_2d_self_attn",)  # no branch
     memory_attention_body = staticmethod(_edgetam_memory_attention_body)
+    memory_dtype = "float32"  # _encode_new_memory keeps the perceiver's latents in the masks' dtype
 
     def components(self, model: nn.Module) -> list[ComponentSpec]:
         return super().components(model) + [self._perceiver_spec(model)]
@@ -429,9 +429,6 @@ class HFEdgeTamVideoAdapter(_VideoParts, HFEdgeTamAdapter):
             return AttentionSite(path, "decoder", module.num_attention_heads, module.head_dim, module.head_dim,
                                  block=parent_path)
         return super()._attention_site(path, module, parent, parent_path)
-
-    #: _encode_new_memory keeps the perceiver's latents in the masks' dtype (float32)
-    memory_dtype = "float32"
 
     def _memory_steps(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
         return (HFLatentMemoryAttentionStep(model, sys.modules[self.video_module]),
