@@ -105,7 +105,9 @@ class VideoDeployment:
             decoder's two high-resolution maps.
         memory_attention: ``(features, position, memories, memory_positions,
             memory_slots, pointers, pointer_distances) -> conditioned``: ``n``
-            memories ``(n, mem_dim, h, w)`` with their position encodings and
+            memories stacked along the first axis, each as ``memory_encoder``
+            gives it (SAM 2: a ``(mem_dim, h, w)`` map; EdgeTAM: ``(latents,
+            mem_dim)`` perceiver latents), with their position encodings and
             temporal slots (``num_maskmem - t_pos - 1``: the clicked frame
             ``num_maskmem - 1``, the frame ``k`` before this one ``k - 1``), ``p``
             object pointers ``(p, C)`` and their frame distances divided by the
@@ -119,7 +121,8 @@ class VideoDeployment:
         settings: what the loop needs: ``image_size``, ``num_maskmem``,
             ``max_obj_ptrs_in_encoder``, ``mean``, ``std`` (of [0, 1] pixels),
             ``resample`` (PIL's filter that stretches a frame to the square
-            input) and ``memory_dtype``.
+            input) and ``memory_dtype`` (how the loop stores memories: ``bfloat16``
+            or ``float32``, as the family's video API does).
         examples: example inputs per step (2 memories and 3 pointers: the dynamic
             axes are not 0 or 1; no tensor given twice, which ``torch.export``
             would take for one input).
@@ -133,19 +136,22 @@ class VideoDeployment:
     examples: dict[str, tuple[torch.Tensor, ...]]
 
 
-def video_examples(image_size: int, side: int, dim: int, mem_dim: int) -> dict[str, tuple[torch.Tensor, ...]]:
+def video_examples(image_size: int, side: int, dim: int, mem_dim: int,
+                   memory: tuple[int, ...] | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
     """:attr:`VideoDeployment.examples` for a family with an ``image_size`` input,
     ``side x side`` lowest-resolution maps ``dim`` wide, high-resolution maps
-    at 4x (``dim // 8`` wide) and 2x (``dim // 4``) that side, ``mem_dim``-wide
-    memories and ``4 * side`` low-resolution masks."""
+    at 4x (``dim // 8`` wide) and 2x (``dim // 4``) that side, memories of
+    shape ``memory`` (default: ``mem_dim x side x side`` maps) and ``4 * side``
+    low-resolution masks."""
+    memory = memory or (mem_dim, side, side)
 
     def features() -> torch.Tensor:
         return torch.zeros(1, dim, side, side)
 
     return {
         "encoder": (torch.zeros(1, 3, image_size, image_size),),
-        "memory_attention": (features(), features(), torch.zeros(2, mem_dim, side, side),
-                             torch.zeros(2, mem_dim, side, side), torch.tensor([5, 6]), torch.zeros(3, dim),
+        "memory_attention": (features(), features(), torch.zeros(2, *memory), torch.zeros(2, *memory),
+                             torch.tensor([5, 6]), torch.zeros(3, dim),
                              torch.tensor([0.1, 0.2, 0.3])),
         "decoder": (features(), torch.zeros(1, dim // 8, 4 * side, 4 * side),
                     torch.zeros(1, dim // 4, 2 * side, 2 * side), torch.zeros(1, 2, 2), torch.tensor([[1.0, -1.0]])),

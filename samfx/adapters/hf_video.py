@@ -13,14 +13,16 @@ adapters capture these components, so that the processor's inference session
 the same submodules with the same arguments.
 
 The memory length and the pointer count are graph inputs (symbolic sizes), so
-one graph serves every frame. Upstream's rotary helper branches on key counts
-(whether the keys are one map or several): SAM 2's and SAM 3's RoPE attentions
-are traced through :func:`rope_attention`, which rotates with
-:func:`rotary_embedding` (no branch, the same numbers), so that their video
-path also exports with a dynamic memory length (:meth:`video_deployment`, four
-step modules written after ``Sam2VideoModel``'s methods). EdgeTAM's helpers
-are recorded as one call each, computed in float32 as upstream does; its video
-path does not export (see :meth:`HFEdgeTamVideoAdapter.video_deployment`).
+one graph serves every frame. Upstream's rotary helpers branch on key counts
+(whether the keys are one memory or several): the memory attentions' RoPE
+attentions are traced through :func:`rope_attention` (SAM 2, SAM 3), which
+rotates with :func:`rotary_embedding`, and :func:`latent_rope_attention`
+(EdgeTAM's cross-attention, whose keys are perceiver latents with their own
+rotary table), which rotates with :func:`latent_rotary_embedding` (no branch,
+the same numbers, in float32 as upstream), so that the video path also
+exports with a dynamic memory length (:meth:`video_deployment`, four step
+modules written after ``Sam2VideoModel``'s methods; EdgeTAM's memory steps
+store and read the perceiver's latents).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from .hf import _NOT_CAUSAL, _device
 from .hf_sam2 import HFEdgeTamAdapter, HFSam2Adapter, HFSam2Predictor, HFSam3TrackerAdapter
 from .sam import defining_class
 
-__all__ = ["HFEdgeTamVideoAdapter", "HFFrameDecoder", "HFFrameEncoder", "HFMemoryAttentionStep",
-           "HFMemoryEncoderStep", "HFSam2VideoAdapter", "HFSam2VideoPredictor", "HFSam3TrackerVideoAdapter",
+__all__ = ["HFEdgeTamVideoAdapter", "HFFrameDecoder", "HFFrameEncoder", "HFLatentMemoryAttentionStep",
+           "HFLatentMemoryEncoderStep", "HFMemoryAttentionStep", "HFMemoryEncoderStep", "HFSam2VideoAdapter",
+           "HFSam2VideoPredictor", "HFSam3TrackerVideoAdapter", "latent_rope_attention", "latent_rotary_embedding",
            "read_frames", "rope_attention", "rotary_embedding", "track"]
 
 
@@ -112,6 +115,63 @@ def rope_attention(self: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     """``Sam2VideoRoPEAttention.forward`` (SAM 3's tracker has the same) with the
     rotation through :func:`rotary_embedding`: the same projections, heads and
     attention backend."""
+    cos, sin = position_embeddings
+    return _rotated_attention(
+        self, query, key, value,
+        lambda q, k: rotary_embedding(q, k, cos, sin, num_k_exclude_rope, self.rope_k_repeat), **kwargs)
+
+
+def latent_rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            cos_k: torch.Tensor, sin_k: torch.Tensor, num_k_exclude_rope: Any = 0,
+                            repeat_freqs_k: Any = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream ``apply_rotary_pos_emb_2d_cross_attn`` (EdgeTAM) without its branches
+    on key counts: keys are ``repeat_freqs_k`` memories, each the perceiver's
+    global latents (not rotated) then its 2-D latents (rotated with the latent
+    grid's table ``cos_k``/``sin_k``, broadcast over the memories where upstream
+    repeats it: the same numbers), followed by ``num_k_exclude_rope`` keys left
+    unrotated (object pointers). In float32, as upstream.
+
+    Example::
+
+        >>> q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 2 * 3 + 1, 8)
+        >>> cos, sin = torch.ones(1, 4, 8), torch.zeros(1, 4, 8)
+        >>> rq, rk = latent_rotary_embedding(q, k, cos, sin, cos[:, :2], sin[:, :2], 1, repeat_freqs_k=2)
+        >>> bool(torch.equal(rq, q)), bool(torch.equal(rk, k))
+        (True, True)
+    """
+    from transformers.models.edgetam_video.modeling_edgetam_video import rotate_pairwise
+
+    q_embed = q.float()
+    q_embed = q_embed * cos + rotate_pairwise(q_embed) * sin
+    rotated = k.shape[-2] - num_k_exclude_rope
+    k_memories, k_pass = k[..., :rotated, :], k[..., rotated:, :]
+    batch, heads, _, channels = k_memories.shape
+    k_memories = k_memories.reshape(batch, heads, repeat_freqs_k, -1, channels)  # (B, heads, memories, L, C)
+    global_latents = k_memories.shape[-2] - cos_k.shape[-2]
+    k_global, k_spatial = k_memories[..., :global_latents, :], k_memories[..., global_latents:, :].float()
+    k_spatial = k_spatial * cos_k + rotate_pairwise(k_spatial) * sin_k
+    k_embed = torch.cat([k_global, k_spatial.type_as(k)], dim=-2).flatten(2, 3)
+    return q_embed.type_as(q), torch.cat([k_embed, k_pass], dim=-2)
+
+
+def latent_rope_attention(self: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                          position_embeddings_k: tuple[torch.Tensor, torch.Tensor], num_k_exclude_rope: Any = 0,
+                          rope_k_repeat: Any = 0, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """``EdgeTamVideoRoPECrossAttention.forward`` with the rotation through
+    :func:`latent_rotary_embedding`: the same projections, heads and attention backend."""
+    (cos, sin), (cos_k, sin_k) = position_embeddings, position_embeddings_k
+    return _rotated_attention(
+        self, query, key, value,
+        lambda q, k: latent_rotary_embedding(q, k, cos, sin, cos_k, sin_k, num_k_exclude_rope, rope_k_repeat),
+        **kwargs)
+
+
+def _rotated_attention(self: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       rotate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                       **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The body the upstream RoPE attentions share: projections into heads,
+    ``rotate(q, k)``, the configured attention backend, the output projection."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     batch_size, point_batch_size = query.shape[:2]
@@ -119,8 +179,7 @@ def rope_attention(self: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     query = self.q_proj(query).view(*new_shape).transpose(1, 2)
     key = self.k_proj(key).view(*new_shape).transpose(1, 2)
     value = self.v_proj(value).view(*new_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = rotary_embedding(query, key, cos, sin, num_k_exclude_rope, self.rope_k_repeat)
+    query, key = rotate(query, key)
     eager = sys.modules[type(self).__module__].eager_attention_forward
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     attn_output, attn_weights = attention_interface(
@@ -157,11 +216,16 @@ class _VideoParts:
 
     #: the ``transformers`` module that defines the video classes
     video_module: str = ""
-    #: the memory attention's RoPE attention class, traced through :func:`rope_attention`
-    rope_attention_class: str | None = None
-    #: upstream rotary helpers that branch on key counts, recorded as one call each
+    #: the memory attention's RoPE attention class (whose rotation branches on key counts),
+    #: traced through ``rope_attention_body``, which rotates with ``rotation``
+    rope_attention_class: str = ""
+    rope_attention_body: Callable[..., Any] = staticmethod(rope_attention)
+    rotation: Callable[..., Any] = staticmethod(rotary_embedding)
+    #: upstream rotary helpers recorded as one call each
     rotary_functions: tuple[str, ...] = ()
     memory_attention_body: Callable[..., Any] = staticmethod(_memory_attention_body)
+    #: how ``_encode_new_memory`` stores a frame's memory (SAM 2's: in bfloat16)
+    memory_dtype: str = "bfloat16"
 
     def _video_cls(self, name: str) -> str:
         return f"{self.video_module}.{name}"
@@ -185,12 +249,10 @@ class _VideoParts:
 
     def _memory_attention_spec(self, model: nn.Module) -> ComponentSpec:
         modeling = sys.modules[self.video_module]
-        traced = ((self._video_cls(self.rope_attention_class), "forward", rope_attention),) \
-            if self.rope_attention_class else ()
         recipe = TraceRecipe(
             trace_body=self.memory_attention_body,
-            autowrap_functions=(rotary_embedding,) + tuple(getattr(modeling, name) for name in self.rotary_functions),
-            traced_methods=traced,
+            autowrap_functions=(self.rotation,) + tuple(getattr(modeling, name) for name in self.rotary_functions),
+            traced_methods=((self._video_cls(self.rope_attention_class), "forward", self.rope_attention_body),),
             # The rotary tables are computed from the position buffers: kept as a module
             # call, so that they follow the buffers (and no traced constant is made).
             leaf_modules=(defining_class(model.memory_attention.rotary_emb, "RotaryEmbedding"),),
@@ -267,12 +329,20 @@ class _VideoParts:
                     "max_obj_ptrs_in_encoder": config.max_object_pointers_in_encoder,
                     "mean": list(frames.image_mean), "std": list(frames.image_std),
                     "resample": PILImageResampling(frames.resample).name.lower(),
-                    # _encode_new_memory stores memories in bfloat16.
-                    "memory_dtype": "bfloat16"}
+                    "memory_dtype": self.memory_dtype}
         side = model.backbone_feature_sizes[-1][0]
-        return VideoDeployment(HFFrameEncoder(model), HFMemoryAttentionStep(model, sys.modules[self.video_module]),
-                               HFFrameDecoder(model), HFMemoryEncoderStep(model), settings,
-                               video_examples(model.image_size, side, model.hidden_dim, model.mem_dim))
+        attention, encoder = self._memory_steps(model)
+        return VideoDeployment(HFFrameEncoder(model), attention, HFFrameDecoder(model), encoder, settings,
+                               video_examples(model.image_size, side, model.hidden_dim, model.mem_dim,
+                                              self._stored_memory_shape(model)))
+
+    def _memory_steps(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The memory attention and memory encoder steps of :meth:`video_deployment`."""
+        return HFMemoryAttentionStep(model, sys.modules[self.video_module]), HFMemoryEncoderStep(model)
+
+    def _stored_memory_shape(self, model: nn.Module) -> tuple[int, ...] | None:
+        """One stored memory's shape without the batch (``None``: a ``mem_dim x h x w`` map)."""
+        return None
 
     def track_video(self, model: nn.Module, frames: str | Path, points: Any, labels: Any) -> list[torch.Tensor]:
         return track(model, read_frames(frames), points, labels)
@@ -316,8 +386,12 @@ class HFEdgeTamVideoAdapter(_VideoParts, HFEdgeTamAdapter):
     name = "hf_edgetam_video"
     video_module = "transformers.models.edgetam_video.modeling_edgetam_video"
     model_classes = (video_module + ".EdgeTamVideoModel",)
-    rotary_functions = ("apply_rotary_pos_emb_2d_self_attn", "apply_rotary_pos_emb_2d_cross_attn")
+    rope_attention_class = "EdgeTamVideoRoPECrossAttention"
+    rope_attention_body = staticmethod(latent_rope_attention)
+    rotation = staticmethod(latent_rotary_embedding)
+    rotary_functions = ("apply_rotary_pos_emb_2d_self_attn",)  # no branch
     memory_attention_body = staticmethod(_edgetam_memory_attention_body)
+    memory_dtype = "float32"  # _encode_new_memory keeps the perceiver's latents in the masks' dtype
 
     def components(self, model: nn.Module) -> list[ComponentSpec]:
         return super().components(model) + [self._perceiver_spec(model)]
@@ -356,12 +430,13 @@ class HFEdgeTamVideoAdapter(_VideoParts, HFEdgeTamAdapter):
                                  block=parent_path)
         return super()._attention_site(path, module, parent, parent_path)
 
-    def video_deployment(self, model: nn.Module) -> VideoDeployment:
-        raise ValueError(
-            "EdgeTAM's video path does not export: its memories are perceiver latents (the spatial_perceiver "
-            "resamples each frame's memory into global and 2-D latents, which the memory attention reads with "
-            "their own rotary table), while the exported loop's memory attention takes SAM 2's per-frame spatial "
-            "memory maps")
+    def _memory_steps(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return (HFLatentMemoryAttentionStep(model, sys.modules[self.video_module]),
+                HFLatentMemoryEncoderStep(model))
+
+    def _stored_memory_shape(self, model: nn.Module) -> tuple[int, ...]:
+        perceiver = model.spatial_perceiver
+        return perceiver.num_latents_1d + perceiver.num_latents_2d, model.mem_dim
 
     def image_forward(self) -> Callable[..., Any]:
         from transformers import EdgeTamModel
@@ -388,7 +463,8 @@ class HFSam2VideoPredictor(HFSam2Predictor):
 # The tracking loop (which memories and pointers a frame attends to) is the
 # runtime's; each step holds the arithmetic of one of Sam2VideoModel's methods,
 # run by the model's own (captured) components. Maps are NCHW, as the runtime
-# passes them; the model's (H*W, B, C) token layout is made inside.
+# passes them (EdgeTAM's memories: perceiver latents, (1, L, C) each); the
+# model's (H*W, B, C) token layout is made inside.
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -433,9 +509,9 @@ class HFMemoryAttentionStep(nn.Module):
         model = self.model
         batch, channels, height, width = features.shape
         mem_dim = model.mem_dim
-        memory = memories.flatten(2).permute(0, 2, 1).reshape(-1, 1, mem_dim)
+        memory = self._memory_tokens(memories).reshape(-1, 1, mem_dim)
         temporal = model.memory_temporal_positional_encoding[memory_slots]  # (n, 1, 1, mem_dim)
-        memory_pos = (memory_positions.flatten(2).permute(0, 2, 1)[:, :, None, :] + temporal).reshape(-1, 1, mem_dim)
+        memory_pos = (self._memory_tokens(memory_positions)[:, :, None, :] + temporal).reshape(-1, 1, mem_dim)
         if model.config.enable_temporal_pos_encoding_for_object_pointers:
             pointer_pos = model.temporal_positional_encoding_projection_layer(
                 self._sine(pointer_distances, dim=channels))
@@ -444,11 +520,32 @@ class HFMemoryAttentionStep(nn.Module):
         split = max(channels // mem_dim, 1)  # a pointer becomes this many mem_dim tokens
         pointer_tokens = pointers.reshape(-1, 1, split, mem_dim).permute(0, 2, 1, 3).flatten(0, 1)
         pointer_pos = pointer_pos[:, None, :].repeat_interleave(split, dim=0)
-        out = model.memory_attention(
-            current_vision_features=_tokens(features), current_vision_position_embeddings=_tokens(position),
-            memory=torch.cat([memory, pointer_tokens]), memory_posision_embeddings=torch.cat([memory_pos, pointer_pos]),
+        out = self._attend(
+            memories.shape[0], current_vision_features=_tokens(features),
+            current_vision_position_embeddings=_tokens(position), memory=torch.cat([memory, pointer_tokens]),
+            memory_posision_embeddings=torch.cat([memory_pos, pointer_pos]),
             num_object_pointer_tokens=pointer_tokens.shape[0])
         return out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+
+    def _memory_tokens(self, memories: torch.Tensor) -> torch.Tensor:
+        """``(n, mem_dim, h, w)`` memory maps -> ``(n, h*w, mem_dim)`` tokens per memory."""
+        return memories.flatten(2).transpose(1, 2)
+
+    def _attend(self, num_memories: Any, **inputs: torch.Tensor | int) -> torch.Tensor:
+        return self.model.memory_attention(**inputs)
+
+
+class HFLatentMemoryAttentionStep(HFMemoryAttentionStep):
+    """:class:`HFMemoryAttentionStep` on EdgeTAM's memories: per memory, the
+    perceiver's ``(latents, mem_dim)`` tokens, as ``_encode_new_memory`` stores
+    them; the memory attention is told the memory count (its latent-grid
+    rotary table repeats per memory)."""
+
+    def _memory_tokens(self, memories: torch.Tensor) -> torch.Tensor:
+        return memories
+
+    def _attend(self, num_memories: Any, **inputs: torch.Tensor | int) -> torch.Tensor:
+        return self.model.memory_attention(**inputs, num_spatial_memory_tokens=num_memories)
 
 
 class HFFrameDecoder(nn.Module):
@@ -497,6 +594,18 @@ class HFMemoryEncoderStep(nn.Module):
             absent = 1 - (object_score > 0).float()
             memory = memory + absent[..., None] * model.occlusion_spatial_embedding_parameter[..., None, None]
         return memory, position
+
+
+class HFLatentMemoryEncoderStep(HFMemoryEncoderStep):
+    """:class:`HFMemoryEncoderStep` then EdgeTAM's ``spatial_perceiver``: the
+    memory as ``(1, latents, mem_dim)`` global and 2-D latents and their
+    position encodings (zeros for the global ones), as ``_encode_new_memory``
+    stores them."""
+
+    def forward(self, features: torch.Tensor, low_res_masks: torch.Tensor, object_score: torch.Tensor,
+                from_points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory, position = super().forward(features, low_res_masks, object_score, from_points)
+        return self.model.spatial_perceiver(memory, position)
 
 
 def read_frames(directory: str | Path) -> list[np.ndarray]:

@@ -1,6 +1,6 @@
 """Export a video model's path (SAM 2's video predictor, Hugging Face's
-``Sam2VideoModel`` and ``Sam3TrackerVideoModel``): four ONNX graphs and a
-torch-free tracking loop.
+``Sam2VideoModel``, ``Sam3TrackerVideoModel`` and ``EdgeTamVideoModel``): four
+ONNX graphs and a torch-free tracking loop.
 
 Writes, in ``out_dir``:
 
@@ -8,7 +8,8 @@ Writes, in ``out_dir``:
   ``memory_attention.onnx`` (features conditioned on ``memories`` and
   ``pointers``, both counts dynamic; RoPE in real ``cos``/``sin`` arithmetic),
   ``decoder.onnx`` (prompts -> mask at the video's size, object pointer and
-  score) and ``memory_encoder.onnx`` (mask -> memory), from the family
+  score) and ``memory_encoder.onnx`` (mask -> memory: SAM 2's map, EdgeTAM's
+  perceiver latents), from the family
   adapter's :meth:`~samfx.adapters.Adapter.video_deployment`, each with the
   passes the model went through;
 * ``samfx_video_runtime.py`` (:mod:`samfx.emit.video_runtime`, the loop) and
@@ -127,9 +128,8 @@ def export_video(model: nn.Module, out_dir: str | Path, format: str = "onnx", op
     convert to OpenVINO instead of exporting the graphs again.
 
     Raises:
-        ValueError: a model that is not a video model this export follows (EdgeTAM:
-            its memories are perceiver latents), one with video settings the
-            loop does not follow, or an unknown format.
+        ValueError: a model that is not a video model this export follows, one
+            with video settings the loop does not follow, or an unknown format.
     """
     adapter = find_adapter(model)
     if format not in runtime.FORMATS:

@@ -14,8 +14,10 @@ on the clicked frame's memory and the last ``num_maskmem - 1`` frames' memories
 plus up to ``max_obj_ptrs_in_encoder`` object pointers
 (``memory_attention.onnx``, whose memory and pointer counts are dynamic);
 ``decoder.onnx`` gives the mask, the object pointer and score;
-``memory_encoder.onnx`` turns the mask into the frame's memory, kept in
-bfloat16 as upstream keeps it.
+``memory_encoder.onnx`` turns the mask into the frame's memory, kept in the
+manifest's ``memory_dtype`` as upstream keeps it (SAM 2: bfloat16). Memories
+are stacked along their first axis, whatever their shape (SAM 2's maps,
+EdgeTAM's perceiver latents).
 
     python samfx_video_runtime.py frames/ --model-dir . --point 40,60
 
@@ -93,6 +95,8 @@ class VideoTracker:
     """Runs the loop on graphs given as ``{name: callable(feeds) -> outputs}``."""
 
     def __init__(self, graphs: dict[str, Any], settings: dict[str, Any]) -> None:
+        if settings["memory_dtype"] not in ("bfloat16", "float32"):
+            raise ValueError(f"memory_dtype {settings['memory_dtype']!r} is neither bfloat16 nor float32")
         self.graphs = graphs
         self.settings = settings
 
@@ -132,9 +136,12 @@ class VideoTracker:
             memory, memory_pos = self._run("memory_encoder", features=features, low_res_masks=low_res,
                                            object_score=score,
                                            from_points=np.array([float(index == frame_idx)], np.float32))
-            outputs[index] = {"memory": bfloat16_round(memory), "pointer": pointer}
+            outputs[index] = {"memory": self._stored(memory), "pointer": pointer}
             logits.append(masks[0, 0])
         return logits
+
+    def _stored(self, memory: np.ndarray) -> np.ndarray:
+        return bfloat16_round(memory) if self.settings["memory_dtype"] == "bfloat16" else memory
 
     def _condition(self, index: int, features: np.ndarray, position: np.ndarray,
                    outputs: dict[int, dict[str, np.ndarray]], memory_pos: np.ndarray, max_pointers: int,

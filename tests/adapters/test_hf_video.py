@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import samfx
-from samfx.adapters.hf_video import track
+from samfx.adapters.hf_video import latent_rotary_embedding, track
 from samfx.data import package_images, synthetic_clip
 from samfx.fidelity import mask_iou
 from samfx.passes import BF16Config, HyperConfig, QuantizeConfig
@@ -97,6 +97,20 @@ def test_exact_passes_are_drop_ins(name: str, clip, reference, tmp_path, no_mac_
         assert min(per_frame_iou(tracked, reference[name])) >= 0.999
         for got, expected in zip(tracked, reference[name], strict=True):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("memories, pointers", [(1, 0), (1, 4), (3, 8)])
+def test_latent_rotation_is_upstreams_for_every_memory_count(memories: int, pointers: int) -> None:
+    from transformers.models.edgetam_video.modeling_edgetam_video import apply_rotary_pos_emb_2d_cross_attn
+
+    # Per memory 2 global latents (not rotated) and 4 2-D latents, then the pointers.
+    generator = torch.Generator().manual_seed(memories)
+    q, k = torch.randn(1, 2, 16, 8, generator=generator), torch.randn(1, 2, memories * 6 + pointers, 8,
+                                                                     generator=generator)
+    cos, sin, cos_k, sin_k = (torch.randn(1, n, 8, generator=generator) for n in (16, 16, 4, 4))
+    expected = apply_rotary_pos_emb_2d_cross_attn(q, k, cos, sin, cos_k, sin_k, pointers, memories)
+    got = latent_rotary_embedding(q, k, cos, sin, cos_k, sin_k, pointers, memories)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def _image() -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Hugging Face video classes (``Sam2VideoModel``, ``Sam3TrackerVideoModel``) exported as
-the four video graphs and tracked by the torch-free loop, against the transformers
-session loop; EdgeTAM refused."""
+"""Hugging Face video classes (``Sam2VideoModel``, ``Sam3TrackerVideoModel``,
+``EdgeTamVideoModel``) exported as the four video graphs and tracked by the torch-free
+loop, against the transformers session loop."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ from ..adapters.test_hf_video import video_model
 
 FRAMES = 6
 #: zoo name -> passes the exported model went through (the graphs carry them)
-FAMILIES = {"hf_sam2.1_hiera_tiny_video": ["split_qkv", "fuse_attention"], "hf_sam3_tracker_video": []}
+FAMILIES = {"hf_sam2.1_hiera_tiny_video": ["split_qkv", "fuse_attention"], "hf_sam3_tracker_video": [],
+            "hf_edgetam_video": []}
+#: zoo name -> one memory as the loop stores it: a map, or EdgeTAM's perceiver latents (float32, as upstream)
+MEMORIES = {"hf_sam2.1_hiera_tiny_video": ("bfloat16", 3), "hf_sam3_tracker_video": ("bfloat16", 3),
+            "hf_edgetam_video": ("float32", 2)}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,8 @@ def test_the_loop_tracks_like_the_session_loop_on_every_frame(name: str, exports
     assert manifest["settings"]["resample"] == "bilinear"
     inputs = {i["name"]: i["shape"] for i in manifest["signatures"]["memory_attention"]["inputs"]}
     assert isinstance(inputs["memories"][0], str) and isinstance(inputs["pointers"][0], str)
+    dtype, rank = MEMORIES[name]
+    assert manifest["settings"]["memory_dtype"] == dtype and len(inputs["memories"]) == 1 + rank
     # The loop, loaded from the files as written, follows an object: every frame holds a mask
     # that is neither empty nor the whole frame.
     clip = samfx.data.synthetic_clip(tmp_path, frames=FRAMES)
@@ -54,7 +60,3 @@ def test_openvino_runs_the_same_loop(exports, tmp_path: Path) -> None:
     assert sorted(converted.manifest["graphs"].values()) == sorted(f"{g}.xml" for g in video_runtime.GRAPHS)
     assert min(converted.checks["mask_iou"]) >= 0.99, converted.checks
 
-
-def test_edgetam_is_refused_naming_its_perceiver_memories(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="memories are perceiver latents"):
-        export_video(video_model("hf_edgetam_video"), tmp_path)
