@@ -4,8 +4,8 @@ Writes, in ``out_dir``:
 
 * the encoder and the prompt decoder in the SAM convention
   (:mod:`samfx.emit.onnx`): ``encoder.onnx`` + ``decoder.onnx``, or for
-  OpenVINO ``encoder.xml/.bin`` + ``decoder.xml/.bin``, converted from the
-  checked ONNX graphs with ``openvino.convert_model`` and saved with their
+  OpenVINO ``encoder.xml/.bin`` + ``decoder.xml/.bin``, read from the
+  checked ONNX graphs (:mod:`samfx.emit.openvino`) and saved with their
   float32 weights as they are (``compress_to_fp16=False``);
 * ``samfx_runtime.py``, the torch-free runtime (:mod:`samfx.emit.runtime`);
 * ``samfx_export.json``, the manifest: every file with its SHA-256 and size
@@ -154,9 +154,10 @@ def _float32_copy(model: nn.Module) -> nn.Module:
 
 def _hyper_planes(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` whose hyper-coded tensors hold :func:`~samfx.codecs.lattice.to_planes`'s
-    integer planes (which OpenVINO keeps compressed) instead of packed codes (whose
-    integer decode ``openvino.convert_model`` folds into float32 weights); and how
-    many tensors were converted."""
+    integer planes (which OpenVINO keeps compressed and decodes in one multiply-add)
+    instead of packed codes (whose integer decode is thousands of small ops in
+    OpenVINO's XML: 9 MB for LiteMedSAM, more than the planes add); and how many
+    tensors were converted."""
     from ..codecs.lattice import to_planes
     from ..modules.hyper import HyperCoded
 

@@ -155,6 +155,7 @@ def _float32(value: Any) -> Any:
 def _to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
              dynamic_shapes: Any, path: Path, opset: int, external_data: bool | None) -> None:
     from ..kernels.onnx_translations import TRANSLATIONS
+    from .expanded_tables import factor_expanded_tables
     from .few_tokens import reassociate_few_token_attention
 
     with _Decompose():
@@ -166,6 +167,7 @@ def _to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: lis
         custom_translation_table=dict(TRANSLATIONS), optimize=True, verbose=False,
     )
     _drop_debug_info(onnx_program.model)
+    factor_expanded_tables(onnx_program.model)
     onnx_program.save(str(path), external_data=external_data)
 
 

@@ -1,9 +1,11 @@
 """OpenVINO IR from the checked ONNX graphs, and what OpenVINO's CPU plugin runs in int8.
 
 :func:`samfx.export` with ``format="openvino"`` writes the ONNX pair first
-(:mod:`samfx.emit.onnx`), converts each graph with ``openvino.convert_model``
+(:mod:`samfx.emit.onnx`), reads each graph with OpenVINO's ONNX frontend
 and saves it with ``compress_to_fp16=False``: the weights stay exactly the
-float32 values of the model (OpenVINO's default would round them to float16).
+float32 values of the model (OpenVINO's default would round them to float16),
+and constant subgraphs stay as small as in the ONNX file (``openvino.convert_model``
+would fold them into the file; the CPU plugin folds them when it compiles).
 The int8 layers of the ``quantize`` pass arrive as QDQ pairs; OpenVINO's low
 precision transformations fuse them into integer kernels, which
 :func:`int8_layers` reads back from the compiled model's execution graph.
@@ -36,7 +38,10 @@ def convert(onnx_path: Path, xml_path: Path) -> list[Path]:
     """Convert an ONNX file to OpenVINO IR at ``xml_path``; returns the ``.xml`` and ``.bin`` paths."""
     import openvino
 
-    model = openvino.convert_model(str(onnx_path))
+    # Read, not openvino.convert_model: conversion folds constant subgraphs into the file (SAM's
+    # dense positional encoding, 4 MB for LiteMedSAM; expanded lookup tables); the CPU plugin
+    # folds them in memory when it compiles.
+    model = openvino.Core().read_model(str(onnx_path))
     openvino.save_model(model, str(xml_path), compress_to_fp16=False)
     return [xml_path, xml_path.with_suffix(".bin")]
 

@@ -117,7 +117,7 @@ def export_video(model: nn.Module, out_dir: str | Path, format: str = "onnx", op
                  check_frames: int = 6, onnx_export: str | Path | None = None) -> VideoExport:
     """Export a (plain or optimized) video model's path for onnxruntime
     (``format="onnx"``) or OpenVINO (``"openvino"``: the checked ONNX graphs
-    converted with ``openvino.convert_model``, float32 weights kept).
+    read by OpenVINO's ONNX frontend and saved, float32 weights kept).
 
     The files are checked as written: the torch-free loop tracks a click through
     a ``check_frames``-frame synthetic clip and is compared with the family's own

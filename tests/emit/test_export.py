@@ -189,3 +189,18 @@ def test_lite_medsam_boxes_in_one_call_match_its_own_decoder(exported) -> None:
     # One box at a time gives the same masks as the batch.
     single, _, _ = predictor.predict(box=boxes[5])
     assert mask_iou(single[0], masks[5, 0]) >= 0.999
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_lite_medsam_files_hold_its_weights_not_expanded_constants(exported, format: str) -> None:
+    """Each graph's file is about its weights' float32 bytes: TinyViT's expanded attention-bias
+    tables (heads x N x N per block, +26% on the encoder) are stored as the small table and a
+    shared index, and OpenVINO's file keeps the decoder's dense positional encoding as the
+    few ops that compute it (+25% folded)."""
+    model = small_model("lite_medsam")
+    sizes = exported("lite_medsam", (), format).sizes
+    weights = {role: 4 * sum(p.numel() for p in getattr(model, role).parameters())
+               for role in ("image_encoder", "prompt_encoder", "mask_decoder")}
+    assert sizes["encoder"] <= 1.06 * weights["image_encoder"], (sizes, weights)
+    for graph in ("decoder", "decoder_no_mask"):
+        assert sizes[graph] <= 1.06 * (weights["prompt_encoder"] + weights["mask_decoder"]), (sizes, weights)
