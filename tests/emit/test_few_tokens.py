@@ -40,6 +40,20 @@ class _Float32Softmax(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _softmax_axes(program) -> dict[str, list[int]]:
+    """The axis of each softmax, by attention: the tokens' self-attention, the few prompt tokens
+    querying the 16 x 16 image tokens, or the many image tokens querying the few."""
+    axes: dict[str, list[int]] = {"self": [], "few queries": [], "many queries": []}
+    for node in program.graph.nodes:
+        if node.target is torch.ops.aten.softmax.int:
+            keys_axis = node.args[1] % 4
+            shape = node.meta["val"].shape
+            queries, keys = shape[5 - keys_axis], shape[keys_axis]  # the other of the last two axes
+            kind = "few queries" if keys == 256 else "many queries" if queries == 256 else "self"
+            axes[kind].append(node.args[1])
+    return axes
+
+
 def _exported(points: int, float32_islands: bool = False):
     torch.manual_seed(0)
     decoder = _BatchedDecoder().eval()
@@ -61,6 +75,8 @@ def test_box_prompts_project_their_tokens_not_the_image_and_keep_their_masks(flo
     # Every image-side projection: four in each layer (keys and values of the token-to-image
     # attention, queries and outputs of the image-to-token one), the final keys and values.
     assert reassociate_few_token_attention(program.graph_module) == 10
+    # The image-to-token attentions' softmaxes run over their few keys, not along a last axis of them.
+    assert _softmax_axes(program) == {"self": [-1] * 2, "few queries": [-1] * 3, "many queries": [2] * 2}
     inputs = (embeddings, pe, torch.randn(24, 2, 64), dense)
     with torch.inference_mode():
         for got, want in zip(program.module()(*inputs), decoder(*inputs)):
@@ -87,6 +103,7 @@ def test_projections_of_one_image_row_shared_by_the_prompts_stay_once_per_image(
                                   dynamic_shapes=({}, {}, {0: Dim("n", max=512)}), strict=False)
     # Layer 0 only its image-to-token output; layer 1 and the final attention as before.
     assert reassociate_few_token_attention(program.graph_module) == 1 + 4 + 2
+    assert _softmax_axes(program)["many queries"] == [2] * 2
     tokens = torch.randn(24, 7, 64)
     with torch.inference_mode():
         for got, want in zip(program.module()(image, pe, tokens), transformer(image, pe, tokens)):
