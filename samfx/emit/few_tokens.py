@@ -160,13 +160,17 @@ def _rewrite_core(graph: fx.Graph, core: _Core) -> int:
         emit = _Emitter(graph, core.scores)
         weight = emit(_aten.view.default, k.weight, [k.heads, k.width, _val(k.weight).shape[1]])
         queries = emit(_aten.matmul.default, core.q, weight)                     # (B, h, Nq, C)
-        keys = emit(_aten.transpose.int, emit(_aten.unsqueeze.default, k.x, 1), 2, 3)  # (B, 1, C, Nk)
-        core.scores.replace_all_uses_with(emit(_aten.matmul.default, queries, keys))
+        # The heads' queries as the rows of one product with the many keys they share:
+        # (B, h Nq, C) x (B, C, Nk), not h products of Nq rows.
+        scores = emit(_aten.matmul.default, emit(_aten.flatten.using_ints, queries, 1, 2),
+                      emit(_aten.transpose.int, k.x, 1, 2))
+        core.scores.replace_all_uses_with(emit(_aten.unflatten.int, scores, 1, [k.heads, -1]))  # (B, h, Nq, Nk)
         done += 1
     if (v is not None and _profitable(n_k, n_q, v.width) and _only_user(v.output) is core.output
             and not _projected_once(v.x, core.scores)):
         emit = _Emitter(graph, core.output)
-        mixed = emit(_aten.matmul.default, core.probs, emit(_aten.unsqueeze.default, v.x, 1))  # (B, h, Nq, C)
+        mixed = emit(_aten.matmul.default, emit(_aten.flatten.using_ints, core.probs, 1, 2), v.x)  # (B, h Nq, C)
+        mixed = emit(_aten.unflatten.int, mixed, 1, [v.heads, -1])                            # (B, h, Nq, C)
         weight = emit(_aten.view.default, v.weight, [v.heads, v.width, _val(v.weight).shape[1]])
         values = emit(_aten.matmul.default, mixed, emit(_aten.transpose.int, weight, 1, 2))   # (B, h, Nq, c)
         if v.bias is not None:
@@ -183,13 +187,13 @@ def _rewrite_core(graph: fx.Graph, core: _Core) -> int:
         # the speed), and the products take the transposes as operand layouts.
         emit = _Emitter(graph, core.scores)
         weight = emit(_aten.view.default, q.weight, [q.heads, q.width, _val(q.weight).shape[1]])  # (h, c, C)
-        queries = emit(_aten.unsqueeze.default, q.x, 1)                                         # (B, 1, Nq, C)
         if project is None:
             keys = emit(_aten.matmul.default, emit(_aten.transpose.int, weight, 1, 2), core.scores.args[1])
-            scores = emit(_aten.matmul.default, queries, keys)                                   # (B, h, Nq, Nk)
+            scores = emit(_aten.matmul.default, emit(_aten.unsqueeze.default, q.x, 1), keys)     # (B, h, Nq, Nk)
         else:
-            keys = emit(_aten.matmul.default, core.k, weight)                                    # (B, h, Nk, C)
-            scores = emit(_aten.matmul.default, keys, emit(_aten.transpose.int, queries, 2, 3))  # (B, h, Nk, Nq)
+            keys = emit(_aten.flatten.using_ints, emit(_aten.matmul.default, core.k, weight), 1, 2)  # (B, h Nk, C)
+            scores = emit(_aten.matmul.default, keys, emit(_aten.transpose.int, q.x, 1, 2))
+            scores = emit(_aten.unflatten.int, scores, 1, [q.heads, -1])                             # (B, h, Nk, Nq)
         if q.bias is not None:
             bias = emit(_aten.view.default, q.bias, [q.heads, q.width, 1])
             bias = (emit(_aten.matmul.default, core.k, bias) if project is not None

@@ -166,6 +166,7 @@ def _to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: lis
     from ..kernels.onnx_translations import TRANSLATIONS
     from .expanded_tables import factor_expanded_tables
     from .few_tokens import reassociate_few_token_attention
+    from .selected_masks import compute_selected_masks_only
     from .token_maps import reshape_then_permute
 
     with _Decompose():
@@ -173,6 +174,7 @@ def _to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: lis
     # Decoders: project the few prompt tokens, not the many image tokens.
     reassociate_few_token_attention(program.graph_module)
     reshape_then_permute(program.graph_module)
+    compute_selected_masks_only(program.graph_module)
     onnx_program = torch.onnx.export(
         program, args, dynamo=True, input_names=input_names, output_names=output_names, opset_version=opset,
         custom_translation_table=dict(TRANSLATIONS), optimize=True, verbose=False,

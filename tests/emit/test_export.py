@@ -79,10 +79,12 @@ def test_openvino_weights_are_the_exact_float32_values(exported) -> None:
 
     export = exported("sam_vit_b", (), "openvino")
     model = small_model("sam_vit_b")
-    weights = {tuple(p.shape): p.detach().numpy() for p in model.image_encoder.parameters() if p.dim() == 2}
+    # Linear weights as they are or transposed (the ONNX exporter stores MatMul's operand).
+    weights = [w for p in model.image_encoder.parameters() if p.dim() == 2
+               for w in (p.detach().numpy(), p.detach().numpy().T)]
     constants = [op.get_data() for op in openvino.Core().read_model(export.encoder).get_ops()
                  if op.get_type_name() == "Constant" and op.get_element_type() == openvino.Type.f32]
-    matched = [c for c in constants if tuple(c.shape) in weights and np.array_equal(c, weights[tuple(c.shape)])]
+    matched = [c for c in constants if any(c.shape == w.shape and np.array_equal(c, w) for w in weights)]
     assert matched  # not rounded to float16 (OpenVINO's default when saving)
     assert all(c.dtype == np.float32 for c in constants)
 
